@@ -1,0 +1,74 @@
+"""Caption data + features as training batches, and the train/validation split."""
+import numpy as np
+import torch
+
+from config import Config, UserError
+from data_preprocess import CAPTION_KEYS
+from feature_extract import load_features
+from files import load_pth
+
+
+class CaptionSplit:
+    """The usable images of one caption file (or a subset of its rows) with their features."""
+
+    def __init__(self, caption_data, features, meta, rows):
+        self.data, self.features, self.meta = caption_data, features, meta
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.end = caption_data["word2ix"][caption_data["end"]]
+        # one (row, caption number) pair per caption
+        self.pairs = [(row, i) for row in self.rows for i in range(len(caption_data["caption"][row]))]
+
+    def batches(self, batch_size, seed=None, skip=0):
+        """Yield (rows (B,), features (B, F), captions (B, T), lengths (B,)); shuffled by `seed`, first `skip` left out."""
+        order = np.arange(len(self.pairs))
+        if seed is not None:
+            np.random.default_rng(seed).shuffle(order)
+        for start in range(skip * batch_size, len(order), batch_size):
+            yield self.collate([self.pairs[i] for i in order[start:start + batch_size]])
+
+    def num_batches(self, batch_size):
+        return -(-len(self.pairs) // batch_size)
+
+    def collate(self, pairs):
+        rows = np.array([row for row, _ in pairs])
+        sentences = [self.data["caption"][row][i] + [self.end] for row, i in pairs]
+        lengths = torch.tensor([len(s) for s in sentences])
+        captions = torch.zeros(len(pairs), int(lengths.max()), dtype=torch.long)  # (B, T), 0 = </PAD>
+        for b, sentence in enumerate(sentences):
+            captions[b, :len(sentence)] = torch.tensor(sentence)
+        order = np.argsort(rows)  # a memory-mapped file reads fastest in row order
+        features = np.empty((len(rows), self.features.shape[1]), dtype=np.float32)
+        features[order] = self.features[rows[order]]
+        return rows, torch.from_numpy(features), captions, lengths
+
+    def references(self, rows):
+        """The reference captions of rows as sentences (for scoring)."""
+        return {self.data["ix2id"][row]: self.data["sentences"][row] for row in rows}
+
+
+def load_split(caption_data_path, ix2word=None):
+    """Caption data and its features; optionally checked to share the vocabulary ix2word."""
+    data = load_pth(caption_data_path, "caption data file", CAPTION_KEYS)
+    if ix2word is not None and data["ix2word"] != ix2word:
+        raise UserError(f"{caption_data_path}: another vocabulary than the training data; "
+                        "encode it with --vocab-from=<training caption .pth>")
+    features, meta = load_features(caption_data_path, len(data["ix2id"]))
+    usable = [row for row in range(len(data["ix2id"])) if str(row) not in meta["bad"]]
+    return data, features, meta, usable
+
+
+def train_val_splits(opt: Config):
+    """(train, val) CaptionSplits: the val file when given, else a seeded fraction of the images."""
+    data, features, meta, usable = load_split(opt.caption_data_path)
+    if opt.val_caption_data_path:
+        val_data, val_features, val_meta, val_usable = load_split(opt.val_caption_data_path, data["ix2word"])
+        if (val_meta["backbone"], val_meta["weights"]) != (meta["backbone"], meta["weights"]):
+            raise UserError(f"{opt.val_caption_data_path}: features from {val_meta['backbone']} "
+                            f"{val_meta['weights']}, training features from {meta['backbone']} {meta['weights']}")
+        return CaptionSplit(data, features, meta, usable), CaptionSplit(val_data, val_features, val_meta, val_usable)
+    shuffled = np.random.default_rng(opt.seed).permutation(usable)
+    held_out = max(1, int(len(shuffled) * opt.val_fraction))
+    if held_out >= len(shuffled):
+        raise UserError(f"{opt.caption_data_path}: too few usable images ({len(usable)}) to hold out validation data")
+    return (CaptionSplit(data, features, meta, sorted(shuffled[held_out:])),
+            CaptionSplit(data, features, meta, sorted(shuffled[:held_out])))

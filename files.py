@@ -1,0 +1,44 @@
+"""Safe file writing and loading shared by every step of the pipeline."""
+import os
+import tempfile
+
+import torch
+
+from config import UserError
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file beside `path`, then rename: a crash leaves the old file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror}") from None
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        os.unlink(temporary)
+        raise UserError(f"cannot write {path}: {error.strerror}; the previous file is kept") from None
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def load_pth(path, what, required_keys=()):
+    """torch.load with weights_only=True (never runs code from the file) and clear errors."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such {what}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, pickle with code, not a torch file...
+        reason = str(error).strip().splitlines()[0][:200]
+        raise UserError(f"{path}: not a readable {what} ({type(error).__name__}: {reason})") from None
+    missing = [key for key in required_keys if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise UserError(f"{path}: not a {what}: missing {', '.join(missing)}")
+    return data

@@ -1,0 +1,146 @@
+"""Steps 3 and 4: train the captioner, caption new photos, score captions.
+
+    python main.py train --lr=1e-3 --epoch=10
+    python main.py generate --img=photo.jpg            # a file, a folder or a glob
+    python main.py evaluate --annotation-file=val.json --img-path=images/
+    python main.py evaluate --results=results.json --annotation-file=val.json
+    python main.py replay --log=logs/caption.visdom.log
+    python main.py help
+"""
+import dataclasses
+import glob
+import json
+import os
+import sys
+
+import fire
+import torch
+
+import config
+from beam_search import caption_features
+from config import Config, UserError, command
+from data_preprocess import load_annotations
+from feature_extract import build_backbone, image_transform, load_image
+from metrics import format_table, score_captions
+from model import find_checkpoint, load_checkpoint, model_from_checkpoint
+from trainer import Trainer
+from visualize import replay as replay_log
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@command
+def train(opt: Config):
+    """Train on opt.caption_data_path and its features; checkpoints go to opt.checkpoint_dir."""
+    Trainer(opt).train()
+
+
+def list_images(pattern):
+    """A file, every image in a folder, or a glob -> sorted paths."""
+    if os.path.isdir(pattern):
+        return sorted(os.path.join(pattern, name) for name in os.listdir(pattern)
+                      if name.lower().endswith(IMAGE_SUFFIXES))
+    return sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+
+
+def caption_images(paths, opt: Config):
+    """paths -> ({path: n-best [(caption, score)]}, {path: error}) with the checkpoint's model."""
+    checkpoint_path = find_checkpoint(opt)
+    checkpoint = load_checkpoint(checkpoint_path)
+    model = model_from_checkpoint(checkpoint, checkpoint_path)
+    feature = checkpoint["feature"]
+    backbone = build_backbone(feature["backbone"], feature["weights"])
+    end = checkpoint["ix2word"].index(checkpoint["end"])
+    captions, errors = {}, {}
+    for start in range(0, len(paths), opt.batch_size):
+        images = {}
+        for path in paths[start:start + opt.batch_size]:
+            try:
+                images[path] = image_transform(load_image(path))  # (3, 224, 224)
+            except (OSError, ValueError, SyntaxError) as error:
+                errors[path] = f"{type(error).__name__}: {error}"
+        if images:
+            with torch.inference_mode():
+                features = backbone(torch.stack(list(images.values())))  # (B, F)
+            beams = caption_features(model, features, checkpoint["ix2word"], end, opt)
+            captions.update(zip(images, beams))
+    return captions, errors
+
+
+@command
+def generate(opt: Config):
+    """Print `image<TAB>caption` for every image of --img (n-best: one line each, with scores)."""
+    if not opt.img:
+        raise UserError("name the image(s) to caption with --img=FILE, FOLDER or GLOB")
+    paths = list_images(opt.img)
+    if not paths:
+        raise UserError(f"--img={opt.img}: no images found")
+    captions, errors = caption_images(paths, opt)
+    for path, beams in captions.items():
+        for text, score in beams:
+            print(f"{path}\t{text}" + (f"\t{score:.3f}" if opt.n_best > 1 else ""))
+    for path, error in errors.items():
+        print(f"error: {path}: {error}", file=sys.stderr)
+    if opt.output:
+        write_results(opt.output, {os.path.basename(p): beams[0][0] for p, beams in captions.items()})
+    if not captions:
+        sys.exit(1)
+
+
+def write_results(path, captions):
+    """AI Challenger submission format: [{"image_id", "caption"}]."""
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump([{"image_id": i, "caption": c} for i, c in captions.items()], file, ensure_ascii=False, indent=1)
+
+
+def read_results(path):
+    try:
+        with open(path, encoding="utf-8") as file:
+            return {entry["image_id"]: entry["caption"] for entry in json.load(file)}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{path}: not an AI Challenger results file ({type(error).__name__}: {error})") from None
+
+
+@command
+def evaluate(opt: Config):
+    """Score a model (or --results) against --annotation-file with BLEU-1..4, METEOR, ROUGE-L, CIDEr-D."""
+    if not opt.annotation_file:
+        raise UserError("give the references with --annotation-file=FILE.json")
+    references = {entry["image_id"]: entry["caption"] for entry in load_annotations(opt.annotation_file)}
+    if opt.results:
+        results = read_results(opt.results)
+    else:
+        paths = [os.path.join(opt.img_path, image_id) for image_id in references]
+        captions, errors = caption_images(paths, dataclasses.replace(opt, n_best=1))
+        for path, error in errors.items():
+            print(f"skipped {path}: {error}", file=sys.stderr)
+        results = {os.path.relpath(path, opt.img_path): beams[0][0] for path, beams in captions.items()}
+        write_results(opt.output or "results.json", results)
+    try:
+        scores = score_captions(results, references)
+    except ValueError as error:
+        raise UserError(f"{opt.results or opt.annotation_file}: {error}") from None
+    print(f"{len(results)} images scored against {opt.annotation_file} (0-1 scale; CIDEr-D is unbounded)")
+    print(format_table(scores))
+    with open(opt.metrics_path or "metrics.json", "w", encoding="utf-8") as file:
+        json.dump(scores, file, indent=1)
+
+
+@command
+def replay(opt: Config):
+    """Post a dashboard recorded without a server (logs/<env>.visdom.log) to a running Visdom."""
+    log = opt.log or os.path.join(opt.log_dir, f"{opt.env}.visdom.log")
+    if not os.path.isfile(log):
+        raise UserError(f"{log}: no such dashboard log")
+    replay_log(log, opt.env, opt.vis_server, opt.vis_port)
+    print(f"replayed {log} into {opt.vis_server}:{opt.vis_port} env {opt.env}")
+
+
+def help():
+    """List every option with its default."""
+    print(__doc__)
+    print(config.describe())
+
+
+if __name__ == "__main__":
+    fire.Fire({"train": train, "generate": generate, "evaluate": evaluate, "replay": replay, "help": help})

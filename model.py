@@ -1,0 +1,91 @@
+"""The caption model (image feature -> LSTM -> words) and its self-contained checkpoints."""
+import dataclasses
+import glob
+import os
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from config import Config, UserError
+from files import atomic_save, load_pth
+
+CHECKPOINT_KEYS = ("model", "config", "ix2word", "end", "feature")
+
+
+class CaptionModel(nn.Module):
+    """The image feature is the LSTM's first input; each later input is the previous word."""
+
+    def __init__(self, vocab_size, feature_dim, embedding_dim, hidden_size, num_layers, dropout):
+        super().__init__()
+        self.image_to_input = nn.Linear(feature_dim, embedding_dim)
+        self.embedding = nn.Embedding(vocab_size, embedding_dim)
+        self.lstm = nn.LSTM(embedding_dim, hidden_size, num_layers, batch_first=True,
+                            dropout=dropout if num_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, features, captions, lengths):
+        """Logits and targets of every real (unpadded) position, packed.
+
+        features (B, F); captions (B, T) word indices ending in </EOS>, padded; lengths (B,)
+        -> logits (N, V), targets (N,) with N = lengths.sum()
+        """
+        image = self.image_to_input(features).unsqueeze(1)  # (B, 1, E)
+        inputs = torch.cat([image, self.embedding(captions[:, :-1])], dim=1)  # (B, T, E)
+        lengths = lengths.cpu()
+        packed = pack_padded_sequence(self.dropout(inputs), lengths, batch_first=True, enforce_sorted=False)
+        hidden, _ = self.lstm(packed)  # packed data: (N, H)
+        logits = self.classifier(self.dropout(hidden.data))  # (N, V)
+        targets = pack_padded_sequence(captions, lengths, batch_first=True, enforce_sorted=False).data  # (N,)
+        return logits, targets
+
+    def step(self, inputs, state=None):
+        """One LSTM step for a batch: inputs (B, E) -> log-probabilities (B, V), new state."""
+        hidden, state = self.lstm(inputs.unsqueeze(1), state)  # (B, 1, H)
+        return self.classifier(hidden.squeeze(1)).log_softmax(-1), state
+
+
+def build_model(opt: Config, vocab_size, feature_dim):
+    return CaptionModel(vocab_size, feature_dim, opt.embedding_dim, opt.hidden_size, opt.num_layers, opt.dropout)
+
+
+def save_checkpoint(path, model, opt, caption_data, feature_meta, **training_state):
+    """Everything generate needs (weights, config, vocabulary, backbone) plus resumable state."""
+    atomic_save({
+        "model": model.state_dict(),
+        "config": dataclasses.asdict(opt),
+        "ix2word": caption_data["ix2word"],
+        "end": caption_data["end"],
+        "feature": {key: feature_meta[key] for key in ("backbone", "weights", "feature_dim")},
+        **training_state,
+    }, path)
+
+
+def load_checkpoint(path):
+    """A checkpoint dict, checked to be one; never runs code from the file."""
+    return load_pth(path, "checkpoint", CHECKPOINT_KEYS)
+
+
+def model_from_checkpoint(checkpoint, path):
+    """Rebuild the model of a checkpoint; a mismatch of sizes is a clear error."""
+    opt = Config(**checkpoint["config"])
+    model = build_model(opt, len(checkpoint["ix2word"]), checkpoint["feature"]["feature_dim"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise UserError(f"{path}: weights do not fit its own configuration: {str(error)[:300]}") from None
+    return model.eval()
+
+
+def find_checkpoint(opt: Config):
+    """opt.model_ckpt, else checkpoint_dir/best.pth, else the newest checkpoint there."""
+    if opt.model_ckpt:
+        return opt.model_ckpt
+    best = os.path.join(opt.checkpoint_dir, "best.pth")
+    if os.path.isfile(best):
+        return best
+    candidates = glob.glob(os.path.join(opt.checkpoint_dir, "*.pth"))
+    if not candidates:
+        raise UserError(f"no checkpoint in {opt.checkpoint_dir}/; train first or pass --model-ckpt=PATH")
+    return max(candidates, key=os.path.getmtime)

@@ -1,0 +1,92 @@
+"""The training dashboard in Visdom, which can never slow down or stop training.
+
+Every call is written to a replay log first (visdom's own log format). A background
+thread then posts it to the server with a timeout, dropping updates when the server
+falls behind. With no server, the log alone keeps the run: `python main.py replay`.
+"""
+import queue
+import sys
+import threading
+
+import numpy as np
+import requests
+import visdom
+
+
+class _QueuedVisdom(visdom.Visdom):
+    """A Visdom client whose HTTP posts go to a queue instead of blocking the caller."""
+
+    def __init__(self, outbox, **kwargs):
+        self.outbox = outbox
+        super().__init__(use_incoming_socket=False, raise_exceptions=False, **kwargs)
+
+    def _handle_post(self, url, data=None):
+        try:
+            self.outbox.put_nowait((url, data))
+        except queue.Full:  # the server is slower than training: skip this update
+            pass
+        return ""
+
+
+class Dashboard:
+    """Loss, metrics, the current image with its human and generated captions, and a run log."""
+
+    def __init__(self, env, server, port, log_file, timeout=2.0, online=True):
+        self.address, self.timeout = f"{server}:{port}", timeout
+        self.online = online and self._reachable()
+        if online and not self.online:
+            print(f"warning: no Visdom server at {self.address}; training goes on, and the dashboard is "
+                  f"recorded in {log_file} (python main.py replay --log={log_file})", file=sys.stderr)
+        self.outbox = queue.Queue(maxsize=200)
+        self.vis = _QueuedVisdom(self.outbox, server=server, port=port, env=env,
+                                 log_to_filename=log_file, offline=not self.online)
+        self.sender = threading.Thread(target=self._send_forever, daemon=True)
+        self.sender.start()
+        self.failed = False
+        self.windows = set()  # titles of the line windows created so far
+
+    def _reachable(self):
+        try:
+            requests.get(self.address, timeout=self.timeout)
+            return True
+        except requests.RequestException:
+            return False
+
+    def _send_forever(self):
+        while True:
+            url, data = self.outbox.get()
+            try:
+                requests.post(url, data=data, timeout=self.timeout)
+            except requests.RequestException as error:
+                if not self.failed:
+                    print(f"warning: Visdom stopped answering ({type(error).__name__}); training goes on",
+                          file=sys.stderr)
+                self.failed = True
+            finally:
+                self.outbox.task_done()
+
+    def flush(self, seconds=5.0):
+        """Give queued updates a few seconds to reach the server (at the end of a run)."""
+        finished = threading.Thread(target=self.outbox.join, daemon=True)
+        finished.start()
+        finished.join(seconds)
+
+    def line(self, name, x, y, title):
+        """Append a point to line `name` of the window called `title` (created on first use)."""
+        update = "append" if title in self.windows else None  # append also adds a new line
+        self.windows.add(title)
+        self.vis.line(X=np.array([x]), Y=np.array([y]), win=title, name=name, update=update,
+                      opts={"title": title, "showlegend": True, "xlabel": "iteration"})
+
+    def image(self, image, caption):
+        """image (3, H, W) in 0..1, titled with its human caption."""
+        self.vis.image(image, win="image", opts={"title": caption, "caption": caption})
+
+    def text(self, html, win, title, append=False):
+        self.vis.text(html, win=win, append=append, opts={"title": title})
+
+
+def replay(log_file, env, server, port):
+    """Post a recorded dashboard log to a running Visdom server."""
+    client = visdom.Visdom(server=server, port=port, env=env, use_incoming_socket=False, raise_exceptions=True)
+    client.replay_log(log_file)
