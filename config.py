@@ -98,7 +98,7 @@ def _coerce(value, kind, name):
     try:
         return kind(value)
     except (TypeError, ValueError):
-        raise UserError(f"--{name} takes a {kind.__name__}, not {value!r}") from None
+        raise UserError(f"--{name}={value!r} is not a valid {kind.__name__}") from None
 
 
 def describe() -> str:

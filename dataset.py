@@ -19,7 +19,9 @@ class CaptionSplit:
         self.pairs = [(row, i) for row in self.rows for i in range(len(caption_data["caption"][row]))]
 
     def batches(self, batch_size, seed=None, skip=0):
-        """Yield (rows (B,), features (B, F), captions (B, T), lengths (B,)); shuffled by `seed`, first `skip` left out."""
+        """Yield (rows (B,), features (B, F), captions (B, T), lengths (B,)).
+
+        Shuffled by `seed`; the first `skip` batches are left out (to resume mid-epoch)."""
         order = np.arange(len(self.pairs))
         if seed is not None:
             np.random.default_rng(seed).shuffle(order)

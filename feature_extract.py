@@ -70,7 +70,9 @@ def build_backbone(backbone, weights="default"):
     setattr(network, head, torch.nn.Identity())
     if weights.lower() != "none":
         weights = default if weights == "default" else weights
-        network.load_state_dict(_pretrained_state(backbone, weights), strict=False)
+        missing = network.load_state_dict(_pretrained_state(backbone, weights), strict=False).missing_keys
+        if missing:  # unexpected keys are fine: the classifier we removed
+            raise UserError(f"--weights={weights}: not {backbone} weights (no {missing[0]})")
     return network.eval()
 
 
@@ -170,7 +172,8 @@ def _open_partial(path, meta):
     if os.path.isfile(partial) and os.path.isfile(state_path):
         with open(state_path, encoding="utf-8") as file:
             state = json.load(file)
-        if {k: v for k, v in state.items() if k not in ("bad", "done")} == {k: v for k, v in meta.items() if k != "bad"}:
+        same_job = all(state.get(key) == value for key, value in meta.items() if key != "bad")
+        if same_job:
             meta["bad"] = state["bad"]
             print(f"resuming {path} at image {state['done']} of {meta['num_images']}")
             return np.lib.format.open_memmap(partial, mode="r+"), state["done"]

@@ -56,8 +56,8 @@ class Trainer:
             self._resume()
         os.makedirs(opt.log_dir, exist_ok=True)
         self.log_path = os.path.join(opt.log_dir, f"{opt.env}.metrics.jsonl")
-        self.dashboard = Dashboard(opt.env, opt.vis_server, opt.vis_port, os.path.join(opt.log_dir, f"{opt.env}.visdom.log"),
-                                   timeout=opt.vis_timeout)
+        self.dashboard = Dashboard(opt.env, opt.vis_server, opt.vis_port,
+                                   os.path.join(opt.log_dir, f"{opt.env}.visdom.log"), timeout=opt.vis_timeout)
         self.loss_meter = AverageValueMeter()
 
     def _resume(self):

@@ -4,6 +4,7 @@ Every call is written to a replay log first (visdom's own log format). A backgro
 thread then posts it to the server with a timeout, dropping updates when the server
 falls behind. With no server, the log alone keeps the run: `python main.py replay`.
 """
+import contextlib
 import queue
 import sys
 import threading
@@ -21,10 +22,8 @@ class _QueuedVisdom(visdom.Visdom):
         super().__init__(use_incoming_socket=False, raise_exceptions=False, **kwargs)
 
     def _handle_post(self, url, data=None):
-        try:
+        with contextlib.suppress(queue.Full):  # the server is slower than training: skip this update
             self.outbox.put_nowait((url, data))
-        except queue.Full:  # the server is slower than training: skip this update
-            pass
         return ""
 
 

