@@ -1,0 +1,128 @@
+"""Model selection, interruption, resume and failure handling of `main.py train`."""
+import dataclasses
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from feature_extract import features_path
+from main import train
+from model import load_checkpoint
+from trainer import Trainer
+
+
+def run_options(opt, tmp_path, **changes):
+    return dataclasses.asdict(dataclasses.replace(
+        opt, checkpoint_dir=str(tmp_path / "checkpoints"), log_dir=str(tmp_path / "logs"), **changes))
+
+
+def test_best_checkpoint_lr_decay_and_early_stop(demo, tmp_path, monkeypatch):
+    """A metric that improves, then stalls: best.pth from the right epoch, lr decayed, early stop."""
+    cider = iter([0.1, 0.3, 0.2, 0.25, 0.2, 0.9])
+    monkeypatch.setattr(Trainer, "validate", lambda self: {"val_loss": 1.0, "CIDEr-D": next(cider)})
+    train(**run_options(demo, tmp_path, epoch=6, lr=1e-3, lr_patience=2, lr_decay=0.5, early_stop_patience=3))
+    best = load_checkpoint(str(tmp_path / "checkpoints" / "best.pth"))
+    last = load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))
+    assert best["state"]["epoch"] == 2 and best["state"]["best_score"] == 0.3
+    assert last["state"]["epoch"] == 5  # stopped after 3 epochs without improvement, never saw 0.9
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-4)  # decayed once, after epoch 4
+    log = [json.loads(line) for line in open(tmp_path / "logs" / "caption.metrics.jsonl")]
+    assert [(r["epoch"], r["value"]) for r in log if r["name"] == "lr"] == [(4, pytest.approx(5e-4))]
+    assert [r["value"] for r in log if r["name"] == "early_stop"] == [5]
+
+
+def start_training(opt, tmp_path, *extra):
+    options = run_options(opt, tmp_path, plot_every=1, epoch=2)
+    args = [f"--{key}={value}" for key, value in options.items()]
+    return subprocess.Popen([sys.executable, "main.py", "train", *args, *extra], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_steps(tmp_path, count, process):
+    log = tmp_path / "logs" / "caption.metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if log.exists() and sum(1 for line in open(log) if '"train_loss"' in line) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError("training did not reach the step in time")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_resumable_checkpoint(demo, tmp_path, sig):
+    process = start_training(demo, tmp_path)
+    wait_for_steps(tmp_path, 3, process)
+    process.send_signal(sig)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert f"{sig.name}: saved" in output
+    saved = load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))
+    assert saved["state"]["epoch"] == 0 and 3 <= saved["state"]["step"] == saved["state"]["batch"]
+    assert saved["optimizer"]["state"]  # Adam moments are kept
+
+    options = run_options(demo, tmp_path, epoch=1, resume=True, eval_size=0)
+    resumed = subprocess.run([sys.executable, "main.py", "train", *[f"--{k}={v}" for k, v in options.items()]],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+    assert f"at epoch 0, batch {saved['state']['batch']}" in resumed.stdout
+    done = load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))["state"]
+    assert done["epoch"] == 1 and done["step"] == 120 * 5 // demo.batch_size + 1  # every batch exactly once
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(demo, tmp_path):
+    train(**run_options(demo, tmp_path, epoch=1, eval_size=0))
+    last = tmp_path / "checkpoints" / "last.pth"
+    before = last.read_bytes()
+    poisoned = tmp_path / "poisoned.pth"
+    poisoned.write_bytes(open(demo.caption_data_path, "rb").read())
+    source = features_path(demo.caption_data_path)
+    features = np.load(source)
+    features[:] = np.nan
+    np.save(features_path(str(poisoned)), features)
+    with open(source.replace(".npy", ".json")) as file:
+        meta = file.read()
+    open(features_path(str(poisoned)).replace(".npy", ".json"), "w").write(meta)
+    with pytest.raises(SystemExit, match="the loss became nan .* last good checkpoint is kept"):
+        train(**run_options(demo, tmp_path, caption_data_path=str(poisoned), val_caption_data_path="", epoch=1))
+    assert last.read_bytes() == before
+
+
+def test_broken_checkpoints_are_clear_errors_and_never_run_code(demo, tmp_path):
+    train(**run_options(demo, tmp_path, epoch=1, eval_size=0))
+    good = tmp_path / "checkpoints" / "last.pth"
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(Exception, match="truncated.pth: not a readable checkpoint"):
+        load_checkpoint(str(truncated))
+    not_checkpoint = tmp_path / "dict.pth"
+    torch.save({"weights": torch.zeros(2)}, not_checkpoint)
+    with pytest.raises(Exception, match="not a checkpoint: missing model"):
+        load_checkpoint(str(not_checkpoint))
+
+    marker = tmp_path / "executed"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(Exception, match="evil.pth: not a readable checkpoint"):
+        load_checkpoint(str(evil))
+    assert not marker.exists()
+
+
+def test_resume_with_another_vocabulary_is_refused(demo, tmp_path):
+    train(**run_options(demo, tmp_path, epoch=1, eval_size=0))
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.pth", weights_only=True)
+    checkpoint["ix2word"] = checkpoint["ix2word"] + ["新词"]
+    torch.save(checkpoint, tmp_path / "checkpoints" / "last.pth")
+    with pytest.raises(SystemExit, match="another vocabulary"):
+        train(**run_options(demo, tmp_path, epoch=2, resume=True))
