@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT
+
 from feature_extract import features_path
 from main import train
 from model import load_checkpoint
