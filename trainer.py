@@ -163,9 +163,11 @@ class Trainer:
         scores = self.validate()
         for name, value in scores.items():
             self.log(name, value)
-            window = "loss" if name == "val_loss" else "validation metrics"
-            self.dashboard.line(name.replace("val_loss", "val"), state["step"] if window == "loss" else state["epoch"],
-                                value, window)
+            if name == "val_loss":
+                self.dashboard.line("val", state["step"], value, "loss")
+            else:
+                window = "perplexity" if name == "perplexity" else "validation metrics"
+                self.dashboard.line(name, state["epoch"], value, window, xlabel="epoch")
         score = scores[opt.metric] if opt.metric in scores else -scores["val_loss"]
         improved = state["best_score"] is None or score > state["best_score"]
         if improved:

@@ -70,12 +70,12 @@ class Dashboard:
         finished.start()
         finished.join(seconds)
 
-    def line(self, name, x, y, title):
+    def line(self, name, x, y, title, xlabel="iteration"):
         """Append a point to line `name` of the window called `title` (created on first use)."""
         update = "append" if title in self.windows else None  # append also adds a new line
         self.windows.add(title)
         self.vis.line(X=np.array([x]), Y=np.array([y]), win=title, name=name, update=update,
-                      opts={"title": title, "showlegend": True, "xlabel": "iteration"})
+                      opts={"title": title, "showlegend": True, "xlabel": xlabel})
 
     def image(self, image, caption):
         """image (3, H, W) in 0..1, titled with its human caption."""

@@ -1,0 +1,121 @@
+"""The Visdom dashboard: a server started offline, a real browser looking at it, and training
+that never waits for a missing, dead or hanging server."""
+import dataclasses
+import http.server
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+import visdom
+from conftest import ROOT
+
+from main import replay, train
+
+ARTIFACTS = os.path.join(ROOT, "tests", "artifacts")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    """The documented command, on a free port, stopped by its PID afterwards."""
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    process = subprocess.Popen([sys.executable, "visdom_server.py", "start", f"--port={port}",
+                                f"--env-path={tmp_path / 'visdom_data'}"], cwd=ROOT, stdout=log, stderr=log)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            requests.get(f"http://127.0.0.1:{port}", timeout=1)
+            break
+        except requests.RequestException:
+            assert process.poll() is None, open(tmp_path / "server.log").read()
+            time.sleep(0.3)
+    yield port
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+def options(opt, tmp_path, **changes):
+    changed = dataclasses.replace(opt, checkpoint_dir=str(tmp_path / "ck"), log_dir=str(tmp_path / "logs"), **changes)
+    return dataclasses.asdict(changed)
+
+
+def test_server_listens_on_loopback_only(server):
+    listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout if shutil.which("ss") else ""
+    lines = [line for line in listening.splitlines() if f":{server} " in line]
+    assert not listening or (lines and all("127.0.0.1:" in line for line in lines))
+    page = requests.get(f"http://127.0.0.1:{server}", timeout=5)
+    assert page.status_code == 200
+    for script in re.findall(r'src="?(/static/[^" >]+)', page.text):
+        assert requests.get(f"http://127.0.0.1:{server}{script.split('?')[0]}", timeout=5).status_code == 200, script
+
+
+@pytest.mark.skipif(not (os.path.exists("/usr/bin/chromium") and os.path.isdir(os.path.join(ROOT, "node_modules"))),
+                    reason="needs Debian chromium and `npm install` (install.sh installs both)")
+def test_browser_shows_live_training(demo, tmp_path, server):
+    train(**options(demo, tmp_path, vis_port=server, env="live", epoch=2, plot_every=2))
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    screenshot = os.path.join(ARTIFACTS, "dashboard.png")
+    run = subprocess.run(["node", "tests/browser_check.js", f"http://127.0.0.1:{server}", "live", screenshot],
+                         cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    page = json.loads(run.stdout)
+    titles = {pane["title"].strip() for pane in page["panes"]}
+    assert {"loss", "captions", "configuration", "log", "validation metrics"} <= titles, titles
+    panes = {pane["title"].strip(): pane for pane in page["panes"]}
+    assert {t["name"]: t["points"] > 0 for t in panes["loss"]["traces"]} == {"train": True, "val": True}
+    assert re.search(r"[\u4e00-\u9fff]{4}", panes["captions"]["text"]) and "人工描述" in panes["captions"]["text"]
+    image_panes = [pane for pane in page["panes"] if pane["images"]]
+    assert image_panes and image_panes[0]["images"][0] > 0
+    assert re.search(r"[\u4e00-\u9fff]", image_panes[0]["title"])  # titled with its human caption
+    assert page["consoleErrors"] == [] and page["outsideRequests"] == []
+    assert os.path.getsize(screenshot) > 10000
+
+
+def test_offline_run_replays_into_a_server(demo, tmp_path, server):
+    train(**options(demo, tmp_path, vis_port=free_port(), env="offline", epoch=1, plot_every=3))
+    replay(**options(demo, tmp_path, vis_port=server, env="offline"))
+    client = visdom.Visdom(port=server, env="offline", use_incoming_socket=False, raise_exceptions=True)
+    for window in ("loss", "captions", "image", "config"):
+        assert client.win_exists(window), window
+
+
+class HangingVisdom(http.server.BaseHTTPRequestHandler):
+    """Answers the first GET (so it looks alive), then never answers a post."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+
+    def do_POST(self):
+        time.sleep(60)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_hanging_server_never_slows_training(demo, tmp_path):
+    hanging = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HangingVisdom)
+    threading.Thread(target=hanging.serve_forever, daemon=True).start()
+    started = time.time()
+    train(**options(demo, tmp_path, vis_port=hanging.server_address[1], env="hang", epoch=1, plot_every=1,
+                    eval_size=0, vis_timeout=5))
+    elapsed = time.time() - started
+    hanging.shutdown()
+    # 19 dashboard updates at a 5-second timeout each would take over 90 s if training waited for them
+    assert elapsed < 60
+    assert os.path.getsize(tmp_path / "logs" / "hang.visdom.log") > 0
