@@ -21,9 +21,10 @@ def atomic_save(obj, path):
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
         os.unlink(temporary)
-        raise UserError(f"cannot write {path}: {error.strerror}; the previous file is kept") from None
+        reason = getattr(error, "strerror", None) or "the write failed (disk full?)"
+        raise UserError(f"cannot write {path}: {reason}; the previous file is kept") from None
     except BaseException:
         os.unlink(temporary)
         raise

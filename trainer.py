@@ -105,6 +105,7 @@ class Trainer:
         """One pass over the training captions; False when a stop was requested."""
         opt, split = self.opt, self.train_split
         self.model.train()
+        self.loss_meter.reset()  # the dashboard shows this epoch's running mean
         batches = split.batches(opt.batch_size, seed=opt.seed + self.state["epoch"], skip=self.state["batch"])
         progress = tqdm(batches, total=split.num_batches(opt.batch_size), initial=self.state["batch"],
                         desc=f"epoch {self.state['epoch'] + 1}/{opt.epoch}", unit="batch")

@@ -1,0 +1,130 @@
+"""Bad inputs and faults, each produced for real: missing and corrupt images, mismatched
+features, kill -9 during a checkpoint write, a full disk, an unwritable checkpoint folder."""
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+from feature_extract import features_path
+from main import generate, train
+from model import load_checkpoint
+
+
+def options(opt, tmp_path, **changes):
+    changed = dataclasses.replace(opt, checkpoint_dir=str(tmp_path / "ck"), log_dir=str(tmp_path / "logs"), **changes)
+    return dataclasses.asdict(changed)
+
+
+@pytest.fixture(scope="module")
+def trained(demo, tmp_path_factory):
+    """A checkpoint trained for one epoch on the demo data."""
+    folder = tmp_path_factory.mktemp("trained")
+    train(**options(demo, folder, epoch=1, eval_size=0))
+    return str(folder / "ck" / "last.pth")
+
+
+def test_generate_reports_bad_files_and_captions_the_rest(demo, trained, tmp_path, capsys):
+    shutil.copy(os.path.join(demo.img_path, "val_0001.jpg"), tmp_path / "good.jpg")
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    generate(**options(demo, tmp_path, img=str(tmp_path), model_ckpt=trained))
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"{tmp_path / 'good.jpg'}\t")
+    assert f"error: {tmp_path / 'corrupt.jpg'}: " in captured.err
+    with pytest.raises(SystemExit):
+        generate(**options(demo, tmp_path, img=str(tmp_path / "missing.jpg"), model_ckpt=trained))
+    assert f"error: {tmp_path / 'missing.jpg'}: FileNotFoundError" in capsys.readouterr().err
+
+
+def copy_caption_data(demo, tmp_path, name):
+    target = str(tmp_path / f"{name}.pth")
+    shutil.copy(demo.caption_data_path, target)
+    return target
+
+
+def test_features_that_do_not_match_the_captions_stop_training_early(demo, tmp_path):
+    wrong_rows = copy_caption_data(demo, tmp_path, "rows")
+    for suffix in (".npy", ".json"):  # the 30 validation features beside the 120 training captions
+        shutil.copy(features_path(demo.val_caption_data_path).replace(".npy", suffix),
+                    features_path(wrong_rows).replace(".npy", suffix))
+    with pytest.raises(SystemExit, match="holds 30x1280 features but .*rows.pth has 120 images"):
+        train(**options(demo, tmp_path, caption_data_path=wrong_rows))
+
+    wrong_dim = copy_caption_data(demo, tmp_path, "dim")
+    np.save(features_path(wrong_dim), np.zeros((120, 512), dtype=np.float16))
+    shutil.copy(features_path(demo.caption_data_path).replace(".npy", ".json"),
+                features_path(wrong_dim).replace(".npy", ".json"))
+    with pytest.raises(SystemExit, match="holds 120x512 features"):
+        train(**options(demo, tmp_path, caption_data_path=wrong_dim))
+
+    other_backbone = copy_caption_data(demo, tmp_path, "backbone")
+    shutil.copy(features_path(demo.caption_data_path), features_path(other_backbone))
+    meta = json.load(open(features_path(demo.caption_data_path).replace(".npy", ".json")))
+    json.dump({**meta, "backbone": "resnet50"}, open(features_path(other_backbone).replace(".npy", ".json"), "w"))
+    with pytest.raises(SystemExit, match="features from .* training features from resnet50"):
+        train(**options(demo, tmp_path, caption_data_path=other_backbone))
+
+    missing = copy_caption_data(demo, tmp_path, "nofeatures")
+    with pytest.raises(SystemExit, match="no features for .*run `python feature_extract.py extract"):
+        train(**options(demo, tmp_path, caption_data_path=missing))
+
+
+WRITER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from files import atomic_save
+big = torch.randn(4_000_000)
+n = 0
+while True:
+    n += 1
+    atomic_save({{"model": big, "n": n}}, {path!r})
+    print(n, flush=True)
+"""
+
+
+def test_kill_9_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
+    path = str(tmp_path / "last.pth")
+    writer = subprocess.Popen([sys.executable, "-c", WRITER.format(root=ROOT, path=path)],
+                              stdout=subprocess.PIPE, text=True)
+    for _ in range(3):  # let a few complete writes happen, then kill in the middle of the next ones
+        writer.stdout.readline()
+    time.sleep(0.05)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["n"] >= 3 and checkpoint["model"].shape == (4_000_000,)
+
+
+def limit_file_size():
+    """In the child: files may not grow past 200 kB, as on a full disk (EFBIG instead of a signal)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(demo, tmp_path):
+    train(**options(demo, tmp_path, epoch=1, eval_size=0))
+    last = tmp_path / "ck" / "last.pth"
+    before = last.read_bytes()
+    args = [f"--{k}={v}" for k, v in options(demo, tmp_path, epoch=2, eval_size=0, resume=True).items()]
+    run = subprocess.run([sys.executable, "main.py", "train", *args], cwd=ROOT, capture_output=True, text=True,
+                         preexec_fn=limit_file_size, timeout=300)
+    assert run.returncode == 1
+    assert f"error: cannot write {tmp_path / 'ck'}" in run.stderr and "the previous file is kept" in run.stderr
+    assert last.read_bytes() == before
+    assert load_checkpoint(str(last))["state"]["epoch"] == 1
+
+
+def test_unwritable_checkpoint_folder_is_a_clear_error(demo, tmp_path):
+    blocker = tmp_path / "ck"
+    blocker.write_text("a file where the checkpoint folder should be")
+    with pytest.raises(SystemExit, match=f"cannot write {blocker}"):
+        train(**options(demo, tmp_path, epoch=1, eval_size=0))
