@@ -94,12 +94,17 @@ def test_offline_run_replays_into_a_server(demo, tmp_path, server):
         assert client.win_exists(window), window
 
 
-class HangingVisdom(http.server.BaseHTTPRequestHandler):
-    """Answers the first GET (so it looks alive), then never answers a post."""
+class BadVisdom(http.server.BaseHTTPRequestHandler):
+    """Answers the start-up check, so it looks alive; then, as `mode` says, hangs on every post
+    or dies (closes its port)."""
+
+    mode = "hang"
 
     def do_GET(self):
         self.send_response(200)
         self.end_headers()
+        if self.mode == "die":
+            threading.Thread(target=self.server.shutdown).start()
 
     def do_POST(self):
         time.sleep(60)
@@ -108,14 +113,19 @@ class HangingVisdom(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_hanging_server_never_slows_training(demo, tmp_path):
-    hanging = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HangingVisdom)
-    threading.Thread(target=hanging.serve_forever, daemon=True).start()
+@pytest.mark.parametrize("mode", ["hang", "die"])
+def test_hanging_or_dead_server_never_slows_training(demo, tmp_path, mode):
+    bad = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (BadVisdom,), {"mode": mode}))
+    serving = threading.Thread(target=bad.serve_forever, daemon=True)
+    serving.start()
     started = time.time()
-    train(**options(demo, tmp_path, vis_port=hanging.server_address[1], env="hang", epoch=1, plot_every=1,
+    train(**options(demo, tmp_path, vis_port=bad.server_address[1], env=mode, epoch=1, plot_every=1,
                     eval_size=0, vis_timeout=5))
     elapsed = time.time() - started
-    hanging.shutdown()
+    if mode == "hang":
+        bad.shutdown()
+    serving.join(10)
+    bad.server_close()
     # 19 dashboard updates at a 5-second timeout each would take over 90 s if training waited for them
     assert elapsed < 60
-    assert os.path.getsize(tmp_path / "logs" / "hang.visdom.log") > 0
+    assert os.path.getsize(tmp_path / "logs" / f"{mode}.visdom.log") > 0

@@ -1,14 +1,19 @@
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 import urllib.error
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 
-import feature_extract
 from data_preprocess import process
+from dataset import load_split
 from feature_extract import build_backbone, extract, features_path, image_transform, load_image
 
 
@@ -82,32 +87,37 @@ def test_decompression_bomb_is_rejected(tmp_path, monkeypatch):
         load_image(tmp_path / "big.png")
 
 
-def test_interrupted_extraction_resumes_to_the_same_result(dataset, monkeypatch):
-    folder, caption_path, _, _ = dataset
+def test_killed_extraction_resumes_to_the_same_result(dataset):
+    """A real extraction process is killed mid-way; the rerun resumes and equals an uninterrupted run."""
+    folder, caption_path, order, _ = dataset
     torch.manual_seed(0)
-    run_extract(folder, caption_path)
+    torch.save(build_backbone("mobilenet_v2", "none").state_dict(), folder / "weights.pth")
+    command = [sys.executable, "feature_extract.py", "extract", f"--caption-data-path={caption_path}",
+               f"--img-path={folder}", "--backbone=mobilenet_v2", f"--weights={folder / 'weights.pth'}",
+               "--batch-size=1", "--num-workers=0"]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     complete = np.load(features_path(caption_path))
     os.remove(features_path(caption_path))
 
-    calls = {"n": 0}
-    real_save = feature_extract._save_progress
-
-    def crash_after_two_batches(*args):
-        real_save(*args)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(feature_extract, "_save_progress", crash_after_two_batches)
-    torch.manual_seed(0)
-    with pytest.raises(KeyboardInterrupt):
-        run_extract(folder, caption_path)
-    assert json.load(open(features_path(caption_path) + ".partial.json"))["done"] == 8
-    monkeypatch.setattr(feature_extract, "_save_progress", real_save)
-    torch.manual_seed(0)
-    run_extract(folder, caption_path)
+    progress = features_path(caption_path) + ".partial.json"
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while process.poll() is None and not (os.path.exists(progress) and json.load(open(progress))["done"] >= 3):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = json.load(open(progress))["done"]
+    assert 3 <= done < len(order)
+    resumed = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
+    assert f"resuming {features_path(caption_path)} at image" in resumed.stdout
     np.testing.assert_array_equal(np.load(features_path(caption_path)), complete)
     assert not os.path.exists(features_path(caption_path) + ".partial")
+
+
+def test_unreadable_images_are_left_out_of_training(dataset):
+    folder, caption_path, order, names = dataset
+    run_extract(folder, caption_path)
+    _, _, _, usable = load_split(caption_path)
+    assert [order[row] for row in usable] == [name for name in order if name not in names["bad"]]
 
 
 def test_missing_weights_give_one_clear_message(monkeypatch, tmp_path):

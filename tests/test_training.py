@@ -126,3 +126,9 @@ def test_resume_with_another_vocabulary_is_refused(demo, tmp_path):
     torch.save(checkpoint, tmp_path / "checkpoints" / "last.pth")
     with pytest.raises(SystemExit, match="another vocabulary"):
         train(**run_options(demo, tmp_path, epoch=2, resume=True))
+
+
+def test_resume_with_another_model_configuration_is_refused(demo, tmp_path):
+    train(**run_options(demo, tmp_path, epoch=1, eval_size=0))
+    with pytest.raises(SystemExit, match="last.pth: built for another model configuration"):
+        train(**run_options(demo, tmp_path, epoch=2, resume=True, hidden_size=demo.hidden_size * 2))
