@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The quality recipe: train on Flickr8k-CN's train split (zhc captions) over frozen MobileNetV2
+# ImageNet features with the default configuration, then score the val split against its zhc
+# references. Usage: bash flickr8k_cn.sh [DATA_DIR] [WORK_DIR]
+set -euo pipefail
+cd "$(dirname "$0")"
+DATA=${1:-../shared/data/flickr8k-cn}
+WORK=${2:-data/flickr8k-cn}
+mkdir -p "$WORK"
+python data_preprocess.py process --annotation-file="$DATA/annotations/flickr8kcn_train_zhc.json" \
+    --caption-data-path="$WORK/train.pth"
+python data_preprocess.py process --annotation-file="$DATA/annotations/flickr8kcn_val_zhc.json" \
+    --caption-data-path="$WORK/val.pth" --vocab-from="$WORK/train.pth"
+for split in train val; do
+  python feature_extract.py extract --caption-data-path="$WORK/$split.pth" --img-path="$DATA/images" \
+      --backbone=mobilenet_v2
+done
+start=$(date +%s)
+python main.py train --caption-data-path="$WORK/train.pth" --val-caption-data-path="$WORK/val.pth" \
+    --checkpoint-dir="$WORK/checkpoints" --log-dir="$WORK/logs" --env=flickr8k-cn
+echo "training took $(( $(date +%s) - start )) s"
+python main.py evaluate --annotation-file="$DATA/annotations/flickr8kcn_val_zhc.json" --img-path="$DATA/images" \
+    --checkpoint-dir="$WORK/checkpoints" --output="$WORK/val_results.json" --metrics-path="$WORK/val_metrics.json"
