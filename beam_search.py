@@ -18,7 +18,9 @@ def beam_search(model, features, end, beam_size=3, max_len=30, length_norm=0.0, 
     vocab = model.classifier.out_features
     if not 1 <= n_best <= k <= vocab:
         raise ValueError(f"need 1 <= n_best ({n_best}) <= beam_size ({k}) <= vocabulary size ({vocab})")
-    inputs = model.image_to_input(features).repeat_interleave(k, dim=0)  # (B*K, E)
+    inputs, state = model.start(features)
+    inputs = inputs.repeat_interleave(k, dim=0)  # (B*K, E)
+    state = tuple(s.repeat_interleave(k, dim=1) for s in state)  # h, c: (layers, B*K, H)
     scores = torch.full((batch, k), float("-inf"), device=features.device)
     scores[:, 0] = 0.0  # all beams start identical: keep one alive
     tokens = torch.zeros(batch, k, 0, dtype=torch.long, device=features.device)
@@ -26,7 +28,6 @@ def beam_search(model, features, end, beam_size=3, max_len=30, length_norm=0.0, 
     # A finished beam's only continuation: </EOS> again, at no cost.
     frozen = torch.full((vocab,), float("-inf"), device=features.device)
     frozen[end] = 0.0
-    state = None
     for _ in range(max_len):
         log_probs, state = model.step(inputs, state)  # (B*K, V)
         log_probs = torch.where(finished.unsqueeze(-1), frozen, log_probs.view(batch, k, vocab))

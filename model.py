@@ -14,11 +14,13 @@ CHECKPOINT_KEYS = ("model", "config", "ix2word", "end", "feature")
 
 
 class CaptionModel(nn.Module):
-    """The image feature is the LSTM's first input; each later input is the previous word."""
+    """The image feature is the LSTM's first input and sets its initial state;
+    each later input is the previous word."""
 
     def __init__(self, vocab_size, feature_dim, embedding_dim, hidden_size, num_layers, dropout):
         super().__init__()
         self.image_to_input = nn.Linear(feature_dim, embedding_dim)
+        self.image_to_state = nn.Linear(feature_dim, 2 * num_layers * hidden_size)
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
         self.lstm = nn.LSTM(embedding_dim, hidden_size, num_layers, batch_first=True,
                             dropout=dropout if num_layers > 1 else 0.0)
@@ -31,16 +33,23 @@ class CaptionModel(nn.Module):
         features (B, F); captions (B, T) word indices ending in </EOS>, padded; lengths (B,)
         -> logits (N, V), targets (N,) with N = lengths.sum()
         """
-        image = self.image_to_input(features).unsqueeze(1)  # (B, 1, E)
-        inputs = torch.cat([image, self.embedding(captions[:, :-1])], dim=1)  # (B, T, E)
+        image, state = self.start(features)
+        inputs = torch.cat([image.unsqueeze(1), self.embedding(captions[:, :-1])], dim=1)  # (B, T, E)
         lengths = lengths.cpu()
         packed = pack_padded_sequence(self.dropout(inputs), lengths, batch_first=True, enforce_sorted=False)
-        hidden, _ = self.lstm(packed)  # packed data: (N, H)
+        hidden, _ = self.lstm(packed, state)  # packed data: (N, H)
         logits = self.classifier(self.dropout(hidden.data))  # (N, V)
         targets = pack_padded_sequence(captions, lengths, batch_first=True, enforce_sorted=False).data  # (N,)
         return logits, targets
 
-    def step(self, inputs, state=None):
+    def start(self, features):
+        """features (B, F) -> first input (B, E) and initial LSTM state (h, c), each (layers, B, H)."""
+        layers, size = self.lstm.num_layers, self.lstm.hidden_size
+        state = torch.tanh(self.image_to_state(features)).view(-1, 2, layers, size)  # (B, 2, layers, H)
+        state = state.permute(1, 2, 0, 3).contiguous()  # (2, layers, B, H)
+        return self.image_to_input(features), (state[0], state[1])
+
+    def step(self, inputs, state):
         """One LSTM step for a batch: inputs (B, E) -> log-probabilities (B, V), new state."""
         hidden, state = self.lstm(inputs.unsqueeze(1), state)  # (B, 1, H)
         return self.classifier(hidden.squeeze(1)).log_softmax(-1), state

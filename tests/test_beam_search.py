@@ -7,14 +7,15 @@ from model import CaptionModel
 
 def reference_search(model, feature, end, beam_size, max_len, length_norm):
     """Plain per-image beam search, one hypothesis at a time, with the same rules."""
-    beams = [([], 0.0, False, None)]  # words, score, finished, lstm state
+    image, state = model.start(feature[None])
+    beams = [([], 0.0, False, state)]  # words, score, finished, lstm state
     for t in range(max_len):
         candidates = []
         for words, score, finished, state in beams:
             if finished:
                 candidates.append((words, score, True, state))
                 continue
-            inputs = model.image_to_input(feature[None]) if t == 0 else model.embedding(torch.tensor([words[-1]]))
+            inputs = image if t == 0 else model.embedding(torch.tensor([words[-1]]))
             log_probs, new_state = model.step(inputs, state)
             for word, log_prob in enumerate(log_probs[0].tolist()):
                 candidates.append((words + [word], score + log_prob, word == end, new_state))
@@ -52,7 +53,7 @@ def test_n_best_sorted_and_greedy_is_argmax():
     assert all(len(beams) == 4 and [s for _, s in beams] == sorted((s for _, s in beams), reverse=True)
                for beams in n_best)
     greedy = beam_search(model, features, end=1, beam_size=1, max_len=6)
-    log_probs, state = model.step(model.image_to_input(features[:1]))
+    log_probs, _ = model.step(*model.start(features[:1]))
     assert greedy[0][0][0][:1] == [log_probs.argmax().item()] or greedy[0][0][0] == []
 
 
