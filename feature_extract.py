@@ -146,6 +146,9 @@ def extract(opt: Config):
     feature_dim = network(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)).shape[1]
     meta = {"backbone": opt.backbone, "weights": opt.weights, "num_images": len(image_ids),
             "feature_dim": feature_dim, "img_path": os.path.abspath(opt.img_path), "bad": {}}
+    if _already_extracted(path, meta):
+        print(f"{path}: already extracted with these settings; delete it to extract again")
+        return
     features, start = _open_partial(path, meta)
     loader = DataLoader(torch.utils.data.Subset(ImageFolderInOrder(opt.img_path, image_ids),
                                                 range(start, len(image_ids))),
@@ -166,14 +169,26 @@ def extract(opt: Config):
     _finish(path, features, meta)
 
 
+def _already_extracted(path, meta):
+    meta_path = path.replace(".npy", ".json")
+    if not (os.path.isfile(path) and os.path.isfile(meta_path)):
+        return False
+    with open(meta_path, encoding="utf-8") as file:
+        return _same_job(json.load(file), meta)
+
+
+def _same_job(saved, meta):
+    """Were the saved features made from the same images, backbone and weights?"""
+    return all(saved.get(key) == value for key, value in meta.items() if key != "bad")
+
+
 def _open_partial(path, meta):
     """The partial features file and its next row: resumed if it matches meta, else new."""
     partial, state_path = path + ".partial", path + ".partial.json"
     if os.path.isfile(partial) and os.path.isfile(state_path):
         with open(state_path, encoding="utf-8") as file:
             state = json.load(file)
-        same_job = all(state.get(key) == value for key, value in meta.items() if key != "bad")
-        if same_job:
+        if _same_job(state, meta):
             meta["bad"] = state["bad"]
             print(f"resuming {path} at image {state['done']} of {meta['num_images']}")
             return np.lib.format.open_memmap(partial, mode="r+"), state["done"]
