@@ -6,6 +6,7 @@ The features go beside the caption data (caption.pth -> caption.features.npy), w
 .json describing them and a .bad.tsv listing images that could not be read. An
 interrupted run resumes where it stopped.
 """
+import hashlib
 import json
 import os
 import sys
@@ -145,7 +146,8 @@ def extract(opt: Config):
     network = build_backbone(opt.backbone, opt.weights).to(device, memory_format=torch.channels_last)
     feature_dim = network(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)).shape[1]
     meta = {"backbone": opt.backbone, "weights": opt.weights, "num_images": len(image_ids),
-            "feature_dim": feature_dim, "img_path": os.path.abspath(opt.img_path), "bad": {}}
+            "feature_dim": feature_dim, "img_path": os.path.abspath(opt.img_path),
+            "image_ids_sha1": hashlib.sha1("\n".join(image_ids).encode()).hexdigest(), "bad": {}}
     if _already_extracted(path, meta):
         print(f"{path}: already extracted with these settings; delete it to extract again")
         return
