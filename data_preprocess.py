@@ -9,10 +9,14 @@ import json
 import logging
 import os
 import re
+import warnings
 
 import fire
-import jieba
 from tqdm import tqdm
+
+with warnings.catch_warnings():  # jieba 0.42 imports the deprecated pkg_resources
+    warnings.simplefilter("ignore", UserWarning)
+    import jieba
 
 from config import Config, UserError, command
 from files import atomic_save, load_pth
