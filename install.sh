@@ -3,10 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PIP="python -m pip install -q --disable-pip-version-check"
-# visdom 0.2.4's setup.py imports pkg_resources, which setuptools 81 removed: build it with an older one.
+# visdom 0.2.4's setup.py imports pkg_resources, which setuptools 81 removed: build the source-only
+# packages (visdom, torchnet, jieba) with an older setuptools, in this environment.
 $PIP 'setuptools<81' wheel
-$PIP --no-build-isolation visdom==0.2.4 torchnet==0.0.4
-$PIP -r requirements.txt
+$PIP --no-build-isolation -r requirements.txt
 # METEOR (pycocoevalcap) runs on Java.
 if ! command -v java >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq default-jre-headless) || echo "no Java: METEOR will be skipped"
