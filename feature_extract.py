@@ -44,8 +44,12 @@ image_transform = transforms.Compose([
 ])
 
 
+# What opening a bad image file raises (a decompression bomb included).
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
 def load_image(path):
-    """Open any image PIL can read as upright RGB; raises OSError/ValueError for bad files."""
+    """Open any image PIL can read as upright RGB; raises one of UNREADABLE for bad files."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as image:
@@ -105,7 +109,7 @@ class ImageFolderInOrder(Dataset):
     def __getitem__(self, row):
         try:
             return image_transform(load_image(os.path.join(self.folder, self.image_ids[row]))), ""
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+        except UNREADABLE as error:
             return torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE), f"{type(error).__name__}: {error}"
 
 

@@ -20,7 +20,7 @@ import config
 from beam_search import caption_features
 from config import Config, UserError, command
 from data_preprocess import load_annotations
-from feature_extract import build_backbone, image_transform, load_image
+from feature_extract import UNREADABLE, build_backbone, image_transform, load_image
 from metrics import format_table, score_captions
 from model import find_checkpoint, load_checkpoint, model_from_checkpoint
 from trainer import Trainer
@@ -57,7 +57,7 @@ def caption_images(paths, opt: Config):
         for path in paths[start:start + opt.batch_size]:
             try:
                 images[path] = image_transform(load_image(path))  # (3, 224, 224)
-            except (OSError, ValueError, SyntaxError) as error:
+            except UNREADABLE as error:
                 errors[path] = f"{type(error).__name__}: {error}"
         if images:
             with torch.inference_mode():

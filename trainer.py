@@ -16,7 +16,7 @@ from tqdm import tqdm
 from beam_search import caption_features
 from config import Config, UserError
 from dataset import train_val_splits
-from feature_extract import IMAGE_SIZE, load_image
+from feature_extract import IMAGE_SIZE, UNREADABLE, load_image
 from metrics import score_captions
 from model import build_model, load_checkpoint, save_checkpoint
 from visualize import Dashboard
@@ -153,7 +153,7 @@ class Trainer:
         try:
             image = load_image(os.path.join(split.meta["img_path"], image_id))
             self.dashboard.image(_to_display(image), human)
-        except (OSError, ValueError):
+        except UNREADABLE:
             pass  # the image moved since extraction: the captions still show
 
     def _end_epoch(self):

@@ -80,11 +80,14 @@ def test_convertible_modes_become_upright_rgb(dataset):
     assert load_image(folder / "exif.jpg").size == (60, 80)  # EXIF orientation applied
 
 
-def test_decompression_bomb_is_rejected(tmp_path, monkeypatch):
-    Image.new("RGB", (400, 400)).save(tmp_path / "big.png")
+@pytest.mark.parametrize("side", [150, 400])  # over the limit (a warning in PIL), over twice it (an error)
+def test_decompression_bomb_is_listed_and_extraction_goes_on(dataset, monkeypatch, side):
+    folder, caption_path, order, _ = dataset
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
-    with pytest.raises((Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        load_image(tmp_path / "big.png")
+    Image.new("RGB", (side, side)).save(folder / "rgb.jpg")  # the first image becomes a "bomb"
+    run_extract(folder, caption_path)
+    meta = json.load(open(features_path(caption_path).replace(".npy", ".json")))
+    assert "DecompressionBomb" in meta["bad"][str(order.index("rgb.jpg"))]
 
 
 def test_killed_extraction_resumes_to_the_same_result(dataset):
