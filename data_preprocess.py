@@ -94,17 +94,16 @@ def encode(tokenized, word2ix, max_len):
     return [[[word2ix.get(word, unknown) for word in words[:max_len]] for words in captions] for captions in tokenized]
 
 
-def check_round_trip(entries, encoded, ix2word, max_len):
+def check_round_trip(image_ids, sentences, encoded, ix2word, max_len):
     """Indices -> words -> sentence must give back the cleaned original sentence."""
     checked = 0
-    for entry, captions in zip(entries, encoded):
-        originals = [clean(sentence) for sentence in entry["caption"] if clean(sentence)]
+    for image_id, originals, captions in zip(image_ids, sentences, encoded):
         for original, indices in zip(originals, captions):
             words = [ix2word[ix] for ix in indices]
             if UNKNOWN in words or len(indices) == max_len:
                 continue
             if "".join(words) != original:
-                raise AssertionError(f"round trip failed for {entry['image_id']}: {original!r} -> {words}")
+                raise AssertionError(f"round trip failed for {image_id}: {original!r} -> {words}")
             checked += 1
     return checked
 
@@ -130,13 +129,13 @@ def process(opt: Config):
         ix2word = build_vocabulary(tokenized, opt.max_words, opt.min_appear)
     word2ix = {word: ix for ix, word in enumerate(ix2word)}
     encoded = encode(tokenized, word2ix, opt.max_caption_len)
-    checked = check_round_trip(entries, encoded, ix2word, opt.max_caption_len)
-
     ix2id = [entry["image_id"] for entry in entries]
+    sentences = [[clean(s) for s in entry["caption"] if clean(s)] for entry in entries]
+    checked = check_round_trip(ix2id, sentences, encoded, ix2word, opt.max_caption_len)
     data = {
         "word2ix": word2ix, "ix2word": ix2word,
         "id2ix": {image_id: ix for ix, image_id in enumerate(ix2id)}, "ix2id": ix2id,
-        "caption": encoded, "sentences": [[clean(s) for s in e["caption"] if clean(s)] for e in entries],
+        "caption": encoded, "sentences": sentences,
         "padding": PAD, "end": EOS, "unknown": UNKNOWN, "readme": README,
         "annotation_file": os.path.abspath(opt.annotation_file),
     }

@@ -80,7 +80,7 @@ class Trainer:
                         optimizer=self.optimizer.state_dict(), state=self.state)
 
     def log(self, name, value):
-        """One JSON line per value in the run's log, and a point on the dashboard."""
+        """One JSON line per value in the run's log (it survives without Visdom)."""
         record = {"epoch": self.state["epoch"], "step": self.state["step"], "name": name, "value": value,
                   "time": time.time()}
         with open(self.log_path, "a", encoding="utf-8") as file:

@@ -39,10 +39,10 @@ class Dashboard:
         self.outbox = queue.Queue(maxsize=200)
         self.vis = _QueuedVisdom(self.outbox, server=server, port=port, env=env,
                                  log_to_filename=log_file, offline=not self.online)
-        self.sender = threading.Thread(target=self._send_forever, daemon=True)
-        self.sender.start()
         self.failed = False
         self.windows = set()  # titles of the line windows created so far
+        self.sender = threading.Thread(target=self._send_forever, daemon=True)
+        self.sender.start()
 
     def _reachable(self):
         try:
