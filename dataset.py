@@ -22,14 +22,17 @@ class CaptionSplit:
         """Yield (rows (B,), features (B, F), captions (B, T), lengths (B,)).
 
         Shuffled by `seed`; the first `skip` batches are left out (to resume mid-epoch)."""
-        order = np.arange(len(self.pairs))
-        if seed is not None:
-            np.random.default_rng(seed).shuffle(order)
-        for start in range(skip * batch_size, len(order), batch_size):
-            yield self.collate([self.pairs[i] for i in order[start:start + batch_size]])
+        for chunk in _shuffled_chunks(len(self.pairs), batch_size, seed, skip):
+            yield self.collate([self.pairs[i] for i in chunk])
 
-    def num_batches(self, batch_size):
-        return -(-len(self.pairs) // batch_size)
+    def image_batches(self, batch_size, seed, skip=0):
+        """Yield (rows (B,), features (B, F)): each image once, shuffled by `seed`."""
+        for chunk in _shuffled_chunks(len(self.rows), batch_size, seed, skip):
+            rows = np.sort(self.rows[chunk])  # a memory-mapped file reads fastest in row order
+            yield rows, torch.from_numpy(self.features[rows].astype(np.float32))
+
+    def num_batches(self, batch_size, images=False):
+        return -(-(len(self.rows) if images else len(self.pairs)) // batch_size)
 
     def collate(self, pairs):
         rows = np.array([row for row, _ in pairs])
@@ -46,6 +49,15 @@ class CaptionSplit:
     def references(self, rows):
         """The reference captions of rows as sentences (for scoring)."""
         return {self.data["ix2id"][row]: self.data["sentences"][row] for row in rows}
+
+
+def _shuffled_chunks(count, batch_size, seed, skip):
+    """Index chunks of range(count), shuffled by `seed` (None: in order), the first `skip` left out."""
+    order = np.arange(count)
+    if seed is not None:
+        np.random.default_rng(seed).shuffle(order)
+    for start in range(skip * batch_size, count, batch_size):
+        yield order[start:start + batch_size]
 
 
 def load_split(caption_data_path, ix2word=None):

@@ -19,6 +19,7 @@ from dataset import train_val_splits
 from feature_extract import IMAGE_SIZE, UNREADABLE, load_image
 from metrics import score_captions
 from model import build_model, load_checkpoint, save_checkpoint
+from self_critical import CorpusCider, self_critical_loss, sentence
 from visualize import Dashboard
 
 
@@ -59,6 +60,7 @@ class Trainer:
         self.dashboard = Dashboard(opt.env, opt.vis_server, opt.vis_port,
                                    os.path.join(opt.log_dir, f"{opt.env}.visdom.log"), timeout=opt.vis_timeout)
         self.loss_meter = AverageValueMeter()
+        self.cider = None  # CIDEr-D over the training captions, built when self-critical training starts
 
     def _resume(self):
         checkpoint = load_checkpoint(self.last_path)
@@ -92,41 +94,78 @@ class Trainer:
         config = html.escape(json.dumps(dataclasses.asdict(opt), indent=1, ensure_ascii=False))
         self.dashboard.text(f"<pre>{config}</pre>", "config", "configuration")
         with StopOnSignal() as stop:
-            while self.state["epoch"] < opt.epoch:
+            while self.state["epoch"] < opt.epoch + opt.scst_epoch:
+                if self.state["epoch"] == opt.epoch and self.state["batch"] == 0:
+                    self._start_self_critical()
                 if not self._train_epoch(stop):
                     self.save(self.last_path)
                     print(f"\n{stop.requested}: saved {self.last_path}; continue with --resume")
                     break
                 if self._end_epoch():
-                    break
+                    if self.state["epoch"] >= opt.epoch or not opt.scst_epoch:
+                        break
+                    self.state["epoch"] = opt.epoch  # cross-entropy training stopped early: go on
         self.dashboard.flush()
 
+    def _start_self_critical(self):
+        """Self-critical training starts from the best cross-entropy model, with its own lr."""
+        if os.path.isfile(self.best_path):
+            self.model.load_state_dict(load_checkpoint(self.best_path)["model"])
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.opt.scst_lr,
+                                          weight_decay=self.opt.weight_decay)
+        self.state["epochs_without_improvement"] = 0
+        print(f"self-critical training on CIDEr-D for {self.opt.scst_epoch} epochs, from {self.best_path}")
+
     def _train_epoch(self, stop):
-        """One pass over the training captions; False when a stop was requested."""
-        opt, split = self.opt, self.train_split
+        """One pass over the training data; False when a stop was requested.
+
+        Cross-entropy epochs go over every caption, self-critical ones over every image."""
+        opt, split, state = self.opt, self.train_split, self.state
+        self_critical = state["epoch"] >= opt.epoch
         self.model.train()
         self.loss_meter.reset()  # the dashboard shows this epoch's running mean
-        batches = split.batches(opt.batch_size, seed=opt.seed + self.state["epoch"], skip=self.state["batch"])
-        progress = tqdm(batches, total=split.num_batches(opt.batch_size), initial=self.state["batch"],
-                        desc=f"epoch {self.state['epoch'] + 1}/{opt.epoch}", unit="batch")
-        for rows, features, captions, lengths in progress:
+        seed = opt.seed + state["epoch"]
+        if self_critical:
+            batches = split.image_batches(opt.batch_size, seed=seed, skip=state["batch"])
+            step, measure = self._self_critical_step, "reward"
+        else:
+            batches = split.batches(opt.batch_size, seed=seed, skip=state["batch"])
+            step, measure = self._step, "loss"
+        progress = tqdm(batches, total=split.num_batches(opt.batch_size, images=self_critical),
+                        initial=state["batch"], unit="batch",
+                        desc=f"epoch {state['epoch'] + 1}/{opt.epoch + opt.scst_epoch}")
+        for batch in progress:
             if os.path.exists(opt.debug_file):
                 import ipdb
                 ipdb.set_trace()
-            loss = self._step(features, captions, lengths)
-            self.loss_meter.add(loss)
-            self.state["batch"] += 1
-            self.state["step"] += 1
-            if self.state["step"] % opt.plot_every == 0:
-                progress.set_postfix(loss=f"{self.loss_meter.value()[0]:.3f}")
-                self._plot(rows[0])
+            self.loss_meter.add(step(*batch))
+            state["batch"] += 1
+            state["step"] += 1
+            if state["step"] % opt.plot_every == 0:
+                progress.set_postfix({measure: f"{self.loss_meter.value()[0]:.3f}"})
+                self._plot(batch[0][0], measure)
             if stop.requested:
                 return False
         return True
 
-    def _step(self, features, captions, lengths):
+    def _step(self, rows, features, captions, lengths):
+        """One cross-entropy step -> the loss."""
         logits, targets = self.model(features.to(self.device), captions.to(self.device), lengths)  # (N, V), (N,)
-        loss = torch.nn.functional.cross_entropy(logits, targets)
+        return self._update(torch.nn.functional.cross_entropy(logits, targets))
+
+    def _self_critical_step(self, rows, features):
+        """One self-critical step -> the mean CIDEr-D reward of the sampled captions."""
+        split = self.train_split
+        if self.cider is None:
+            self.cider = CorpusCider({int(row): [sentence(caption, split.end) for caption in split.data["caption"][row]]
+                                      for row in split.rows})
+        loss, reward = self_critical_loss(self.model, features.to(self.device), rows.tolist(), self.cider,
+                                          split.end, self.opt.scst_samples, self.opt.max_gen_len)
+        self._update(loss)
+        return reward
+
+    def _update(self, loss):
+        """Backpropagate loss and take an optimizer step -> its value; a NaN loss stops training."""
         if not torch.isfinite(loss):
             raise UserError(f"the loss became {loss.item()} at epoch {self.state['epoch'] + 1}, step "
                             f"{self.state['step']}; stopped. The last good checkpoint is kept; try a lower --lr")
@@ -136,12 +175,12 @@ class Trainer:
         self.optimizer.step()
         return loss.item()
 
-    def _plot(self, row):
-        """Loss curve, one training image with its human caption and what the model now says."""
+    def _plot(self, row, measure):
+        """Loss (or reward) curve, one training image with its human caption and what the model now says."""
         split, step = self.train_split, self.state["step"]
-        loss = self.loss_meter.value()[0]
-        self.dashboard.line("train", step, loss, "loss")
-        self.log("train_loss", loss)
+        value = self.loss_meter.value()[0]
+        self.dashboard.line("train", step, value, measure)
+        self.log(f"train_{measure}", value)
         image_id, human = split.data["ix2id"][row], split.data["sentences"][row][0]
         self.model.eval()
         features = torch.from_numpy(split.features[row:row + 1].astype("float32")).to(self.device)  # (1, F)

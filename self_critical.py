@@ -1,0 +1,72 @@
+"""Self-critical sequence training (Rennie et al., 2017): fine-tune a captioner on CIDEr-D itself.
+
+For each image the model samples several captions; each caption's reward is its CIDEr-D
+against the image's references, and its baseline the mean reward of the image's other
+samples (so no greedy decode is needed). The loss raises the log-probability of the
+captions that beat their baseline and lowers the rest.
+"""
+import numpy as np
+import torch
+from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
+
+
+class CorpusCider(CiderScorer):
+    """pycocoevalcap's CIDEr-D, with n-gram document frequencies taken once from a whole corpus.
+
+    The library takes them from whatever references it scores; for rewards of a batch
+    they must come from all training captions instead, as in SCST.
+    """
+
+    def __init__(self, corpus):
+        """corpus: {key: [reference sentences as space-separated words]}."""
+        super().__init__()
+        self.references = {key: cook_refs(refs) for key, refs in corpus.items()}
+        self.crefs = list(self.references.values())
+        self.compute_doc_freq()
+        self._log_corpus_size = np.log(len(self.crefs))
+
+    # compute_cider() sets ref_len to log(number of references it scores); keep the corpus size.
+    ref_len = property(lambda self: self._log_corpus_size, lambda self, _value: None)
+
+    def score(self, keys, candidates):
+        """CIDEr-D of each candidate sentence against the references of its key -> (N,) array."""
+        self.crefs = [self.references[key] for key in keys]
+        self.ctest = [cook_test(candidate) for candidate in candidates]
+        return np.array(self.compute_cider())
+
+
+def sample(model, features, end, max_len):
+    """Sample one caption per row: features (B, F) -> words (B, T), log-probs (B, T), mask (B, T).
+
+    mask marks the real steps of each caption, up to and including its </EOS>.
+    """
+    inputs, state = model.start(features)
+    words, log_probs, masks = [], [], []
+    alive = torch.ones(features.size(0), dtype=torch.bool, device=features.device)
+    for _ in range(max_len):
+        step_log_probs, state = model.step(inputs, state)  # (B, V)
+        word = torch.multinomial(step_log_probs.exp(), 1).squeeze(1)  # (B,)
+        words.append(word)
+        log_probs.append(step_log_probs.gather(1, word.unsqueeze(1)).squeeze(1))
+        masks.append(alive)
+        alive = alive & (word != end)
+        if not alive.any():
+            break
+        inputs = model.embedding(word)  # (B, E)
+    return torch.stack(words, 1), torch.stack(log_probs, 1), torch.stack(masks, 1)
+
+
+def sentence(indices, end):
+    """Word indices -> the space-separated words CIDEr scores, cut at </EOS>."""
+    return " ".join(str(ix) for ix in (indices[:indices.index(end)] if end in indices else indices))
+
+
+def self_critical_loss(model, features, keys, cider, end, samples, max_len):
+    """features (B, F), keys: the B images' keys in `cider` -> loss, mean reward of the samples."""
+    words, log_probs, mask = sample(model, features.repeat_interleave(samples, 0), end, max_len)  # (B*S, T) each
+    candidates = [sentence(row, end) for row in words.tolist()]
+    rewards = cider.score([key for key in keys for _ in range(samples)], candidates).reshape(-1, samples)  # (B, S)
+    baseline = (rewards.sum(1, keepdims=True) - rewards) / (samples - 1)  # mean of the other samples
+    advantage = torch.as_tensor(rewards - baseline, dtype=log_probs.dtype, device=log_probs.device).view(-1, 1)
+    loss = -(advantage * log_probs * mask).sum() / mask.sum()
+    return loss, float(rewards.mean())

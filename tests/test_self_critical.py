@@ -1,0 +1,91 @@
+"""Self-critical training: its CIDEr-D reward, that it learns what the reward asks, and its phase of training."""
+import json
+
+import numpy as np
+import torch
+from pycocoevalcap.cider.cider import Cider
+from test_training import run_options
+
+from main import train
+from model import CaptionModel, load_checkpoint
+from self_critical import CorpusCider, self_critical_loss, sentence
+from trainer import Trainer
+
+REFERENCES = {
+    "a": ["一只 狗 在 草地 上 奔跑", "草地 上 的 狗", "奔跑 的 黑狗"],
+    "b": ["两个 孩子 在 海边 玩", "海边 的 孩子", "孩子 在 玩 沙子"],
+    "c": ["一个 男人 在 骑 自行车", "骑车 的 男人", "男人 骑 自行车 在 路上"],
+}
+
+
+def test_corpus_cider_is_the_library_cider_when_the_corpus_is_the_scored_set():
+    candidates = {"a": "狗 在 草地 上", "b": "一个 男人 在 海边", "c": "男人 骑 自行车"}
+    _, expected = Cider().compute_score(REFERENCES, {key: [text] for key, text in candidates.items()})
+    scores = CorpusCider(REFERENCES).score(list(candidates), list(candidates.values()))
+    np.testing.assert_allclose(scores, expected)
+    assert scores[2] > scores[1] > 0  # a good caption beats a poor one
+
+
+def test_corpus_cider_keeps_the_corpus_document_frequencies_for_a_batch():
+    cider = CorpusCider(REFERENCES)
+    alone = cider.score(["a"], ["狗 在 草地 上"])
+    together = cider.score(["a", "b", "a"], ["狗 在 草地 上", "海边 的 孩子", "狗 在 草地 上"])
+    np.testing.assert_allclose([alone[0], alone[0]], together[[0, 2]])
+
+
+def test_sentence_stops_at_the_end_token():
+    assert sentence([5, 7, 1, 9], end=1) == "5 7"
+    assert sentence([5, 7], end=1) == "5 7"
+
+
+def test_self_critical_steps_teach_each_image_its_own_caption():
+    """Two images, each with one reference: the reward alone leads greedy decoding to that reference."""
+    torch.manual_seed(0)
+    end, references = 1, {0: [[3, 4, 5]], 1: [[6, 7]]}
+    cider = CorpusCider({key: [sentence(ref, end) for ref in refs] for key, refs in references.items()})
+    model = CaptionModel(vocab_size=8, feature_dim=4, embedding_dim=16, hidden_size=32, num_layers=1, dropout=0.0)
+    features = torch.eye(4)[:2]  # (2, 4): one distinct feature per image
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    rewards = []
+    for _ in range(150):
+        loss, reward = self_critical_loss(model, features, [0, 1], cider, end, samples=8, max_len=6)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        rewards.append(reward)
+    assert np.mean(rewards[-10:]) > 5 * max(np.mean(rewards[:10]), 0.1)
+    inputs, state = model.start(features)
+    greedy = []
+    for _ in range(4):
+        log_probs, state = model.step(inputs, state)
+        word = log_probs.argmax(1)
+        greedy.append(word.tolist())
+        inputs = model.embedding(word)
+    greedy = np.array(greedy).T.tolist()
+    assert sentence(greedy[0], end) == "3 4 5" and sentence(greedy[1], end) == "6 7"
+
+
+def test_self_critical_phase_starts_from_the_best_model_and_logs_rewards(demo, tmp_path, monkeypatch):
+    """Epoch 1 is best, epoch 2 worse: self-critical training must start from epoch 1's weights."""
+    cider = iter([0.5, 0.1, 0.2, 0.6])
+    monkeypatch.setattr(Trainer, "validate", lambda self: {"val_loss": 1.0, "CIDEr-D": next(cider)})
+    starts = []
+
+    def start_and_record(self):
+        start_self_critical(self)
+        best = load_checkpoint(self.best_path)["model"]
+        starts.append(all(torch.equal(value, best[key]) for key, value in self.model.state_dict().items()))
+
+    start_self_critical = Trainer._start_self_critical
+    monkeypatch.setattr(Trainer, "_start_self_critical", start_and_record)
+    train(**run_options(demo, tmp_path, epoch=2, scst_epoch=2, scst_lr=1e-4, plot_every=1))
+    assert starts == [True]
+    log = [json.loads(line) for line in open(tmp_path / "logs" / "caption.metrics.jsonl")]
+    assert {r["epoch"] for r in log if r["name"] == "train_loss"} == {0, 1}
+    rewards = [r["value"] for r in log if r["name"] == "train_reward"]
+    assert {r["epoch"] for r in log if r["name"] == "train_reward"} == {2, 3}
+    assert all(np.isfinite(value) and value >= 0 for value in rewards)
+    best = load_checkpoint(str(tmp_path / "checkpoints" / "best.pth"))
+    last = load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))
+    assert best["state"]["epoch"] == 4 and last["state"]["epoch"] == 4
+    assert last["optimizer"]["param_groups"][0]["lr"] == 1e-4  # the self-critical optimizer
