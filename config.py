@@ -54,6 +54,7 @@ class Config:
     scst_epoch: int = 0  # then this many epochs of self-critical training on CIDEr-D, from best.pth
     scst_lr: float = 5e-5
     scst_samples: int = 5  # captions sampled per image; each one's baseline is the others' mean reward
+    scst_bleu_weight: float = 0.0  # reward = CIDEr-D + this * mean(BLEU-1..4)
     debug_file: str = "/tmp/debugc"  # if this file exists, training drops into ipdb
 
     # --- Visdom dashboard ---

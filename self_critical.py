@@ -1,12 +1,13 @@
-"""Self-critical sequence training (Rennie et al., 2017): fine-tune a captioner on CIDEr-D itself.
+"""Self-critical sequence training (Rennie et al., 2017): fine-tune a captioner on the metrics themselves.
 
 For each image the model samples several captions; each caption's reward is its CIDEr-D
-against the image's references, and its baseline the mean reward of the image's other
-samples (so no greedy decode is needed). The loss raises the log-probability of the
-captions that beat their baseline and lowers the rest.
+against the image's references (plus, optionally, a weight times its mean BLEU-1..4), and
+its baseline the mean reward of the image's other samples (so no greedy decode is needed).
+The loss raises the log-probability of the captions that beat their baseline and lowers the rest.
 """
 import numpy as np
 import torch
+from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
 
 
@@ -20,6 +21,7 @@ class CorpusCider(CiderScorer):
     def __init__(self, corpus):
         """corpus: {key: [reference sentences as space-separated words]}."""
         super().__init__()
+        self.corpus = corpus
         self.references = {key: cook_refs(refs) for key, refs in corpus.items()}
         self.crefs = list(self.references.values())
         self.compute_doc_freq()
@@ -33,6 +35,17 @@ class CorpusCider(CiderScorer):
         self.crefs = [self.references[key] for key in keys]
         self.ctest = [cook_test(candidate) for candidate in candidates]
         return np.array(self.compute_cider())
+
+
+def rewards(cider, keys, candidates, bleu_weight):
+    """CIDEr-D + bleu_weight * mean(BLEU-1..4) of each candidate against its key's references -> (N,)."""
+    reward = cider.score(keys, candidates)
+    if bleu_weight:
+        references = {i: cider.corpus[key] for i, key in enumerate(keys)}
+        hypotheses = {i: [candidate or "</EMPTY>"] for i, candidate in enumerate(candidates)}
+        _, bleu = Bleu(4).compute_score(references, hypotheses, verbose=0)  # 4 lists of N scores
+        reward = reward + bleu_weight * np.mean(bleu, axis=0)
+    return reward
 
 
 def sample(model, features, end, max_len):
@@ -61,12 +74,13 @@ def sentence(indices, end):
     return " ".join(str(ix) for ix in (indices[:indices.index(end)] if end in indices else indices))
 
 
-def self_critical_loss(model, features, keys, cider, end, samples, max_len):
+def self_critical_loss(model, features, keys, cider, end, samples, max_len, bleu_weight=0.0):
     """features (B, F), keys: the B images' keys in `cider` -> loss, mean reward of the samples."""
     words, log_probs, mask = sample(model, features.repeat_interleave(samples, 0), end, max_len)  # (B*S, T) each
     candidates = [sentence(row, end) for row in words.tolist()]
-    rewards = cider.score([key for key in keys for _ in range(samples)], candidates).reshape(-1, samples)  # (B, S)
-    baseline = (rewards.sum(1, keepdims=True) - rewards) / (samples - 1)  # mean of the other samples
-    advantage = torch.as_tensor(rewards - baseline, dtype=log_probs.dtype, device=log_probs.device).view(-1, 1)
+    reward = rewards(cider, [key for key in keys for _ in range(samples)], candidates, bleu_weight)
+    reward = reward.reshape(-1, samples)  # (B, S)
+    baseline = (reward.sum(1, keepdims=True) - reward) / (samples - 1)  # mean of the other samples
+    advantage = torch.as_tensor(reward - baseline, dtype=log_probs.dtype, device=log_probs.device).view(-1, 1)
     loss = -(advantage * log_probs * mask).sum() / mask.sum()
-    return loss, float(rewards.mean())
+    return loss, float(reward.mean())

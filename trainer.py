@@ -160,7 +160,8 @@ class Trainer:
             self.cider = CorpusCider({int(row): [sentence(caption, split.end) for caption in split.data["caption"][row]]
                                       for row in split.rows})
         loss, reward = self_critical_loss(self.model, features.to(self.device), rows.tolist(), self.cider,
-                                          split.end, self.opt.scst_samples, self.opt.max_gen_len)
+                                          split.end, self.opt.scst_samples, self.opt.max_gen_len,
+                                          self.opt.scst_bleu_weight)
         self._update(loss)
         return reward
 

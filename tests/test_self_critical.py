@@ -8,7 +8,7 @@ from test_training import run_options
 
 from main import train
 from model import CaptionModel, load_checkpoint
-from self_critical import CorpusCider, self_critical_loss, sentence
+from self_critical import CorpusCider, rewards, self_critical_loss, sentence
 from trainer import Trainer
 
 REFERENCES = {
@@ -31,6 +31,14 @@ def test_corpus_cider_keeps_the_corpus_document_frequencies_for_a_batch():
     alone = cider.score(["a"], ["狗 在 草地 上"])
     together = cider.score(["a", "b", "a"], ["狗 在 草地 上", "海边 的 孩子", "狗 在 草地 上"])
     np.testing.assert_allclose([alone[0], alone[0]], together[[0, 2]])
+
+
+def test_bleu_weight_adds_the_mean_bleu_to_the_reward():
+    cider = CorpusCider(REFERENCES)
+    keys, candidates = ["a", "b", "c"], ["一只 狗 在 草地 上 奔跑", "狗 跑", ""]
+    plain, mixed = rewards(cider, keys, candidates, 0.0), rewards(cider, keys, candidates, 2.0)
+    np.testing.assert_allclose(mixed[0] - plain[0], 2.0, rtol=1e-6)  # a reference itself: every BLEU is 1
+    np.testing.assert_allclose(mixed[1:] - plain[1:], 0.0, atol=1e-6)  # no shared word, or no word at all
 
 
 def test_sentence_stops_at_the_end_token():
