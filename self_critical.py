@@ -37,6 +37,14 @@ class CorpusCider(CiderScorer):
         return np.array(self.compute_cider())
 
 
+def reference_corpus(captions, end, unknown):
+    """{key: [word-index captions]} -> {key: [sentences]} for CorpusCider.
+
+    </UNKNOWN> becomes a word no sampled caption can match, so it is never rewarded."""
+    return {key: [sentence(["?" if ix == unknown else ix for ix in caption], end) for caption in refs]
+            for key, refs in captions.items()}
+
+
 def rewards(cider, keys, candidates, bleu_weight):
     """CIDEr-D + bleu_weight * mean(BLEU-1..4) of each candidate against its key's references -> (N,)."""
     reward = cider.score(keys, candidates)

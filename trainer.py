@@ -19,7 +19,7 @@ from dataset import train_val_splits
 from feature_extract import IMAGE_SIZE, UNREADABLE, load_image
 from metrics import score_captions
 from model import build_model, load_checkpoint, save_checkpoint
-from self_critical import CorpusCider, self_critical_loss, sentence
+from self_critical import CorpusCider, reference_corpus, self_critical_loss
 from visualize import Dashboard
 
 
@@ -157,8 +157,9 @@ class Trainer:
         """One self-critical step -> the mean CIDEr-D reward of the sampled captions."""
         split = self.train_split
         if self.cider is None:
-            self.cider = CorpusCider({int(row): [sentence(caption, split.end) for caption in split.data["caption"][row]]
-                                      for row in split.rows})
+            unknown = split.data["word2ix"][split.data["unknown"]]
+            captions = {int(row): split.data["caption"][row] for row in split.rows}
+            self.cider = CorpusCider(reference_corpus(captions, split.end, unknown))
         loss, reward = self_critical_loss(self.model, features.to(self.device), rows.tolist(), self.cider,
                                           split.end, self.opt.scst_samples, self.opt.max_gen_len,
                                           self.opt.scst_bleu_weight)

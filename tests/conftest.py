@@ -34,4 +34,5 @@ def demo(tmp_path_factory):
     return Config(caption_data_path=train, val_caption_data_path=val, img_path=str(folder / "images"),
                   checkpoint_dir=str(folder / "checkpoints"), log_dir=str(folder / "logs"),
                   annotation_file=str(folder / "val.json"), vis_port=1, vis_timeout=0.2,
-                  embedding_dim=64, hidden_size=128, num_layers=1, batch_size=32, eval_size=30, plot_every=5)
+                  embedding_dim=64, hidden_size=128, num_layers=1, batch_size=32, eval_size=30, plot_every=5,
+                  scst_epoch=0)

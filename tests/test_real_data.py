@@ -29,7 +29,7 @@ def test_captions_of_training_photos_share_words_with_their_references(tmp_path)
     opt = Config(annotation_file=str(tmp_path / "train.json"), caption_data_path=str(tmp_path / "c.pth"),
                  img_path=os.path.join(SHARED, "images"), backbone="mobilenet_v2", num_workers=0,
                  checkpoint_dir=str(tmp_path / "ck"), log_dir=str(tmp_path / "logs"), vis_port=1,
-                 val_fraction=0.1, eval_size=0, epoch=15, lr=3e-3, plot_every=1000, batch_size=64)
+                 val_fraction=0.1, eval_size=0, epoch=15, scst_epoch=0, lr=3e-3, plot_every=1000, batch_size=64)
     options = dataclasses.asdict(opt)
     process(**options)
     extract(**options)

@@ -8,7 +8,7 @@ from test_training import run_options
 
 from main import train
 from model import CaptionModel, load_checkpoint
-from self_critical import CorpusCider, rewards, self_critical_loss, sentence
+from self_critical import CorpusCider, reference_corpus, rewards, self_critical_loss, sentence
 from trainer import Trainer
 
 REFERENCES = {
@@ -44,6 +44,12 @@ def test_bleu_weight_adds_the_mean_bleu_to_the_reward():
 def test_sentence_stops_at_the_end_token():
     assert sentence([5, 7, 1, 9], end=1) == "5 7"
     assert sentence([5, 7], end=1) == "5 7"
+
+
+def test_an_unknown_word_in_a_reference_is_never_rewarded():
+    cider = CorpusCider(reference_corpus({0: [[5, 2, 7]], 1: [[8, 9]]}, end=1, unknown=2))
+    with_unknown, without = cider.score([0, 0], ["5 2 7", "5 7"])
+    assert without > with_unknown
 
 
 def test_self_critical_steps_teach_each_image_its_own_caption():
