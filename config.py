@@ -51,10 +51,10 @@ class Config:
     lr_decay: float = 0.8  # multiply lr by this after lr_patience epochs without improvement
     lr_patience: int = 2
     early_stop_patience: int = 5  # stop after this many epochs without improvement (0: never)
-    scst_epoch: int = 0  # then this many epochs of self-critical training on CIDEr-D, from best.pth
-    scst_lr: float = 5e-5
+    scst_epoch: int = 8  # then this many epochs of self-critical training on the metrics, from best.pth
+    scst_lr: float = 2e-4
     scst_samples: int = 5  # captions sampled per image; each one's baseline is the others' mean reward
-    scst_bleu_weight: float = 0.0  # reward = CIDEr-D + this * mean(BLEU-1..4)
+    scst_bleu_weight: float = 4.0  # reward = CIDEr-D + this * mean(BLEU-1..4)
     debug_file: str = "/tmp/debugc"  # if this file exists, training drops into ipdb
 
     # --- Visdom dashboard ---
