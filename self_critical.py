@@ -25,6 +25,7 @@ class CorpusCider(CiderScorer):
         self.references = {key: cook_refs(refs) for key, refs in corpus.items()}
         self.crefs = list(self.references.values())
         self.compute_doc_freq()
+        self.document_frequency = _Frequencies(self.document_frequency)
         self._log_corpus_size = np.log(len(self.crefs))
 
     # compute_cider() sets ref_len to log(number of references it scores); keep the corpus size.
@@ -35,6 +36,14 @@ class CorpusCider(CiderScorer):
         self.crefs = [self.references[key] for key in keys]
         self.ctest = [cook_test(candidate) for candidate in candidates]
         return np.array(self.compute_cider())
+
+
+class _Frequencies(dict):
+    """Document frequencies: an n-gram never seen is 0 and, unlike in a defaultdict, is not stored
+    (sampled captions bring millions of new n-grams over a training run)."""
+
+    def __missing__(self, _ngram):
+        return 0.0
 
 
 def reference_corpus(captions, end, unknown):

@@ -44,6 +44,8 @@ class StopOnSignal:
 class Trainer:
     def __init__(self, opt: Config):
         self.opt = opt
+        if opt.scst_epoch and opt.scst_samples < 2:
+            raise UserError("--scst-samples must be at least 2: a sample's baseline is the others' mean reward")
         torch.manual_seed(opt.seed)
         self.device = torch.device("cuda" if opt.use_gpu and torch.cuda.is_available() else "cpu")
         self.train_split, self.val_split = train_val_splits(opt)

@@ -1,11 +1,14 @@
 """Self-critical training: its CIDEr-D reward, that it learns what the reward asks, and its phase of training."""
+import dataclasses
 import json
 
 import numpy as np
+import pytest
 import torch
 from pycocoevalcap.cider.cider import Cider
 from test_training import run_options
 
+from config import UserError
 from main import train
 from model import CaptionModel, load_checkpoint
 from self_critical import CorpusCider, reference_corpus, rewards, self_critical_loss, sentence
@@ -31,6 +34,9 @@ def test_corpus_cider_keeps_the_corpus_document_frequencies_for_a_batch():
     alone = cider.score(["a"], ["狗 在 草地 上"])
     together = cider.score(["a", "b", "a"], ["狗 在 草地 上", "海边 的 孩子", "狗 在 草地 上"])
     np.testing.assert_allclose([alone[0], alone[0]], together[[0, 2]])
+    known = dict(cider.document_frequency)
+    cider.score(["a"], ["从未 见过 的 词语 组合"])
+    assert cider.document_frequency == known  # new n-grams of samples are not stored
 
 
 def test_bleu_weight_adds_the_mean_bleu_to_the_reward():
@@ -77,6 +83,11 @@ def test_self_critical_steps_teach_each_image_its_own_caption():
         inputs = model.embedding(word)
     greedy = np.array(greedy).T.tolist()
     assert sentence(greedy[0], end) == "3 4 5" and sentence(greedy[1], end) == "6 7"
+
+
+def test_one_sample_per_image_is_refused(demo, tmp_path):
+    with pytest.raises(UserError, match="--scst-samples must be at least 2"):
+        Trainer(dataclasses.replace(demo, scst_epoch=1, scst_samples=1, log_dir=str(tmp_path)))
 
 
 def test_self_critical_phase_starts_from_the_best_model_and_logs_rewards(demo, tmp_path, monkeypatch):
