@@ -116,7 +116,8 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.opt.scst_lr,
                                           weight_decay=self.opt.weight_decay)
         self.state["epochs_without_improvement"] = 0
-        print(f"self-critical training on CIDEr-D for {self.opt.scst_epoch} epochs, from {self.best_path}")
+        print(f"self-critical training for {self.opt.scst_epoch} epochs from {self.best_path}; "
+              f"reward: CIDEr-D + {self.opt.scst_bleu_weight} x mean BLEU-1..4")
 
     def _train_epoch(self, stop):
         """One pass over the training data; False when a stop was requested.
@@ -156,7 +157,7 @@ class Trainer:
         return self._update(torch.nn.functional.cross_entropy(logits, targets))
 
     def _self_critical_step(self, rows, features):
-        """One self-critical step -> the mean CIDEr-D reward of the sampled captions."""
+        """One self-critical step -> the mean reward of the sampled captions."""
         split = self.train_split
         if self.cider is None:
             unknown = split.data["word2ix"][split.data["unknown"]]
