@@ -1,6 +1,8 @@
 """Self-critical training: its CIDEr-D reward, that it learns what the reward asks, and its phase of training."""
 import dataclasses
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -114,3 +116,25 @@ def test_self_critical_phase_starts_from_the_best_model_and_logs_rewards(demo, t
     last = load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))
     assert best["state"]["epoch"] == 4 and last["state"]["epoch"] == 4
     assert last["optimizer"]["param_groups"][0]["lr"] == 1e-4  # the self-critical optimizer
+
+
+def test_ctrl_c_in_self_critical_training_resumes_there(demo, tmp_path, monkeypatch):
+    """Ctrl-C in the second self-critical batch; --resume runs the rest of that epoch, every image once."""
+    batch_sizes = []
+    self_critical_step = Trainer._self_critical_step
+
+    def step_then_interrupt(self, rows, features):
+        batch_sizes.append(len(rows))
+        if len(batch_sizes) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self_critical_step(self, rows, features)
+
+    monkeypatch.setattr(Trainer, "_self_critical_step", step_then_interrupt)
+    options = run_options(demo, tmp_path, epoch=1, scst_epoch=1, scst_lr=1e-4, eval_size=0)
+    train(**options)
+    saved = load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))
+    assert (saved["state"]["epoch"], saved["state"]["batch"]) == (1, 2)
+    assert saved["optimizer"]["param_groups"][0]["lr"] == 1e-4
+    train(**{**options, "resume": True})
+    assert sum(batch_sizes) == 120  # the demo's training images, each once
+    assert load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))["state"]["epoch"] == 2
