@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The quality recipe: train on Flickr8k-CN's train split (zhc captions) over frozen MobileNetV2
 # ImageNet features with the default configuration, then score the val split against its zhc
-# references. Usage: bash flickr8k_cn.sh [DATA_DIR] [WORK_DIR]
+# references (10 cross-entropy + 8 self-critical epochs; about 42 minutes on 2 CPU cores).
+# Usage: bash flickr8k_cn.sh [DATA_DIR] [WORK_DIR]
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA=${1:-../shared/data/flickr8k-cn}
