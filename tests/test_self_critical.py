@@ -10,6 +10,7 @@ import torch
 from pycocoevalcap.cider.cider import Cider
 from test_training import run_options
 
+from beam_search import beam_search
 from config import UserError
 from main import train
 from model import CaptionModel, load_checkpoint
@@ -76,15 +77,8 @@ def test_self_critical_steps_teach_each_image_its_own_caption():
         optimizer.step()
         rewards.append(reward)
     assert np.mean(rewards[-10:]) > 5 * max(np.mean(rewards[:10]), 0.1)
-    inputs, state = model.start(features)
-    greedy = []
-    for _ in range(4):
-        log_probs, state = model.step(inputs, state)
-        word = log_probs.argmax(1)
-        greedy.append(word.tolist())
-        inputs = model.embedding(word)
-    greedy = np.array(greedy).T.tolist()
-    assert sentence(greedy[0], end) == "3 4 5" and sentence(greedy[1], end) == "6 7"
+    greedy = [beams[0][0] for beams in beam_search(model.eval(), features, end, beam_size=1, max_len=6)]
+    assert greedy == [[3, 4, 5], [6, 7]]
 
 
 def test_one_sample_per_image_is_refused(demo, tmp_path):
