@@ -1,65 +1,92 @@
 """Beam search over a batch of images and all their beams at once.
 
-At each time step one LSTM step runs for all B*K beams. A finished beam keeps its score
-and competes with the live ones until the end; candidates are ranked by total
-log-probability, and the final n-best by score / length**length_norm.
+At each time step one model step runs for all B*K live beams. Every live beam may end
+there: its caption + </EOS> joins the image's pool of finished captions, ranked by
+score / length**length_norm (length counts the </EOS>). The K live beams are the best
+continuations by other words, so a finished caption never competes with live ones.
+The n-best of the pool are returned. </PAD> and </UNKNOWN> are never emitted.
 Beam size 1 is greedy decoding.
+
+A model decodes through four methods: start(features) -> (inputs, state),
+step(inputs, state) -> (log-probabilities (B, V), state), embed(words) -> inputs,
+and select(state, rows) -> the state of those batch rows.
 """
 import torch
 
+from captions import special_indices
+
+
+def allowed(log_probs, banned):
+    """log_probs (N, V) renormalised over the words a caption may contain."""
+    if not len(banned):
+        return log_probs
+    banned = torch.as_tensor(banned, device=log_probs.device)
+    return log_probs.index_fill(-1, banned, float("-inf")).log_softmax(-1)
+
 
 @torch.no_grad()
-def beam_search(model, features, end, beam_size=3, max_len=30, length_norm=0.0, n_best=1):
-    """features (B, F) -> for each image, the n_best (word indices, score) pairs, best first.
+def beam_search(model, features, end, banned=(), beam_size=3, max_len=30, length_norm=0.0, n_best=1):
+    """features (B, F) -> for each image, up to n_best (word indices, score) pairs, best first.
 
-    A caption's indices stop before </EOS> (index `end`); score is its normalised log-probability.
+    A caption has at most max_len words and stops before </EOS> (index `end`); its score is its
+    log-probability / length**length_norm; `banned` word indices are never emitted.
     """
-    batch, k = features.size(0), beam_size
-    vocab = model.classifier.out_features
-    if not 1 <= n_best <= k <= vocab:
-        raise ValueError(f"need 1 <= n_best ({n_best}) <= beam_size ({k}) <= vocabulary size ({vocab})")
+    batch, k, vocab = features.size(0), beam_size, model.vocab_size
+    if not 1 <= n_best <= k <= vocab - 1 - len(banned):
+        raise ValueError(f"need 1 <= n_best ({n_best}) <= beam_size ({k}) <= words a caption can use "
+                         f"({vocab - 1 - len(banned)})")
+    device = features.device
     inputs, state = model.start(features)
-    inputs = inputs.repeat_interleave(k, dim=0)  # (B*K, E)
-    state = tuple(s.repeat_interleave(k, dim=1) for s in state)  # h, c: (layers, B*K, H)
-    scores = torch.full((batch, k), float("-inf"), device=features.device)
+    image_of_beam = torch.arange(batch, device=device).repeat_interleave(k)  # (B*K,)
+    inputs, state = inputs[image_of_beam], model.select(state, image_of_beam)
+    scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: keep one alive
-    tokens = torch.zeros(batch, k, 0, dtype=torch.long, device=features.device)
-    finished = torch.zeros(batch, k, dtype=torch.bool, device=features.device)
-    # A finished beam's only continuation: </EOS> again, at no cost.
-    frozen = torch.full((vocab,), float("-inf"), device=features.device)
-    frozen[end] = 0.0
-    for _ in range(max_len):
-        log_probs, state = model.step(inputs, state)  # (B*K, V)
-        log_probs = torch.where(finished.unsqueeze(-1), frozen, log_probs.view(batch, k, vocab))
-        candidates = (scores.unsqueeze(-1) + log_probs).view(batch, k * vocab)  # (B, K*V)
-        scores, best = candidates.topk(k, dim=1)  # (B, K)
+    tokens = torch.zeros(batch, k, 0, dtype=torch.long, device=device)
+    pool_scores, pool_tokens = [], []  # per step: (B, K) normalised scores, (B, K, t) words
+    for t in range(max_len + 1):
+        log_probs, state = model.step(inputs, state)
+        total = scores.unsqueeze(-1) + allowed(log_probs, banned).view(batch, k, vocab)  # (B, K, V)
+        pool_scores.append(total[:, :, end] / (t + 1) ** length_norm)
+        pool_tokens.append(tokens)
+        if t == max_len:
+            break
+        total[:, :, end] = float("-inf")  # live beams go on with other words
+        scores, best = total.view(batch, k * vocab).topk(k, dim=1)  # (B, K)
         parent, word = best // vocab, best % vocab  # (B, K) each
         tokens = torch.cat([tokens.gather(1, parent.unsqueeze(-1).expand_as(tokens)), word.unsqueeze(-1)], -1)
-        finished = finished.gather(1, parent) | (word == end)
-        rows = (parent + torch.arange(batch, device=parent.device).unsqueeze(1) * k).view(-1)  # (B*K,)
-        state = tuple(s[:, rows] for s in state)  # h, c: (layers, B*K, H)
-        if finished.all():
+        if length_norm == 0 and _pool_settled(pool_scores, scores, n_best):
             break
-        inputs = model.embedding(word.view(-1))  # (B*K, E)
-    return [_n_best(tokens[i].tolist(), scores[i].tolist(), end, length_norm, n_best) for i in range(batch)]
+        state = model.select(state, (parent + torch.arange(batch, device=device).unsqueeze(1) * k).view(-1))
+        inputs = model.embed(word.view(-1))  # (B*K, E)
+    return _n_best(torch.cat(pool_scores, 1), pool_tokens, k, n_best)
 
 
-def _n_best(beams, scores, end, length_norm, n_best):
-    """Cut each beam at </EOS>, normalise its score by length, keep the n_best."""
-    ranked = []
-    for words, score in zip(beams, scores):
-        length = words.index(end) + 1 if end in words else len(words)  # </EOS> counts as a step
-        ranked.append((words[:length - (end in words)], score / length ** length_norm))
-    ranked.sort(key=lambda pair: pair[1], reverse=True)
-    return ranked[:n_best]
+def _pool_settled(pool_scores, live_scores, n_best):
+    """Unnormalised scores only fall: once every image's n_best-th finished caption beats its
+    best live beam, no later caption can enter its n-best."""
+    pool = torch.cat(pool_scores, 1)  # (B, steps*K)
+    if pool.size(1) < n_best:
+        return False
+    return bool((pool.topk(n_best, dim=1).values[:, -1] >= live_scores.max(1).values).all())
 
 
-def caption_features(model, features, ix2word, end, opt, n_best=None):
+def _n_best(pool_scores, pool_tokens, k, n_best):
+    """pool_scores (B, steps*K) -> per image the n_best finite (words, score), best first."""
+    results = []
+    values, indices = pool_scores.topk(min(n_best, pool_scores.size(1)), dim=1)
+    for image, (image_values, image_indices) in enumerate(zip(values.tolist(), indices.tolist())):
+        results.append([(pool_tokens[index // k][image, index % k].tolist(), value)
+                        for value, index in zip(image_values, image_indices) if value != float("-inf")])
+    return results
+
+
+def caption_features(model, features, ix2word, opt, n_best=None):
     """features (N, F) -> for each row, the n-best (caption text, score), in batches of opt.batch_size."""
+    end, banned = special_indices(ix2word)
     results = []
     for start in range(0, len(features), opt.batch_size):
         batch = features[start:start + opt.batch_size]  # (B, F)
-        for beams in beam_search(model, batch, end, opt.beam_size, opt.max_gen_len, opt.length_norm,
+        for beams in beam_search(model, batch, end, banned, opt.beam_size, opt.max_gen_len, opt.length_norm,
                                  n_best or opt.n_best):
             results.append([("".join(ix2word[ix] for ix in words), score) for words, score in beams])
     return results

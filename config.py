@@ -49,7 +49,7 @@ class Config:
     metric: str = "CIDEr-D"  # validation metric that selects best.pth
     eval_size: int = 500  # val images scored with beam search after each epoch (0: none)
     lr_decay: float = 0.8  # multiply lr by this after lr_patience epochs without improvement
-    lr_patience: int = 2
+    lr_patience: int = 2  # (0: never decay)
     early_stop_patience: int = 5  # stop after this many epochs without improvement (0: never)
     scst_epoch: int = 8  # then this many epochs of self-critical training on the metrics, from best.pth
     scst_lr: float = 2e-4
@@ -92,6 +92,17 @@ def parse(**kwargs) -> Config:
     return Config(**values)
 
 
+def from_saved(values, source):
+    """The Config saved in a checkpoint; fields added or removed since it was written are warned about."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown, missing = sorted(set(values) - known), sorted(known - set(values))
+    if unknown or missing:
+        changes = [f"dropped unknown --{name}" for name in unknown]
+        changes += [f"--{name} takes its default" for name in missing]
+        print(f"warning: {source} was written by another version: {'; '.join(changes)}", file=sys.stderr)
+    return Config(**{name: value for name, value in values.items() if name in known})
+
+
 def _coerce(value, kind, name):
     """Fire guesses types from the text; make each value the field's type."""
     kind = {"str": str, "int": int, "float": float, "bool": bool}.get(kind, kind)
@@ -114,6 +125,9 @@ def command(function):
     """Make `function(opt)` a fire command taking `--field=value` flags; a UserError exits with one line."""
 
     def run(**kwargs):
+        if kwargs.pop("help", False) or kwargs.pop("h", False):
+            print(f"{function.__doc__}\n\noptions (--name=default):\n{describe()}")
+            return
         try:
             function(parse(**kwargs))
         except UserError as error:

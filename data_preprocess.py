@@ -5,79 +5,20 @@
         --vocab-from=caption.pth
 """
 import collections
-import json
-import logging
 import os
-import re
-import warnings
 
 import fire
 from tqdm import tqdm
 
-with warnings.catch_warnings():  # jieba 0.42 imports the deprecated pkg_resources
-    warnings.simplefilter("ignore", UserWarning)
-    import jieba
-
+from captions import CAPTION_KEYS, EOS, PAD, UNKNOWN, clean, load_annotations, tokenize
 from config import Config, UserError, command
 from files import atomic_save, load_pth
 
-PAD, EOS, UNKNOWN = "</PAD>", "</EOS>", "</UNKNOWN>"
-CAPTION_KEYS = ("word2ix", "ix2word", "id2ix", "ix2id", "caption", "padding", "end", "unknown")
 README = """word2ix: word -> index; ix2word: index -> word (a list)
 id2ix: image_id -> row; ix2id: row -> image_id (row i of the features file is image ix2id[i])
 caption[row]: the captions of that image, each a list of word indices (no </EOS>)
 sentences[row]: the same captions as text, cleaned (the references for scoring)
 padding, end, unknown: the special tokens; dropped: annotation entries with no usable caption"""
-
-jieba.setLogLevel(logging.WARNING)
-
-
-def clean(sentence):
-    """Remove "。", spaces and line breaks, as AI Challenger's scorer does."""
-    return re.sub(r"[。\s]", "", sentence)
-
-
-def tokenize(sentence):
-    """A caption as jieba precise-mode words."""
-    return jieba.lcut(clean(sentence), cut_all=False)
-
-
-def load_annotations(path):
-    """Read and validate an AI Challenger annotation file: [{"image_id", "caption": [...]}]."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            entries = json.load(file)
-    except OSError as error:
-        raise UserError(f"{path}: {error.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: not valid JSON: {error}") from None
-    if not isinstance(entries, list):
-        raise UserError(f'{path}: expected a list of {{"image_id", "caption"}} entries, got a {type(entries).__name__}')
-    if not entries:
-        raise UserError(f"{path}: the annotation list is empty")
-    seen = {}
-    for index, entry in enumerate(entries):
-        problem = _entry_problem(entry)
-        if not problem and entry["image_id"] in seen:
-            problem = f"image_id {entry['image_id']!r} already appears in entry {seen[entry['image_id']]}"
-        if problem:
-            raise UserError(f"{path}: entry {index}: {problem}")
-        seen[entry["image_id"]] = index
-    return entries
-
-
-def _entry_problem(entry):
-    if not isinstance(entry, dict):
-        return f"expected an object, got {type(entry).__name__}"
-    if not isinstance(entry.get("image_id"), str) or not entry["image_id"]:
-        return "missing or empty image_id"
-    captions = entry.get("caption")
-    if not isinstance(captions, list) or not captions:
-        return "caption must be a non-empty list of sentences"
-    for number, caption in enumerate(captions):
-        if not isinstance(caption, str):
-            return f"caption {number} is a {type(caption).__name__}, not a string"
-    return None
 
 
 def build_vocabulary(tokenized, max_words, min_appear):

@@ -1,23 +1,57 @@
 """Caption data + features as training batches, and the train/validation split."""
+import os
+
 import numpy as np
 import torch
 
+from captions import load_caption_data, special_indices
 from config import Config, UserError
-from data_preprocess import CAPTION_KEYS
-from feature_extract import load_features
-from files import load_pth
+from images import load_features
 
 
 class CaptionSplit:
-    """The usable images of one caption file (or a subset of its rows) with their features."""
+    """The usable images of one caption file (or a subset of its rows) with their features.
+
+    Everything else reads the caption data through its accessors."""
 
     def __init__(self, caption_data, features, meta, rows):
-        self.data, self.features, self.meta = caption_data, features, meta
+        self._data, self._features, self.meta = caption_data, features, meta
         self.rows = np.asarray(rows, dtype=np.int64)
-        self.end = caption_data["word2ix"][caption_data["end"]]
+        self.ix2word = caption_data["ix2word"]
+        self.end, self.banned = special_indices(self.ix2word)  # </EOS>; </PAD> and </UNKNOWN>
+        self.unknown = caption_data["word2ix"][caption_data["unknown"]]
+        self.feature_dim = features.shape[1]
         # one (row, caption number) pair per caption
         self.pairs = [(row, i) for row in self.rows for i in range(len(caption_data["caption"][row]))]
 
+    # --- accessors ---
+    def image_id(self, row):
+        return self._data["ix2id"][row]
+
+    def image_path(self, row):
+        return os.path.join(self.meta["img_path"], self.image_id(row))
+
+    def human_caption(self, row):
+        """The first reference caption of a row, as text."""
+        return self._data["sentences"][row][0]
+
+    def references(self, rows):
+        """{image_id: reference sentences} of rows (for scoring)."""
+        return {self.image_id(row): self._data["sentences"][row] for row in rows}
+
+    def word_captions(self):
+        """{row: its captions as word-index lists} for every row of the split."""
+        return {int(row): self._data["caption"][row] for row in self.rows}
+
+    def features_of(self, rows):
+        """rows (B,) -> features (B, F) float32, read from the memory-mapped file in row order (fastest)."""
+        rows = np.asarray(rows)
+        order = np.argsort(rows)
+        features = np.empty((len(rows), self.feature_dim), dtype=np.float32)
+        features[order] = self._features[rows[order]]
+        return torch.from_numpy(features)
+
+    # --- batches ---
     def batches(self, batch_size, seed=None, skip=0):
         """Yield (rows (B,), features (B, F), captions (B, T), lengths (B,)).
 
@@ -28,27 +62,22 @@ class CaptionSplit:
     def image_batches(self, batch_size, seed, skip=0):
         """Yield (rows (B,), features (B, F)): each image once, shuffled by `seed`."""
         for chunk in _shuffled_chunks(len(self.rows), batch_size, seed, skip):
-            rows = np.sort(self.rows[chunk])  # a memory-mapped file reads fastest in row order
-            yield rows, torch.from_numpy(self.features[rows].astype(np.float32))
+            rows = self.rows[chunk]
+            yield rows, self.features_of(rows)
 
     def num_batches(self, batch_size, images=False):
         return -(-(len(self.rows) if images else len(self.pairs)) // batch_size)
 
     def collate(self, pairs):
+        """(row, caption number) pairs -> rows (B,), features (B, F), captions (B, T) ending in </EOS>
+        and padded with </PAD> (0), lengths (B,) counting the </EOS>."""
         rows = np.array([row for row, _ in pairs])
-        sentences = [self.data["caption"][row][i] + [self.end] for row, i in pairs]
+        sentences = [self._data["caption"][row][i] + [self.end] for row, i in pairs]
         lengths = torch.tensor([len(s) for s in sentences])
-        captions = torch.zeros(len(pairs), int(lengths.max()), dtype=torch.long)  # (B, T), 0 = </PAD>
+        captions = torch.zeros(len(pairs), int(lengths.max()), dtype=torch.long)  # (B, T)
         for b, sentence in enumerate(sentences):
             captions[b, :len(sentence)] = torch.tensor(sentence)
-        order = np.argsort(rows)  # a memory-mapped file reads fastest in row order
-        features = np.empty((len(rows), self.features.shape[1]), dtype=np.float32)
-        features[order] = self.features[rows[order]]
-        return rows, torch.from_numpy(features), captions, lengths
-
-    def references(self, rows):
-        """The reference captions of rows as sentences (for scoring)."""
-        return {self.data["ix2id"][row]: self.data["sentences"][row] for row in rows}
+        return rows, self.features_of(rows), captions, lengths
 
 
 def _shuffled_chunks(count, batch_size, seed, skip):
@@ -61,12 +90,12 @@ def _shuffled_chunks(count, batch_size, seed, skip):
 
 
 def load_split(caption_data_path, ix2word=None):
-    """Caption data and its features; optionally checked to share the vocabulary ix2word."""
-    data = load_pth(caption_data_path, "caption data file", CAPTION_KEYS)
+    """Caption data, its features and usable rows; optionally checked to share the vocabulary ix2word."""
+    data = load_caption_data(caption_data_path)
     if ix2word is not None and data["ix2word"] != ix2word:
         raise UserError(f"{caption_data_path}: another vocabulary than the training data; "
                         "encode it with --vocab-from=<training caption .pth>")
-    features, meta = load_features(caption_data_path, len(data["ix2id"]))
+    features, meta = load_features(caption_data_path, data["ix2id"])
     usable = [row for row in range(len(data["ix2id"])) if str(row) not in meta["bad"]]
     return data, features, meta, usable
 

@@ -20,6 +20,7 @@ def atomic_save(obj, path):
             torch.save(obj, file)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode
         os.replace(temporary, path)
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
         os.unlink(temporary)
@@ -43,3 +44,9 @@ def load_pth(path, what, required_keys=()):
     if missing:
         raise UserError(f"{path}: not a {what}: missing {', '.join(missing)}")
     return data
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

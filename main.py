@@ -14,13 +14,12 @@ import os
 import sys
 
 import fire
-import torch
 
 import config
 from beam_search import caption_features
+from captions import load_annotations
 from config import Config, UserError, command
-from data_preprocess import load_annotations
-from feature_extract import UNREADABLE, build_backbone, image_transform, load_image
+from images import build_backbone, encode_images, pick_device, prepare_backbone
 from metrics import format_table, score_captions
 from model import find_checkpoint, load_checkpoint, model_from_checkpoint
 from trainer import Trainer
@@ -47,23 +46,19 @@ def caption_images(paths, opt: Config):
     """paths -> ({path: n-best [(caption, score)]}, {path: error}) with the checkpoint's model."""
     checkpoint_path = find_checkpoint(opt)
     checkpoint = load_checkpoint(checkpoint_path)
-    model = model_from_checkpoint(checkpoint, checkpoint_path)
-    feature = checkpoint["feature"]
-    backbone = build_backbone(feature["backbone"], feature["weights"])
-    end = checkpoint["ix2word"].index(checkpoint["end"])
+    device = pick_device(opt.use_gpu)
+    model = model_from_checkpoint(checkpoint, checkpoint_path).to(device)
+    backbone = prepare_backbone(build_backbone(checkpoint["feature"]["backbone"], checkpoint["feature"]["weights"]),
+                                device)
     captions, errors = {}, {}
-    for start in range(0, len(paths), opt.batch_size):
-        images = {}
-        for path in paths[start:start + opt.batch_size]:
-            try:
-                images[path] = image_transform(load_image(path))  # (3, 224, 224)
-            except UNREADABLE as error:
-                errors[path] = f"{type(error).__name__}: {error}"
-        if images:
-            with torch.inference_mode():
-                features = backbone(torch.stack(list(images.values())))  # (B, F)
-            beams = caption_features(model, features, checkpoint["ix2word"], end, opt)
-            captions.update(zip(images, beams))
+    done = 0
+    for features, batch_errors in encode_images(backbone, paths, device, opt.batch_size, opt.num_workers):
+        batch_paths, done = paths[done:done + len(batch_errors)], done + len(batch_errors)
+        errors.update((path, error) for path, error in zip(batch_paths, batch_errors) if error)
+        readable = [i for i, error in enumerate(batch_errors) if not error]
+        if readable:
+            beams = caption_features(model, features[readable].to(device), checkpoint["ix2word"], opt)  # (B', F)
+            captions.update(zip([batch_paths[i] for i in readable], beams))
     return captions, errors
 
 
@@ -107,23 +102,35 @@ def evaluate(opt: Config):
     if not opt.annotation_file:
         raise UserError("give the references with --annotation-file=FILE.json")
     references = {entry["image_id"]: entry["caption"] for entry in load_annotations(opt.annotation_file)}
-    if opt.results:
-        results = read_results(opt.results)
-    else:
-        paths = [os.path.join(opt.img_path, image_id) for image_id in references]
-        captions, errors = caption_images(paths, dataclasses.replace(opt, n_best=1))
-        for path, error in errors.items():
-            print(f"skipped {path}: {error}", file=sys.stderr)
-        results = {os.path.relpath(path, opt.img_path): beams[0][0] for path, beams in captions.items()}
-        write_results(opt.output or "results.json", results)
+    results = read_results(opt.results) if opt.results else caption_references(references, opt)
     try:
         scores = score_captions(results, references)
     except ValueError as error:
         raise UserError(f"{opt.results or opt.annotation_file}: {error}") from None
-    print(f"{len(results)} images scored against {opt.annotation_file} (0-1 scale; CIDEr-D is unbounded)")
+    distinct = len(set(results.values()))
+    print(f"{len(results)} images scored against {opt.annotation_file}; {distinct} distinct captions "
+          "(0-1 scale; CIDEr-D is unbounded)")
     print(format_table(scores))
-    with open(opt.metrics_path or "metrics.json", "w", encoding="utf-8") as file:
-        json.dump(scores, file, indent=1)
+    if opt.metrics_path:
+        with open(opt.metrics_path, "w", encoding="utf-8") as file:
+            json.dump({**scores, "images": len(results), "distinct_captions": distinct}, file, indent=1)
+        print(f"scores written to {opt.metrics_path}")
+
+
+def caption_references(references, opt: Config):
+    """Caption every image of the references with the model -> {image_id: caption}; says what it skipped."""
+    paths = [os.path.join(opt.img_path, image_id) for image_id in references]
+    captions, errors = caption_images(paths, dataclasses.replace(opt, n_best=1))
+    for path, error in errors.items():
+        print(f"skipped {path}: {error}", file=sys.stderr)
+    if errors:
+        print(f"warning: {len(errors)} of {len(paths)} images could not be read and are not scored",
+              file=sys.stderr)
+    results = {os.path.relpath(path, opt.img_path): beams[0][0] for path, beams in captions.items()}
+    if opt.output:
+        write_results(opt.output, results)
+        print(f"captions written to {opt.output}")
+    return results
 
 
 @command
@@ -132,8 +139,8 @@ def replay(opt: Config):
     log = opt.log or os.path.join(opt.log_dir, f"{opt.env}.visdom.log")
     if not os.path.isfile(log):
         raise UserError(f"{log}: no such dashboard log")
-    replay_log(log, opt.env, opt.vis_server, opt.vis_port)
-    print(f"replayed {log} into {opt.vis_server}:{opt.vis_port} env {opt.env}")
+    environments = replay_log(log, opt.vis_server, opt.vis_port)
+    print(f"replayed {log} into {opt.vis_server}:{opt.vis_port}, environment {', '.join(environments)}")
 
 
 def help():

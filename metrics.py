@@ -8,9 +8,11 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 
-from data_preprocess import tokenize
+from captions import tokenize
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
+# Which way is better for each score training can select best.pth by.
+HIGHER_IS_BETTER = {"val_loss": False, "perplexity": False, "top5_accuracy": True, **dict.fromkeys(METRICS, True)}
 _warned_no_java = False
 
 
@@ -33,14 +35,14 @@ def score_captions(results, references):
     scores = dict(zip(METRICS[:4], bleu))
     scores["ROUGE-L"], _ = Rouge().compute_score(truths, candidates)
     scores["CIDEr-D"], _ = Cider().compute_score(truths, candidates)
-    if _java_available():
+    if java_available():
         # Java must read the words as UTF-8, or every Chinese character becomes '?'.
         os.environ["JAVA_TOOL_OPTIONS"] = "-Dfile.encoding=UTF-8"
         scores["METEOR"], _ = Meteor().compute_score(truths, candidates)
     return {name: float(scores[name]) for name in METRICS if name in scores}
 
 
-def _java_available():
+def java_available():
     global _warned_no_java
     if shutil.which("java"):
         return True

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from config import Config, UserError
+from captions import EOS
+from config import Config, UserError, from_saved
 from files import atomic_save, load_pth
 
 CHECKPOINT_KEYS = ("model", "config", "ix2word", "end", "feature")
@@ -49,23 +50,37 @@ class CaptionModel(nn.Module):
         state = state.permute(1, 2, 0, 3).contiguous()  # (2, layers, B, H)
         return self.image_to_input(features), (state[0], state[1])
 
+    # --- the decoding interface that beam search and self-critical sampling use ---
+    @property
+    def vocab_size(self):
+        return self.classifier.out_features
+
+    def embed(self, words):
+        """words (B,) -> the next inputs (B, E)."""
+        return self.embedding(words)
+
     def step(self, inputs, state):
         """One LSTM step for a batch: inputs (B, E) -> log-probabilities (B, V), new state."""
         hidden, state = self.lstm(inputs.unsqueeze(1), state)  # (B, 1, H)
         return self.classifier(hidden.squeeze(1)).log_softmax(-1), state
+
+    @staticmethod
+    def select(state, rows):
+        """Keep (and repeat) the batch entries `rows` (N,) of a state: h, c (layers, B, H) -> (layers, N, H)."""
+        return tuple(s[:, rows] for s in state)
 
 
 def build_model(opt: Config, vocab_size, feature_dim):
     return CaptionModel(vocab_size, feature_dim, opt.embedding_dim, opt.hidden_size, opt.num_layers, opt.dropout)
 
 
-def save_checkpoint(path, model, opt, caption_data, feature_meta, **training_state):
+def save_checkpoint(path, model, opt, ix2word, feature_meta, **training_state):
     """Everything generate needs (weights, config, vocabulary, backbone) plus resumable state."""
     atomic_save({
         "model": model.state_dict(),
         "config": dataclasses.asdict(opt),
-        "ix2word": caption_data["ix2word"],
-        "end": caption_data["end"],
+        "ix2word": ix2word,
+        "end": EOS,
         "feature": {key: feature_meta[key] for key in ("backbone", "weights", "feature_dim")},
         **training_state,
     }, path)
@@ -78,7 +93,7 @@ def load_checkpoint(path):
 
 def model_from_checkpoint(checkpoint, path):
     """Rebuild the model of a checkpoint; a mismatch of sizes is a clear error."""
-    opt = Config(**checkpoint["config"])
+    opt = from_saved(checkpoint["config"], path)
     model = build_model(opt, len(checkpoint["ix2word"]), checkpoint["feature"]["feature_dim"])
     try:
         model.load_state_dict(checkpoint["model"])

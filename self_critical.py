@@ -10,6 +10,8 @@ import torch
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
 
+from beam_search import allowed
+
 
 class CorpusCider(CiderScorer):
     """pycocoevalcap's CIDEr-D, with n-gram document frequencies taken once from a whole corpus.
@@ -65,16 +67,18 @@ def rewards(cider, keys, candidates, bleu_weight):
     return reward
 
 
-def sample(model, features, end, max_len):
+def sample(model, features, end, banned, max_len):
     """Sample one caption per row: features (B, F) -> words (B, T), log-probs (B, T), mask (B, T).
 
-    mask marks the real steps of each caption, up to and including its </EOS>.
+    mask marks the real steps of each caption, up to and including its </EOS>; `banned` words
+    (</PAD>, </UNKNOWN>) are never sampled.
     """
     inputs, state = model.start(features)
     words, log_probs, masks = [], [], []
     alive = torch.ones(features.size(0), dtype=torch.bool, device=features.device)
     for _ in range(max_len):
-        step_log_probs, state = model.step(inputs, state)  # (B, V)
+        step_log_probs, state = model.step(inputs, state)
+        step_log_probs = allowed(step_log_probs, banned)  # (B, V)
         word = torch.multinomial(step_log_probs.exp(), 1).squeeze(1)  # (B,)
         words.append(word)
         log_probs.append(step_log_probs.gather(1, word.unsqueeze(1)).squeeze(1))
@@ -82,7 +86,7 @@ def sample(model, features, end, max_len):
         alive = alive & (word != end)
         if not alive.any():
             break
-        inputs = model.embedding(word)  # (B, E)
+        inputs = model.embed(word)  # (B, E)
     return torch.stack(words, 1), torch.stack(log_probs, 1), torch.stack(masks, 1)
 
 
@@ -91,9 +95,10 @@ def sentence(indices, end):
     return " ".join(str(ix) for ix in (indices[:indices.index(end)] if end in indices else indices))
 
 
-def self_critical_loss(model, features, keys, cider, end, samples, max_len, bleu_weight=0.0):
+def self_critical_loss(model, features, keys, cider, end, banned, samples, max_len, bleu_weight=0.0):
     """features (B, F), keys: the B images' keys in `cider` -> loss, mean reward of the samples."""
-    words, log_probs, mask = sample(model, features.repeat_interleave(samples, 0), end, max_len)  # (B*S, T) each
+    features = features.repeat_interleave(samples, 0)  # (B*S, F)
+    words, log_probs, mask = sample(model, features, end, banned, max_len)  # (B*S, T) each
     candidates = [sentence(row, end) for row in words.tolist()]
     reward = rewards(cider, [key for key in keys for _ in range(samples)], candidates, bleu_weight)
     reward = reward.reshape(-1, samples)  # (B, S)

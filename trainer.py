@@ -1,26 +1,27 @@
-"""The training loop: Adam over packed captions, a live dashboard, per-epoch validation,
-best-model selection by a caption metric, and checkpoints that survive Ctrl-C and crashes."""
-import dataclasses
-import html
+"""The training loop of `main.py train`."""
 import json
 import math
 import os
 import signal
+import sys
 import time
 
 import torch
 from torchnet.meter import AverageValueMeter
-from torchvision.transforms.functional import to_tensor
 from tqdm import tqdm
 
 from beam_search import caption_features
 from config import Config, UserError
 from dataset import train_val_splits
-from feature_extract import IMAGE_SIZE, UNREADABLE, load_image
-from metrics import score_captions
+from images import pick_device
+from metrics import HIGHER_IS_BETTER, METRICS, java_available, score_captions
 from model import build_model, load_checkpoint, save_checkpoint
 from self_critical import CorpusCider, reference_corpus, self_critical_loss
 from visualize import Dashboard
+
+CROSS_ENTROPY, SELF_CRITICAL = "cross-entropy", "self-critical"
+# Settings that fix which images validate and the order of the batches: a resumed run must keep them.
+DATA_ORDER = ("seed", "batch_size", "caption_data_path", "val_caption_data_path", "val_fraction")
 
 
 class StopOnSignal:
@@ -41,18 +42,41 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
+def check_options(opt: Config):
+    """Refuse, in one line, training options that cannot work together."""
+    if opt.metric not in HIGHER_IS_BETTER:
+        raise UserError(f"--metric={opt.metric}: unknown; choose one of {', '.join(HIGHER_IS_BETTER)}")
+    if opt.metric in METRICS and opt.eval_size <= 0:
+        raise UserError(f"--metric={opt.metric} scores generated captions: it needs --eval-size > 0")
+    if opt.metric == "METEOR" and not java_available():
+        raise UserError("--metric=METEOR needs Java (apt-get install default-jre-headless)")
+    for name in ("lr_patience", "early_stop_patience", "epoch", "scst_epoch"):
+        if getattr(opt, name) < 0:
+            raise UserError(f"--{name} cannot be negative")
+    if opt.scst_epoch and opt.scst_samples < 2:
+        raise UserError("--scst-samples must be at least 2: a sample's baseline is the others' mean reward")
+
+
 class Trainer:
+    """Trains a caption model in two phases: `--epoch` cross-entropy epochs over every caption,
+    then `--scst-epoch` self-critical epochs over every image, from the best model so far.
+
+    After each epoch it validates, keeps best.pth by `--metric`, decays the lr and stops a
+    phase early when the metric stalls. `state` says where training is (phase, epochs, batch):
+    last.pth holds it, so Ctrl-C, SIGTERM or a crash lose at most one batch.
+    """
+
     def __init__(self, opt: Config):
+        check_options(opt)
         self.opt = opt
-        if opt.scst_epoch and opt.scst_samples < 2:
-            raise UserError("--scst-samples must be at least 2: a sample's baseline is the others' mean reward")
         torch.manual_seed(opt.seed)
-        self.device = torch.device("cuda" if opt.use_gpu and torch.cuda.is_available() else "cpu")
+        self.device = pick_device(opt.use_gpu)
         self.train_split, self.val_split = train_val_splits(opt)
-        self.vocab = self.train_split.data["ix2word"]
-        self.model = build_model(opt, len(self.vocab), self.train_split.meta["feature_dim"]).to(self.device)
+        self.vocab = self.train_split.ix2word
+        self.model = build_model(opt, len(self.vocab), self.train_split.feature_dim).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
-        self.state = {"epoch": 0, "batch": 0, "step": 0, "best_score": None, "epochs_without_improvement": 0}
+        self.state = {"phase": CROSS_ENTROPY, "epoch": 0, "phase_epoch": 0, "batch": 0, "step": 0,
+                      "best_score": None, "epochs_without_improvement": 0}
         self.last_path = os.path.join(opt.checkpoint_dir, "last.pth")
         self.best_path = os.path.join(opt.checkpoint_dir, "best.pth")
         if opt.resume:
@@ -63,24 +87,31 @@ class Trainer:
                                    os.path.join(opt.log_dir, f"{opt.env}.visdom.log"), timeout=opt.vis_timeout)
         self.loss_meter = AverageValueMeter()
         self.cider = None  # CIDEr-D over the training captions, built when self-critical training starts
+        self.debug_warned = False
 
     def _resume(self):
         checkpoint = load_checkpoint(self.last_path)
         if checkpoint["ix2word"] != self.vocab:
             raise UserError(f"{self.last_path}: built for another vocabulary than {self.opt.caption_data_path}")
-        if checkpoint["feature"]["feature_dim"] != self.train_split.meta["feature_dim"]:
+        if checkpoint["feature"]["feature_dim"] != self.train_split.feature_dim:
             raise UserError(f"{self.last_path}: built for {checkpoint['feature']['feature_dim']}-d features, "
-                            f"these are {self.train_split.meta['feature_dim']}-d")
+                            f"these are {self.train_split.feature_dim}-d")
+        for name in DATA_ORDER:
+            saved, now = checkpoint["config"].get(name), getattr(self.opt, name)
+            if saved != now:
+                raise UserError(f"--{name}={now} but {self.last_path} was trained with --{name}={saved}; it fixes "
+                                "the validation images and the batch order: resume with the same value")
         try:
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
             raise UserError(f"{self.last_path}: built for another model configuration ({str(error)[:200]})") from None
-        self.state = checkpoint["state"]
-        print(f"resuming from {self.last_path} at epoch {self.state['epoch']}, batch {self.state['batch']}")
+        self.state.update(checkpoint["state"])
+        print(f"resuming from {self.last_path} at epoch {self.state['epoch']}, batch {self.state['batch']} "
+              f"({self.state['phase']})")
 
     def save(self, path):
-        save_checkpoint(path, self.model, self.opt, self.train_split.data, self.train_split.meta,
+        save_checkpoint(path, self.model, self.opt, self.train_split.ix2word, self.train_split.meta,
                         optimizer=self.optimizer.state_dict(), state=self.state)
 
     def log(self, name, value):
@@ -92,22 +123,28 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------------
     def train(self):
-        opt = self.opt
-        config = html.escape(json.dumps(dataclasses.asdict(opt), indent=1, ensure_ascii=False))
-        self.dashboard.text(f"<pre>{config}</pre>", "config", "configuration")
+        """Cross-entropy, then self-critical training; each phase ends by its epoch count or early stop."""
+        self.dashboard.configuration(self.opt)
         with StopOnSignal() as stop:
-            while self.state["epoch"] < opt.epoch + opt.scst_epoch:
-                if self.state["epoch"] == opt.epoch and self.state["batch"] == 0:
-                    self._start_self_critical()
-                if not self._train_epoch(stop):
-                    self.save(self.last_path)
-                    print(f"\n{stop.requested}: saved {self.last_path}; continue with --resume")
-                    break
-                if self._end_epoch():
-                    if self.state["epoch"] >= opt.epoch or not opt.scst_epoch:
-                        break
-                    self.state["epoch"] = opt.epoch  # cross-entropy training stopped early: go on
+            completed = self._run_phase(stop)
+            if completed and self.state["phase"] == CROSS_ENTROPY and self.opt.scst_epoch:
+                self._start_self_critical()
+                completed = self._run_phase(stop)
+            if not completed:
+                self.save(self.last_path)
+                print(f"\n{stop.requested}: saved {self.last_path}; continue with --resume")
         self.dashboard.flush()
+
+    def _run_phase(self, stop):
+        """The remaining epochs of the current phase; False when a stop was requested."""
+        state = self.state
+        epochs = self.opt.epoch if state["phase"] == CROSS_ENTROPY else self.opt.scst_epoch
+        while state["phase_epoch"] < epochs:
+            if not self._train_epoch(stop, epochs):
+                return False
+            if self._end_epoch():
+                break
+        return True
 
     def _start_self_critical(self):
         """Self-critical training starts from the best cross-entropy model, with its own lr."""
@@ -115,16 +152,17 @@ class Trainer:
             self.model.load_state_dict(load_checkpoint(self.best_path)["model"])
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.opt.scst_lr,
                                           weight_decay=self.opt.weight_decay)
-        self.state["epochs_without_improvement"] = 0
+        self.state.update(phase=SELF_CRITICAL, phase_epoch=0, batch=0, epochs_without_improvement=0)
+        self.save(self.last_path)
         print(f"self-critical training for {self.opt.scst_epoch} epochs from {self.best_path}; "
               f"reward: CIDEr-D + {self.opt.scst_bleu_weight} x mean BLEU-1..4")
 
-    def _train_epoch(self, stop):
+    def _train_epoch(self, stop, epochs):
         """One pass over the training data; False when a stop was requested.
 
         Cross-entropy epochs go over every caption, self-critical ones over every image."""
         opt, split, state = self.opt, self.train_split, self.state
-        self_critical = state["epoch"] >= opt.epoch
+        self_critical = state["phase"] == SELF_CRITICAL
         self.model.train()
         self.loss_meter.reset()  # the dashboard shows this epoch's running mean
         seed = opt.seed + state["epoch"]
@@ -136,9 +174,9 @@ class Trainer:
             step, measure = self._step, "loss"
         progress = tqdm(batches, total=split.num_batches(opt.batch_size, images=self_critical),
                         initial=state["batch"], unit="batch",
-                        desc=f"epoch {state['epoch'] + 1}/{opt.epoch + opt.scst_epoch}")
+                        desc=f"{state['phase']} epoch {state['phase_epoch'] + 1}/{epochs}")
         for batch in progress:
-            if os.path.exists(opt.debug_file):
+            if self._debug_requested():
                 import ipdb
                 ipdb.set_trace()
             self.loss_meter.add(step(*batch))
@@ -151,6 +189,20 @@ class Trainer:
                 return False
         return True
 
+    def _debug_requested(self):
+        """The book's hook: --debug-file exists -> ipdb. Only for a terminal and a file of this user,
+        so that nobody else, and no missing terminal, can stop a run."""
+        path = self.opt.debug_file
+        if not path or not os.path.exists(path):
+            return False
+        if sys.stdin.isatty() and os.stat(path).st_uid == os.getuid():
+            return True
+        if not self.debug_warned:
+            print(f"warning: {path} exists, but ipdb only starts for a run on a terminal and a file of its own "
+                  "user; training goes on", file=sys.stderr)
+            self.debug_warned = True
+        return False
+
     def _step(self, rows, features, captions, lengths):
         """One cross-entropy step -> the loss."""
         logits, targets = self.model(features.to(self.device), captions.to(self.device), lengths)  # (N, V), (N,)
@@ -160,11 +212,9 @@ class Trainer:
         """One self-critical step -> the mean reward of the sampled captions."""
         split = self.train_split
         if self.cider is None:
-            unknown = split.data["word2ix"][split.data["unknown"]]
-            captions = {int(row): split.data["caption"][row] for row in split.rows}
-            self.cider = CorpusCider(reference_corpus(captions, split.end, unknown))
+            self.cider = CorpusCider(reference_corpus(split.word_captions(), split.end, split.unknown))
         loss, reward = self_critical_loss(self.model, features.to(self.device), rows.tolist(), self.cider,
-                                          split.end, self.opt.scst_samples, self.opt.max_gen_len,
+                                          split.end, split.banned, self.opt.scst_samples, self.opt.max_gen_len,
                                           self.opt.scst_bleu_weight)
         self._update(loss)
         return reward
@@ -182,56 +232,49 @@ class Trainer:
 
     def _plot(self, row, measure):
         """Loss (or reward) curve, one training image with its human caption and what the model now says."""
-        split, step = self.train_split, self.state["step"]
-        value = self.loss_meter.value()[0]
-        self.dashboard.line("train", step, value, measure)
+        split, value = self.train_split, self.loss_meter.value()[0]
+        self.dashboard.line("train", self.state["step"], value, measure)
         self.log(f"train_{measure}", value)
-        image_id, human = split.data["ix2id"][row], split.data["sentences"][row][0]
         self.model.eval()
-        features = torch.from_numpy(split.features[row:row + 1].astype("float32")).to(self.device)  # (1, F)
-        beams = caption_features(self.model, features, self.vocab, split.end, self.opt, n_best=self.opt.beam_size)[0]
+        features = split.features_of([row]).to(self.device)  # (1, F)
+        beams = caption_features(self.model, features, self.vocab, self.opt, n_best=self.opt.beam_size)[0]
         self.model.train()
-        generated = "".join(f"<li>{html.escape(text)} <small>({score:.2f})</small></li>" for text, score in beams)
-        self.dashboard.text(f"<b>{html.escape(image_id)}</b><br>人工描述: {html.escape(human)}<br>"
-                            f"模型描述 (step {step}):<ol>{generated}</ol>", "captions", "captions")
-        try:
-            image = load_image(os.path.join(split.meta["img_path"], image_id))
-            self.dashboard.image(_to_display(image), human)
-        except UNREADABLE:
-            pass  # the image moved since extraction: the captions still show
+        self.dashboard.sample(split.image_id(row), split.image_path(row), split.human_caption(row), beams,
+                              self.state["step"])
 
     def _end_epoch(self):
-        """Validate, select the best model, decay the lr, save; True when training should stop."""
+        """Validate, select the best model, decay the lr, save; True when the phase should stop early."""
         opt, state = self.opt, self.state
         state["epoch"] += 1
+        state["phase_epoch"] += 1
         state["batch"] = 0
         scores = self.validate()
         for name, value in scores.items():
             self.log(name, value)
-            if name == "val_loss":
-                self.dashboard.line("val", state["step"], value, "loss")
-            else:
-                window = "perplexity" if name == "perplexity" else "validation metrics"
-                self.dashboard.line(name, state["epoch"], value, window, xlabel="epoch")
-        score = scores[opt.metric] if opt.metric in scores else -scores["val_loss"]
-        improved = state["best_score"] is None or score > state["best_score"]
+        self.dashboard.epoch(state["epoch"], state["step"], scores)
+        improved = self._is_better(scores[opt.metric])
         if improved:
-            state["best_score"], state["epochs_without_improvement"] = score, 0
+            state["best_score"], state["epochs_without_improvement"] = scores[opt.metric], 0
             self.save(self.best_path)
         else:
             state["epochs_without_improvement"] += 1
-            if state["epochs_without_improvement"] % opt.lr_patience == 0:
+            if opt.lr_patience and state["epochs_without_improvement"] % opt.lr_patience == 0:
                 self._decay_lr()
         self.save(self.last_path)
         summary = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
         print(f"epoch {state['epoch']}: {summary}" + (" (best)" if improved else ""))
-        self.dashboard.text(f"epoch {state['epoch']}: {html.escape(summary)}", "log", "log",
-                            append=state["epoch"] > 1)
         stop = opt.early_stop_patience and state["epochs_without_improvement"] >= opt.early_stop_patience
         if stop:
-            print(f"early stop: no improvement of {opt.metric} for {opt.early_stop_patience} epochs")
+            print(f"early stop of {state['phase']} training: no improvement of {opt.metric} "
+                  f"for {opt.early_stop_patience} epochs")
             self.log("early_stop", state["epoch"])
         return stop
+
+    def _is_better(self, score):
+        best = self.state["best_score"]
+        if best is None:
+            return True
+        return score > best if HIGHER_IS_BETTER[self.opt.metric] else score < best
 
     def _decay_lr(self):
         for group in self.optimizer.param_groups:
@@ -253,14 +296,9 @@ class Trainer:
         scores = {"val_loss": total / count, "perplexity": math.exp(total / count), "top5_accuracy": correct / count}
         rows = self.val_split.rows[:self.opt.eval_size]
         if len(rows):
-            features = torch.from_numpy(self.val_split.features[rows].astype("float32")).to(self.device)  # (n, F)
-            beams = caption_features(self.model, features, self.vocab, self.val_split.end, self.opt, n_best=1)
-            results = {self.val_split.data["ix2id"][row]: b[0][0] for row, b in zip(rows, beams)}
+            features = self.val_split.features_of(rows).to(self.device)  # (n, F)
+            beams = caption_features(self.model, features, self.vocab, self.opt, n_best=1)
+            results = {self.val_split.image_id(row): b[0][0] for row, b in zip(rows, beams)}
             scores.update(score_captions(results, self.val_split.references(rows)))
         self.model.train()
         return scores
-
-
-def _to_display(image):
-    """PIL image -> (3, 224, 224) float tensor in 0..1 for the dashboard."""
-    return to_tensor(image.resize((IMAGE_SIZE, IMAGE_SIZE)))

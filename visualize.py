@@ -5,6 +5,9 @@ thread then posts it to the server with a timeout, dropping updates when the ser
 falls behind. With no server, the log alone keeps the run: `python main.py replay`.
 """
 import contextlib
+import dataclasses
+import html
+import json
 import queue
 import sys
 import threading
@@ -12,6 +15,9 @@ import threading
 import numpy as np
 import requests
 import visdom
+from torchvision.transforms.functional import to_tensor
+
+from images import IMAGE_SIZE, UNREADABLE, load_image
 
 
 class _QueuedVisdom(visdom.Visdom):
@@ -84,8 +90,37 @@ class Dashboard:
     def text(self, html, win, title, append=False):
         self.vis.text(html, win=win, append=append, opts={"title": title})
 
+    # --- what training shows ---
+    def configuration(self, opt):
+        text = html.escape(json.dumps(dataclasses.asdict(opt), indent=1, ensure_ascii=False))
+        self.text(f"<pre>{text}</pre>", "config", "configuration")
 
-def replay(log_file, env, server, port):
-    """Post a recorded dashboard log to a running Visdom server."""
-    client = visdom.Visdom(server=server, port=port, env=env, use_incoming_socket=False, raise_exceptions=True)
+    def sample(self, image_id, image_path, human, generated, step):
+        """One training photo titled with its human caption, and the model's n-best [(caption, score)]."""
+        items = "".join(f"<li>{html.escape(text)} <small>({score:.2f})</small></li>" for text, score in generated)
+        self.text(f"<b>{html.escape(image_id)}</b><br>人工描述: {html.escape(human)}<br>"
+                  f"模型描述 (step {step}):<ol>{items}</ol>", "captions", "captions")
+        try:
+            photo = load_image(image_path).resize((IMAGE_SIZE, IMAGE_SIZE))
+            self.image(to_tensor(photo), human)  # (3, 224, 224) in 0..1
+        except UNREADABLE:
+            pass  # the image moved since extraction: the captions still show
+
+    def epoch(self, epoch, step, scores):
+        """Validation scores of an epoch: loss against steps, the rest against epochs, and a log line."""
+        for name, value in scores.items():
+            if name == "val_loss":
+                self.line("val", step, value, "loss")
+            else:
+                self.line(name, epoch, value, "perplexity" if name == "perplexity" else "validation metrics",
+                          xlabel="epoch")
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+        self.text(f"epoch {epoch}: {html.escape(summary)}", "log", "log", append=epoch > 1)
+
+
+def replay(log_file, server, port):
+    """Post a recorded dashboard log to a running Visdom server -> the environments it was recorded in."""
+    client = visdom.Visdom(server=server, port=port, use_incoming_socket=False, raise_exceptions=True)
     client.replay_log(log_file)
+    with open(log_file, encoding="utf-8") as file:
+        return sorted({json.loads(line)[1].get("eid") for line in file if line.strip()} - {None})

@@ -1,4 +1,6 @@
-"""Shared fixtures: a small demo dataset taken through preprocessing and feature extraction."""
+"""Shared fixtures and helpers: a small demo dataset taken through preprocessing and feature extraction,
+and the options of a run as the commands take them."""
+import dataclasses
 import os
 import sys
 
@@ -10,7 +12,8 @@ sys.path.insert(0, ROOT)
 import demo_data  # noqa: E402
 from config import Config  # noqa: E402
 from data_preprocess import process  # noqa: E402
-from feature_extract import extract, weights_path  # noqa: E402
+from feature_extract import extract  # noqa: E402
+from images import weights_path  # noqa: E402
 
 SHARED = os.path.join(ROOT, "..", "shared", "data", "flickr8k-cn")
 
@@ -36,3 +39,15 @@ def demo(tmp_path_factory):
                   annotation_file=str(folder / "val.json"), vis_port=1, vis_timeout=0.2,
                   embedding_dim=64, hidden_size=128, num_layers=1, batch_size=32, eval_size=30, plot_every=5,
                   scst_epoch=0)
+
+
+def options(opt, folder=None, **changes):
+    """The keyword options of a command for `opt` with `changes`; checkpoints and logs under `folder`."""
+    if folder is not None:
+        changes = {"checkpoint_dir": str(folder / "checkpoints"), "log_dir": str(folder / "logs"), **changes}
+    return dataclasses.asdict(dataclasses.replace(opt, **changes))
+
+
+def command_line(keyword_options):
+    """Keyword options -> `--name=value` arguments for a command run in a subprocess."""
+    return [f"--{name}={value}" for name, value in keyword_options.items()]

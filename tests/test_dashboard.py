@@ -1,6 +1,5 @@
 """The Visdom dashboard: a server started offline, a real browser looking at it, and training
 that never waits for a missing, dead or hanging server."""
-import dataclasses
 import http.server
 import json
 import os
@@ -15,7 +14,7 @@ import time
 import pytest
 import requests
 import visdom
-from conftest import ROOT
+from conftest import ROOT, options
 
 from main import replay, train
 
@@ -47,11 +46,6 @@ def server(tmp_path):
     process.terminate()
     process.wait(timeout=30)
     log.close()
-
-
-def options(opt, tmp_path, **changes):
-    changed = dataclasses.replace(opt, checkpoint_dir=str(tmp_path / "ck"), log_dir=str(tmp_path / "logs"), **changes)
-    return dataclasses.asdict(changed)
 
 
 def test_server_listens_on_loopback_only(server):
@@ -86,9 +80,11 @@ def test_browser_shows_live_training(demo, tmp_path, server):
     assert os.path.getsize(screenshot) > 10000
 
 
-def test_offline_run_replays_into_a_server(demo, tmp_path, server):
+def test_offline_run_replays_into_a_server(demo, tmp_path, server, capsys):
     train(**options(demo, tmp_path, vis_port=free_port(), env="offline", epoch=1, plot_every=3))
-    replay(**options(demo, tmp_path, vis_port=server, env="offline"))
+    capsys.readouterr()
+    replay(**options(demo, tmp_path, vis_port=server, log=str(tmp_path / "logs" / "offline.visdom.log")))
+    assert "environment offline" in capsys.readouterr().out  # where it posted, not the default --env
     client = visdom.Visdom(port=server, env="offline", use_incoming_socket=False, raise_exceptions=True)
     for window in ("loss", "captions", "image", "config"):
         assert client.win_exists(window), window
@@ -120,7 +116,7 @@ def test_hanging_or_dead_server_never_slows_training(demo, tmp_path, mode):
     serving.start()
     started = time.time()
     train(**options(demo, tmp_path, vis_port=bad.server_address[1], env=mode, epoch=1, plot_every=1,
-                    eval_size=0, vis_timeout=5))
+                    eval_size=0, metric="val_loss", vis_timeout=5))
     elapsed = time.time() - started
     if mode == "hang":
         bad.shutdown()

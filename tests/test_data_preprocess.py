@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from data_preprocess import EOS, PAD, UNKNOWN, process, tokenize
+from captions import EOS, PAD, UNKNOWN, tokenize
+from data_preprocess import process
 
 ENTRIES = [
     {"image_id": "a.jpg", "caption": ["一个男人在草地上跑步。", "男人在跑步", " 草地上的男人\n", "。", "跑步的男人"]},

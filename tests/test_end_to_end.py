@@ -1,16 +1,12 @@
 """The whole pipeline on the demo data: train, generate, evaluate."""
-import dataclasses
 import json
 import os
 
 import torch
+from conftest import options
 
 from main import evaluate, generate, train
 from model import build_model, save_checkpoint
-
-
-def options(opt, **changes):
-    return {**dataclasses.asdict(dataclasses.replace(opt, **changes))}
 
 
 def test_train_generate_evaluate(demo, tmp_path, capsys):
@@ -40,7 +36,7 @@ def test_train_generate_evaluate(demo, tmp_path, capsys):
     untrained_path = str(tmp_path / "untrained.pth")
     checkpoint = torch.load(os.path.join(demo.checkpoint_dir, "best.pth"), weights_only=True)
     model = build_model(demo, len(checkpoint["ix2word"]), checkpoint["feature"]["feature_dim"])
-    save_checkpoint(untrained_path, model, demo, checkpoint, checkpoint["feature"])
+    save_checkpoint(untrained_path, model, demo, checkpoint["ix2word"], checkpoint["feature"])
     untrained = evaluate_checkpoint(demo, tmp_path, untrained_path, "untrained")
     assert trained["CIDEr-D"] > untrained["CIDEr-D"] and trained["BLEU-1"] > untrained["BLEU-1"]
 

@@ -1,6 +1,5 @@
 """Bad inputs and faults, each produced for real: missing and corrupt images, mismatched
 features, kill -9 during a checkpoint write, a full disk, an unwritable checkpoint folder."""
-import dataclasses
 import json
 import os
 import resource
@@ -13,24 +12,19 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, command_line, options
 
-from feature_extract import features_path
+from images import features_path
 from main import generate, train
 from model import load_checkpoint
-
-
-def options(opt, tmp_path, **changes):
-    changed = dataclasses.replace(opt, checkpoint_dir=str(tmp_path / "ck"), log_dir=str(tmp_path / "logs"), **changes)
-    return dataclasses.asdict(changed)
 
 
 @pytest.fixture(scope="module")
 def trained(demo, tmp_path_factory):
     """A checkpoint trained for one epoch on the demo data."""
     folder = tmp_path_factory.mktemp("trained")
-    train(**options(demo, folder, epoch=1, eval_size=0))
-    return str(folder / "ck" / "last.pth")
+    train(**options(demo, folder, epoch=1, eval_size=0, metric="val_loss"))
+    return str(folder / "checkpoints" / "last.pth")
 
 
 def test_generate_reports_bad_files_and_captions_the_rest(demo, trained, tmp_path, capsys):
@@ -111,20 +105,20 @@ def limit_file_size():
 
 
 def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(demo, tmp_path):
-    train(**options(demo, tmp_path, epoch=1, eval_size=0))
-    last = tmp_path / "ck" / "last.pth"
+    train(**options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss"))
+    last = tmp_path / "checkpoints" / "last.pth"
     before = last.read_bytes()
-    args = [f"--{k}={v}" for k, v in options(demo, tmp_path, epoch=2, eval_size=0, resume=True).items()]
+    args = command_line(options(demo, tmp_path, epoch=2, eval_size=0, metric="val_loss", resume=True))
     run = subprocess.run([sys.executable, "main.py", "train", *args], cwd=ROOT, capture_output=True, text=True,
                          preexec_fn=limit_file_size, timeout=300)
     assert run.returncode == 1
-    assert f"error: cannot write {tmp_path / 'ck'}" in run.stderr and "the previous file is kept" in run.stderr
+    assert f"error: cannot write {tmp_path / 'checkpoints'}" in run.stderr and "the previous file is kept" in run.stderr
     assert last.read_bytes() == before
     assert load_checkpoint(str(last))["state"]["epoch"] == 1
 
 
 def test_unwritable_checkpoint_folder_is_a_clear_error(demo, tmp_path):
-    blocker = tmp_path / "ck"
+    blocker = tmp_path / "checkpoints"
     blocker.write_text("a file where the checkpoint folder should be")
     with pytest.raises(SystemExit, match=f"cannot write {blocker}"):
-        train(**options(demo, tmp_path, epoch=1, eval_size=0))
+        train(**options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss"))

@@ -14,7 +14,8 @@ from PIL import Image
 
 from data_preprocess import process
 from dataset import load_split
-from feature_extract import build_backbone, extract, features_path, image_transform, load_image
+from feature_extract import extract
+from images import build_backbone, features_path, image_transform, load_image
 
 
 def make_images(folder):

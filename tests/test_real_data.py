@@ -9,8 +9,9 @@ import torch
 from conftest import SHARED, mobilenet_weights
 
 from beam_search import caption_features
+from captions import tokenize
 from config import Config
-from data_preprocess import process, tokenize
+from data_preprocess import process
 from feature_extract import extract
 from main import train
 from model import load_checkpoint, model_from_checkpoint
@@ -29,7 +30,8 @@ def test_captions_of_training_photos_share_words_with_their_references(tmp_path)
     opt = Config(annotation_file=str(tmp_path / "train.json"), caption_data_path=str(tmp_path / "c.pth"),
                  img_path=os.path.join(SHARED, "images"), backbone="mobilenet_v2", num_workers=0,
                  checkpoint_dir=str(tmp_path / "ck"), log_dir=str(tmp_path / "logs"), vis_port=1,
-                 val_fraction=0.1, eval_size=0, epoch=15, scst_epoch=0, lr=3e-3, plot_every=1000, batch_size=64)
+                 val_fraction=0.1, eval_size=0, metric="val_loss", epoch=15, scst_epoch=0, lr=3e-3,
+                 plot_every=1000, batch_size=64)
     options = dataclasses.asdict(opt)
     process(**options)
     extract(**options)
@@ -38,7 +40,7 @@ def test_captions_of_training_photos_share_words_with_their_references(tmp_path)
     checkpoint = load_checkpoint(str(tmp_path / "ck" / "last.pth"))
     model = model_from_checkpoint(checkpoint, "last.pth")
     features = torch.from_numpy(np.load(str(tmp_path / "c.features.npy"))[:40].astype("float32"))
-    captions = caption_features(model, features, checkpoint["ix2word"], 1, opt)
+    captions = caption_features(model, features, checkpoint["ix2word"], opt)
     words = [{w for sentence in entry["caption"] for w in tokenize(sentence)} - FUNCTION_WORDS for entry in entries]
     own = sum(bool(set(tokenize(beams[0][0])) & words[i]) for i, beams in enumerate(captions))
     # the same captions against the references of other photos: what a caption ignoring the image would get

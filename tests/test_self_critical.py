@@ -7,8 +7,8 @@ import signal
 import numpy as np
 import pytest
 import torch
+from conftest import options
 from pycocoevalcap.cider.cider import Cider
-from test_training import run_options
 
 from beam_search import beam_search
 from config import UserError
@@ -71,7 +71,7 @@ def test_self_critical_steps_teach_each_image_its_own_caption():
     optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
     rewards = []
     for _ in range(150):
-        loss, reward = self_critical_loss(model, features, [0, 1], cider, end, samples=8, max_len=6)
+        loss, reward = self_critical_loss(model, features, [0, 1], cider, end, [], samples=8, max_len=6)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -99,7 +99,7 @@ def test_self_critical_phase_starts_from_the_best_model_and_logs_rewards(demo, t
 
     start_self_critical = Trainer._start_self_critical
     monkeypatch.setattr(Trainer, "_start_self_critical", start_and_record)
-    train(**run_options(demo, tmp_path, epoch=2, scst_epoch=2, scst_lr=1e-4, plot_every=1))
+    train(**options(demo, tmp_path, epoch=2, scst_epoch=2, scst_lr=1e-4, plot_every=1))
     assert starts == [True]
     log = [json.loads(line) for line in open(tmp_path / "logs" / "caption.metrics.jsonl")]
     assert {r["epoch"] for r in log if r["name"] == "train_loss"} == {0, 1}
@@ -124,11 +124,11 @@ def test_ctrl_c_in_self_critical_training_resumes_there(demo, tmp_path, monkeypa
         return self_critical_step(self, rows, features)
 
     monkeypatch.setattr(Trainer, "_self_critical_step", step_then_interrupt)
-    options = run_options(demo, tmp_path, epoch=1, scst_epoch=1, scst_lr=1e-4, eval_size=0)
-    train(**options)
+    run = options(demo, tmp_path, epoch=1, scst_epoch=1, scst_lr=1e-4, eval_size=0, metric="val_loss")
+    train(**run)
     saved = load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))
     assert (saved["state"]["epoch"], saved["state"]["batch"]) == (1, 2)
     assert saved["optimizer"]["param_groups"][0]["lr"] == 1e-4
-    train(**{**options, "resume": True})
+    train(**{**run, "resume": True})
     assert sum(batch_sizes) == 120  # the demo's training images, each once
     assert load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))["state"]["epoch"] == 2

@@ -1,5 +1,4 @@
 """Model selection, interruption, resume and failure handling of `main.py train`."""
-import dataclasses
 import json
 import os
 import pickle
@@ -11,24 +10,19 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, command_line, options
 
-from feature_extract import features_path
+from images import features_path
 from main import train
 from model import load_checkpoint
 from trainer import Trainer
-
-
-def run_options(opt, tmp_path, **changes):
-    return dataclasses.asdict(dataclasses.replace(
-        opt, checkpoint_dir=str(tmp_path / "checkpoints"), log_dir=str(tmp_path / "logs"), **changes))
 
 
 def test_best_checkpoint_lr_decay_and_early_stop(demo, tmp_path, monkeypatch):
     """A metric that improves, then stalls: best.pth from the right epoch, lr decayed, early stop."""
     cider = iter([0.1, 0.3, 0.2, 0.25, 0.2, 0.9])
     monkeypatch.setattr(Trainer, "validate", lambda self: {"val_loss": 1.0, "CIDEr-D": next(cider)})
-    train(**run_options(demo, tmp_path, epoch=6, lr=1e-3, lr_patience=2, lr_decay=0.5, early_stop_patience=3))
+    train(**options(demo, tmp_path, epoch=6, lr=1e-3, lr_patience=2, lr_decay=0.5, early_stop_patience=3))
     best = load_checkpoint(str(tmp_path / "checkpoints" / "best.pth"))
     last = load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))
     assert best["state"]["epoch"] == 2 and best["state"]["best_score"] == 0.3
@@ -40,8 +34,7 @@ def test_best_checkpoint_lr_decay_and_early_stop(demo, tmp_path, monkeypatch):
 
 
 def start_training(opt, tmp_path, *extra):
-    options = run_options(opt, tmp_path, plot_every=1, epoch=2)
-    args = [f"--{key}={value}" for key, value in options.items()]
+    args = command_line(options(opt, tmp_path, plot_every=1, epoch=2))
     return subprocess.Popen([sys.executable, "main.py", "train", *args, *extra], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -68,8 +61,8 @@ def test_signal_saves_a_resumable_checkpoint(demo, tmp_path, sig):
     assert saved["state"]["epoch"] == 0 and 3 <= saved["state"]["step"] == saved["state"]["batch"]
     assert saved["optimizer"]["state"]  # Adam moments are kept
 
-    options = run_options(demo, tmp_path, epoch=1, resume=True, eval_size=0)
-    resumed = subprocess.run([sys.executable, "main.py", "train", *[f"--{k}={v}" for k, v in options.items()]],
+    args = command_line(options(demo, tmp_path, epoch=1, resume=True, eval_size=0, metric="val_loss"))
+    resumed = subprocess.run([sys.executable, "main.py", "train", *args],
                              cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
     assert f"at epoch 0, batch {saved['state']['batch']}" in resumed.stdout
     done = load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))["state"]
@@ -77,7 +70,7 @@ def test_signal_saves_a_resumable_checkpoint(demo, tmp_path, sig):
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(demo, tmp_path):
-    train(**run_options(demo, tmp_path, epoch=1, eval_size=0))
+    train(**options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss"))
     last = tmp_path / "checkpoints" / "last.pth"
     before = last.read_bytes()
     poisoned = tmp_path / "poisoned.pth"
@@ -90,12 +83,12 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(demo, tmp_p
         meta = file.read()
     open(features_path(str(poisoned)).replace(".npy", ".json"), "w").write(meta)
     with pytest.raises(SystemExit, match="the loss became nan .* last good checkpoint is kept"):
-        train(**run_options(demo, tmp_path, caption_data_path=str(poisoned), val_caption_data_path="", epoch=1))
+        train(**options(demo, tmp_path, caption_data_path=str(poisoned), val_caption_data_path="", epoch=1))
     assert last.read_bytes() == before
 
 
 def test_broken_checkpoints_are_clear_errors_and_never_run_code(demo, tmp_path):
-    train(**run_options(demo, tmp_path, epoch=1, eval_size=0))
+    train(**options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss"))
     good = tmp_path / "checkpoints" / "last.pth"
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[:5000])
@@ -120,15 +113,15 @@ def test_broken_checkpoints_are_clear_errors_and_never_run_code(demo, tmp_path):
 
 
 def test_resume_with_another_vocabulary_is_refused(demo, tmp_path):
-    train(**run_options(demo, tmp_path, epoch=1, eval_size=0))
+    train(**options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss"))
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.pth", weights_only=True)
     checkpoint["ix2word"] = checkpoint["ix2word"] + ["新词"]
     torch.save(checkpoint, tmp_path / "checkpoints" / "last.pth")
     with pytest.raises(SystemExit, match="another vocabulary"):
-        train(**run_options(demo, tmp_path, epoch=2, resume=True))
+        train(**options(demo, tmp_path, epoch=2, resume=True))
 
 
 def test_resume_with_another_model_configuration_is_refused(demo, tmp_path):
-    train(**run_options(demo, tmp_path, epoch=1, eval_size=0))
+    train(**options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss"))
     with pytest.raises(SystemExit, match="last.pth: built for another model configuration"):
-        train(**run_options(demo, tmp_path, epoch=2, resume=True, hidden_size=demo.hidden_size * 2))
+        train(**options(demo, tmp_path, epoch=2, resume=True, hidden_size=demo.hidden_size * 2))

@@ -1,0 +1,79 @@
+"""Chinese captions as the toolkit reads them: annotation files, cleaning, jieba words, special tokens."""
+import json
+import logging
+import os
+import re
+import warnings
+
+with warnings.catch_warnings():  # jieba 0.42 imports the deprecated pkg_resources
+    warnings.simplefilter("ignore", UserWarning)
+    import jieba
+
+from config import UserError
+from files import load_pth
+
+PAD, EOS, UNKNOWN = "</PAD>", "</EOS>", "</UNKNOWN>"
+CAPTION_KEYS = ("word2ix", "ix2word", "id2ix", "ix2id", "caption", "padding", "end", "unknown")
+
+jieba.setLogLevel(logging.WARNING)
+
+
+def clean(sentence):
+    """Remove "。", spaces and line breaks, as AI Challenger's scorer does."""
+    return re.sub(r"[。\s]", "", sentence)
+
+
+def tokenize(sentence):
+    """A caption as jieba precise-mode words."""
+    return jieba.lcut(clean(sentence), cut_all=False)
+
+
+def special_indices(ix2word):
+    """-> index of </EOS>, and the indices a caption may never contain (</PAD>, </UNKNOWN>)."""
+    return ix2word.index(EOS), [ix2word.index(token) for token in (PAD, UNKNOWN) if token in ix2word]
+
+
+def load_annotations(path):
+    """Read and validate an AI Challenger annotation file: [{"image_id", "caption": [...]}]."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            entries = json.load(file)
+    except OSError as error:
+        raise UserError(f"{path}: {error.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not valid JSON: {error}") from None
+    if not isinstance(entries, list):
+        raise UserError(f'{path}: expected a list of {{"image_id", "caption"}} entries, got a {type(entries).__name__}')
+    if not entries:
+        raise UserError(f"{path}: the annotation list is empty")
+    seen = {}
+    for index, entry in enumerate(entries):
+        problem = _entry_problem(entry)
+        if not problem and entry["image_id"] in seen:
+            problem = f"image_id {entry['image_id']!r} already appears in entry {seen[entry['image_id']]}"
+        if problem:
+            raise UserError(f"{path}: entry {index}: {problem}")
+        seen[entry["image_id"]] = index
+    return entries
+
+
+def _entry_problem(entry):
+    if not isinstance(entry, dict):
+        return f"expected an object, got {type(entry).__name__}"
+    image_id = entry.get("image_id")
+    if not isinstance(image_id, str) or not image_id:
+        return "missing or empty image_id"
+    if os.path.isabs(image_id) or os.path.normpath(image_id).split(os.sep)[0] == "..":
+        return f"image_id {image_id!r} points outside the image folder"
+    captions = entry.get("caption")
+    if not isinstance(captions, list) or not captions:
+        return "caption must be a non-empty list of sentences"
+    for number, caption in enumerate(captions):
+        if not isinstance(caption, str):
+            return f"caption {number} is a {type(caption).__name__}, not a string"
+    return None
+
+
+def load_caption_data(path):
+    """An encoded caption file (data_preprocess.py), checked to be one; never runs code from it."""
+    return load_pth(path, "caption data file", CAPTION_KEYS)

@@ -1,0 +1,200 @@
+"""Images as the toolkit reads them: loading, the one transform, backbones with checked weights,
+the one images -> features path (extraction, generate and evaluate), and stored feature files."""
+import hashlib
+import json
+import os
+import re
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from config import UserError
+from files import load_pth
+
+IMAGE_SIZE = 224
+# backbone -> (torchvision builder, name of its classifier attribute, default ImageNet weights)
+BACKBONES = {
+    "resnet50": (torchvision.models.resnet50, "fc", "IMAGENET1K_V2"),
+    "resnet101": (torchvision.models.resnet101, "fc", "IMAGENET1K_V2"),
+    "resnet152": (torchvision.models.resnet152, "fc", "IMAGENET1K_V2"),
+    "mobilenet_v2": (torchvision.models.mobilenet_v2, "classifier", "IMAGENET1K_V1"),
+}
+
+# The one image preprocessing, shared by feature extraction, generate and evaluate.
+image_transform = transforms.Compose([
+    transforms.Resize(IMAGE_SIZE),
+    transforms.CenterCrop(IMAGE_SIZE),
+    transforms.ToTensor(),
+    transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+])
+
+# What opening a bad image file raises (a decompression bomb included).
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def load_image(path):
+    """Open any image PIL can read as upright RGB; raises one of UNREADABLE for bad files."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits
+                pixels = np.asarray(image, dtype=np.float32)
+                image = Image.fromarray((pixels * 255.0 / max(pixels.max(), 1.0)).astype(np.uint8))
+            return image.convert("RGB")
+
+
+def pick_device(use_gpu=True):
+    """The one device policy: CUDA when asked for and present, else every CPU core."""
+    if use_gpu and torch.cuda.is_available():
+        return torch.device("cuda")
+    torch.set_num_threads(os.cpu_count())
+    return torch.device("cpu")
+
+
+# --- backbones and their weights ------------------------------------------------------------------
+def resolve_weights(backbone, weights):
+    """'default' -> the torchvision weights name it stands for; a file -> its absolute path."""
+    if backbone not in BACKBONES:
+        raise UserError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    if weights.lower() == "none":
+        return "none"
+    if os.path.isfile(weights):
+        return os.path.abspath(weights)
+    return BACKBONES[backbone][2] if weights == "default" else weights
+
+
+def build_backbone(backbone, weights="default"):
+    """A CNN without its classifier, in eval mode: (B, 3, 224, 224) -> (B, feature_dim)."""
+    weights = resolve_weights(backbone, weights)
+    builder, head, _ = BACKBONES[backbone]
+    network = builder(weights=None)
+    setattr(network, head, torch.nn.Identity())
+    if weights != "none":
+        missing = network.load_state_dict(_pretrained_state(backbone, weights), strict=False).missing_keys
+        if missing:  # unexpected keys are fine: the classifier we removed
+            raise UserError(f"--weights={weights}: not {backbone} weights (no {missing[0]})")
+    return network.eval()
+
+
+def weights_path(backbone, weights):
+    """Where torchvision keeps (or would download) the named weights of a backbone."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(_weights_enum(backbone, weights).url))
+
+
+def _weights_enum(backbone, weights):
+    try:
+        return torchvision.models.get_model_weights(backbone)[weights]
+    except KeyError:
+        raise UserError(f"--weights={weights}: neither a file nor a torchvision weights name of {backbone}") from None
+
+
+def _pretrained_state(backbone, weights):
+    """State dict of a local file, or of torchvision's file (cached or downloaded), hash-checked;
+    always loaded with weights_only=True, so a weights file never runs code."""
+    if os.path.isfile(weights):
+        return load_pth(weights, "weights file")
+    url, path = _weights_enum(backbone, weights).url, weights_path(backbone, weights)
+    if not os.path.isfile(path):
+        _download(url, path, backbone, weights)
+    check_sha256(path)
+    return load_pth(path, "weights file")
+
+
+def _download(url, path, backbone, weights):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".partial")
+    os.close(handle)
+    try:
+        torch.hub.download_url_to_file(url, temporary, progress=True)
+        os.replace(temporary, path)
+    except Exception as error:
+        os.unlink(temporary)
+        raise UserError(f"cannot load {backbone} {weights} weights ({type(error).__name__}). Download {url} "
+                        f"and put it at {path}, or pass --weights=PATH or --weights=none") from None
+
+
+def check_sha256(path):
+    """torchvision names its weights files name-<first hex digits of their sha256>.pth: check the whole file."""
+    match = re.search(r"-([a-f0-9]{8,})\.", os.path.basename(path))
+    if not match:
+        raise UserError(f"{path}: its name carries no sha256 prefix to check it against")
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(match.group(1)):
+        raise UserError(f"{path}: sha256 {digest.hexdigest()[:16]}... does not match its published hash "
+                        f"{match.group(1)}; delete the file and fetch it again")
+
+
+# --- images -> features ---------------------------------------------------------------------------
+class ImageFiles(Dataset):
+    """Image files in the given order; an unreadable one gives zeros and its error."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            return image_transform(load_image(self.paths[index])), ""
+        except UNREADABLE as error:
+            return torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE), f"{type(error).__name__}: {error}"
+
+
+def prepare_backbone(network, device):
+    """The backbone on `device` in its fastest layout (channels_last)."""
+    return network.to(device, memory_format=torch.channels_last)
+
+
+@torch.inference_mode()
+def encode_images(network, paths, device, batch_size, num_workers):
+    """Yield (features (B, F) float32, rounded to the float16 they are stored in, errors (B,)) in order.
+
+    Images are read by DataLoader workers; an error is "" for a readable image."""
+    workers = num_workers if len(paths) > batch_size else 0  # a few images: workers cost more than they save
+    loader = DataLoader(ImageFiles(paths), batch_size=batch_size, num_workers=workers,
+                        pin_memory=device.type == "cuda")
+    with torch.autocast(device.type, enabled=device.type == "cuda"):
+        for images, errors in loader:  # images: (B, 3, 224, 224)
+            images = images.to(device, memory_format=torch.channels_last, non_blocking=True)
+            yield network(images).half().float().cpu(), list(errors)  # (B, F)
+
+
+# --- stored feature files -------------------------------------------------------------------------
+def features_path(caption_data_path):
+    """caption.pth -> caption.features.npy (its description: .json, bad images: .bad.tsv)."""
+    return os.path.splitext(caption_data_path)[0] + ".features.npy"
+
+
+def image_list_hash(image_ids):
+    """Ties a features file to its image list, in order."""
+    return hashlib.sha1("\n".join(image_ids).encode()).hexdigest()
+
+
+def load_features(caption_data_path, image_ids):
+    """Memory-map the features of a caption file and check they belong to its images, in its order."""
+    path = features_path(caption_data_path)
+    meta_path = path.replace(".npy", ".json")
+    if not os.path.isfile(meta_path):
+        raise UserError(f"{path}: no features for {caption_data_path}; run `python feature_extract.py extract "
+                        f"--caption-data-path={caption_data_path}` first")
+    with open(meta_path, encoding="utf-8") as file:
+        meta = json.load(file)
+    features = np.load(path, mmap_mode="r")
+    if features.shape != (len(image_ids), meta["feature_dim"]) or meta["num_images"] != len(image_ids):
+        raise UserError(f"{path}: holds {features.shape[0]}x{features.shape[1]} features but "
+                        f"{caption_data_path} has {len(image_ids)} images; extract the features again")
+    if meta.get("image_ids_sha1") != image_list_hash(image_ids):
+        raise UserError(f"{path}: extracted for another image list or order than {caption_data_path} "
+                        f"(was it encoded again?); delete {path} and run feature_extract.py extract again")
+    return features, meta
