@@ -1,47 +1,105 @@
+import math
+
 import pytest
 import torch
 
 from beam_search import beam_search
 from model import CaptionModel
 
+PAD, END, UNKNOWN = 0, 1, 2
 
-def reference_search(model, feature, end, beam_size, max_len, length_norm):
-    """Plain per-image beam search, one hypothesis at a time, with the same rules."""
+
+def reference_search(model, feature, end, banned, beam_size, max_len, length_norm):
+    """Plain per-image beam search, one hypothesis at a time, with the same rules: at every step
+    each live beam's caption + </EOS> joins the finished pool; the live beams are the best
+    continuations by other allowed words; the best of the pool is returned."""
     image, state = model.start(feature[None])
-    beams = [([], 0.0, False, state)]  # words, score, finished, lstm state
-    for t in range(max_len):
+    live = [([], 0.0, image, state)]  # words, score, next input, model state
+    pool = []
+    for t in range(max_len + 1):
         candidates = []
-        for words, score, finished, state in beams:
-            if finished:
-                candidates.append((words, score, True, state))
-                continue
-            inputs = image if t == 0 else model.embedding(torch.tensor([words[-1]]))
+        for words, score, inputs, state in live:
             log_probs, new_state = model.step(inputs, state)
-            for word, log_prob in enumerate(log_probs[0].tolist()):
-                candidates.append((words + [word], score + log_prob, word == end, new_state))
-        beams = sorted(candidates, key=lambda c: c[1], reverse=True)[:beam_size]
-        if all(finished for _, _, finished, _ in beams):
+            log_probs = log_probs[0].clone()
+            log_probs[banned] = -math.inf
+            log_probs = log_probs.log_softmax(-1).tolist()
+            pool.append((words, (score + log_probs[end]) / (t + 1) ** length_norm))
+            candidates += [(words + [word], score + log_prob, new_state) for word, log_prob in enumerate(log_probs)
+                           if word != end and log_prob > -math.inf]
+        if t == max_len:
             break
-    ranked = []
-    for words, score, finished, _ in beams:
-        length = len(words)
-        ranked.append((words[:-1] if finished else words, score / length ** length_norm))
-    return max(ranked, key=lambda r: r[1])
+        best = sorted(candidates, key=lambda c: c[1], reverse=True)[:beam_size]
+        live = [(words, score, model.embed(torch.tensor([words[-1]])), state) for words, score, state in best]
+    return max(pool, key=lambda pair: pair[1])
 
 
-@pytest.mark.parametrize("seed, beam_size, length_norm", [(0, 1, 0.0), (1, 3, 0.0), (2, 4, 0.7), (3, 2, 1.0)])
+@pytest.mark.parametrize("seed, beam_size, length_norm", [(0, 1, 0.0), (1, 3, 0.0), (2, 4, 0.7), (3, 2, 1.0),
+                                                          (4, 3, 0.0), (5, 5, 0.0)])
 @torch.no_grad()
 def test_batched_search_matches_per_image_reference(seed, beam_size, length_norm):
     torch.manual_seed(seed)
-    model = CaptionModel(vocab_size=7, feature_dim=5, embedding_dim=6, hidden_size=8, num_layers=2, dropout=0).eval()
-    with torch.no_grad():
-        model.classifier.bias[1] += 1.0  # </EOS> (index 1) likely enough that beams end at different times
-    features = torch.randn(6, 5)
-    batched = beam_search(model, features, end=1, beam_size=beam_size, max_len=8, length_norm=length_norm)
+    model = CaptionModel(vocab_size=9, feature_dim=5, embedding_dim=6, hidden_size=8, num_layers=2, dropout=0).eval()
+    model.classifier.bias[END] += 1.0  # </EOS> likely enough that beams end at different times
+    model.classifier.bias[UNKNOWN] += 2.0  # the model's favourite word, which must never come out
+    features = torch.randn(8, 5)
+    batched = beam_search(model, features, END, [PAD, UNKNOWN], beam_size=beam_size, max_len=8,
+                          length_norm=length_norm)
     for i in range(len(features)):
-        words, score = reference_search(model, features[i], 1, beam_size, 8, length_norm)
+        words, score = reference_search(model, features[i], END, [PAD, UNKNOWN], beam_size, 8, length_norm)
         assert batched[i][0][0] == words
         assert batched[i][0][1] == pytest.approx(score, abs=1e-4)
+        assert UNKNOWN not in words and PAD not in words
+
+
+class MarkovModel:
+    """A hand-built decoder: the next word's probabilities depend only on the previous word."""
+
+    def __init__(self, table, vocab_size):
+        self.vocab_size = vocab_size
+        self.log_probs = torch.full((vocab_size + 1, vocab_size), -math.inf)  # last row: the first step
+        self.log_probs[:, END] = 0.0  # a word not in the table ends the caption
+        for previous, following in table.items():
+            self.log_probs[previous] = -math.inf
+            for word, probability in following.items():
+                self.log_probs[previous, word] = math.log(probability)
+
+    def start(self, features):
+        return torch.full((len(features),), self.vocab_size), ()  # "previous word": the start row
+
+    def step(self, inputs, state):
+        return self.log_probs[inputs], state
+
+    def embed(self, words):
+        return words
+
+    @staticmethod
+    def select(state, rows):
+        return state
+
+
+A, B, C, D = 3, 4, 5, 6
+START = 7
+
+
+def test_a_finished_caption_is_never_pushed_out_by_live_beams():
+    """'A' ends with log-probability -2.0; two live beams score better at that step, then only fall.
+    A search that keeps finished captions among the k live beams loses 'A' and ends with a worse one."""
+    model = MarkovModel({START: {A: 0.37, B: 0.33, C: 0.3},
+                         A: {END: 0.37, C: 0.63},
+                         B: {C: 0.5, D: 0.5},
+                         C: {C: 0.6, END: 0.05, D: 0.35},
+                         D: {D: 0.6, END: 0.05, C: 0.35}}, vocab_size=7)
+    [[(words, score)]] = beam_search(model, torch.zeros(1, 1), END, [PAD, UNKNOWN], beam_size=2, max_len=6)
+    assert words == [A]
+    assert score == pytest.approx(math.log(0.37 * 0.37))
+    [n_best] = beam_search(model, torch.zeros(1, 1), END, [PAD, UNKNOWN], beam_size=2, max_len=6, n_best=2)
+    assert n_best[0][0] == [A] and n_best[1][1] < n_best[0][1]
+
+
+def test_unknown_is_never_emitted_even_when_most_likely():
+    model = MarkovModel({START: {UNKNOWN: 0.9, A: 0.1}, A: {UNKNOWN: 0.9, END: 0.1}, UNKNOWN: {END: 1.0}}, 7)
+    [[(words, score)]] = beam_search(model, torch.zeros(1, 1), END, [PAD, UNKNOWN], beam_size=2, max_len=4)
+    assert words == [A] and score == pytest.approx(0.0)  # renormalised over the allowed words
 
 
 @torch.no_grad()
@@ -49,14 +107,16 @@ def test_n_best_sorted_and_greedy_is_argmax():
     torch.manual_seed(5)
     model = CaptionModel(9, 4, 6, 8, 1, 0).eval()
     features = torch.randn(3, 4)
-    n_best = beam_search(model, features, end=1, beam_size=4, max_len=6, n_best=4)
+    n_best = beam_search(model, features, END, [PAD, UNKNOWN], beam_size=4, max_len=6, n_best=4)
     assert all(len(beams) == 4 and [s for _, s in beams] == sorted((s for _, s in beams), reverse=True)
                for beams in n_best)
-    greedy = beam_search(model, features, end=1, beam_size=1, max_len=6)
+    greedy = beam_search(model, features, END, [PAD, UNKNOWN], beam_size=1, max_len=6)
     log_probs, _ = model.step(*model.start(features[:1]))
-    assert greedy[0][0][0][:1] == [log_probs.argmax().item()] or greedy[0][0][0] == []
+    log_probs[0, [PAD, UNKNOWN]] = -math.inf
+    first = log_probs.argmax().item()
+    assert greedy[0][0][0][:1] == [first] if first != END else greedy[0][0][0] == []
 
 
 def test_rejects_impossible_sizes():
     with pytest.raises(ValueError):
-        beam_search(CaptionModel(3, 4, 6, 8, 1, 0), torch.randn(1, 4), end=1, beam_size=5)
+        beam_search(CaptionModel(5, 4, 6, 8, 1, 0), torch.randn(1, 4), END, [PAD, UNKNOWN], beam_size=3)

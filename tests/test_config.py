@@ -33,3 +33,10 @@ def test_command_line_typo_exits_with_one_line():
 def test_help_lists_fields_with_defaults():
     run = subprocess.run([sys.executable, "main.py", "help"], cwd=ROOT, capture_output=True, text=True)
     assert f"--lr={Config.lr!r}" in run.stdout and "--beam_size=3" in run.stdout
+
+
+@pytest.mark.parametrize("command", [["main.py", "train"], ["feature_extract.py", "extract"]])
+def test_help_of_a_command(command):
+    run = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "unknown option" not in run.stderr and f"--lr={Config.lr!r}" in run.stdout

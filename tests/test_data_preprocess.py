@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -73,6 +75,9 @@ def test_mixed_scripts_emoji_and_long_captions_do_not_crash(tmp_path):
     ('[{"image_id": "a.jpg", "caption": ["猫", 3]}]', "entry 0: caption 1 is a int"),
     ('[{"image_id": "a.jpg", "caption": "猫"}]', "entry 0: caption must be"),
     ('[{"image_id": "a.jpg", "caption": ["猫"]}, {"image_id": "a.jpg", "caption": ["狗"]}]', "entry 1: image_id"),
+    ('[{"image_id": "../secret.jpg", "caption": ["猫"]}]', "entry 0: image_id '../secret.jpg' points outside"),
+    ('[{"image_id": "a/../../b.jpg", "caption": ["猫"]}]', "entry 0: image_id 'a/../../b.jpg' points outside"),
+    ('[{"image_id": "/etc/passwd", "caption": ["猫"]}]', "entry 0: image_id '/etc/passwd' points outside"),
 ])
 def test_bad_annotation_files_name_file_entry_and_problem(tmp_path, content, problem):
     annotations = tmp_path / "bad.json"
@@ -97,3 +102,13 @@ def test_existing_output_survives_a_failed_run(tmp_path):
 def test_missing_annotation_option_is_explained():
     with pytest.raises(SystemExit, match="--annotation-file"):
         process()
+
+
+def test_files_get_the_usual_permissions(tmp_path):
+    """Written atomically through a private temporary file, yet readable as the umask allows."""
+    previous = os.umask(0o022)
+    try:
+        process(annotation_file=write(tmp_path / "a.json", ENTRIES), caption_data_path=str(tmp_path / "c.pth"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(tmp_path / "c.pth").st_mode) == 0o644

@@ -5,8 +5,10 @@ import os
 import torch
 from conftest import options
 
+from beam_search import caption_features
+from dataset import train_val_splits
 from main import evaluate, generate, train
-from model import build_model, save_checkpoint
+from model import build_model, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 
 def test_train_generate_evaluate(demo, tmp_path, capsys):
@@ -31,6 +33,7 @@ def test_train_generate_evaluate(demo, tmp_path, capsys):
     captions = [line.split("\t")[1] for line in lines]
     assert all(captions) and not any(" " in c for c in captions)
     assert [e["image_id"] for e in json.load(open(tmp_path / "out.json"))] == [f"val_{i:04d}.jpg" for i in range(10)]
+    assert captions == captions_of_extracted_features(demo, [f"val_{i:04d}.jpg" for i in range(10)])
 
     trained = evaluate_checkpoint(demo, tmp_path, os.path.join(demo.checkpoint_dir, "best.pth"), "trained")
     untrained_path = str(tmp_path / "untrained.pth")
@@ -39,6 +42,17 @@ def test_train_generate_evaluate(demo, tmp_path, capsys):
     save_checkpoint(untrained_path, model, demo, checkpoint["ix2word"], checkpoint["feature"])
     untrained = evaluate_checkpoint(demo, tmp_path, untrained_path, "untrained")
     assert trained["CIDEr-D"] > untrained["CIDEr-D"] and trained["BLEU-1"] > untrained["BLEU-1"]
+
+
+def captions_of_extracted_features(opt, image_ids):
+    """What the best model says from the features that extraction stored for these images."""
+    _, val = train_val_splits(opt)
+    row_of = {val.image_id(row): row for row in val.rows}
+    checkpoint_path = os.path.join(opt.checkpoint_dir, "best.pth")
+    checkpoint = load_checkpoint(checkpoint_path)
+    model = model_from_checkpoint(checkpoint, checkpoint_path)
+    features = val.features_of([row_of[image_id] for image_id in image_ids])  # (N, F)
+    return [beams[0][0] for beams in caption_features(model, features, checkpoint["ix2word"], opt)]
 
 
 def evaluate_checkpoint(opt, folder, checkpoint, name):

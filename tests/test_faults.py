@@ -14,8 +14,9 @@ import pytest
 import torch
 from conftest import ROOT, command_line, options
 
+from data_preprocess import process
 from images import features_path
-from main import generate, train
+from main import evaluate, generate, train
 from model import load_checkpoint
 
 
@@ -104,6 +105,7 @@ def limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
 
+@pytest.mark.slow
 def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(demo, tmp_path):
     train(**options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss"))
     last = tmp_path / "checkpoints" / "last.pth"
@@ -122,3 +124,41 @@ def test_unwritable_checkpoint_folder_is_a_clear_error(demo, tmp_path):
     blocker.write_text("a file where the checkpoint folder should be")
     with pytest.raises(SystemExit, match=f"cannot write {blocker}"):
         train(**options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss"))
+
+
+def test_features_of_a_reordered_caption_file_are_refused(demo, tmp_path):
+    """The same images, encoded again in another order: every features row would belong to another image."""
+    entries = json.load(open(os.path.join(os.path.dirname(demo.caption_data_path), "train.json")))
+    (tmp_path / "reordered.json").write_text(json.dumps(entries[::-1], ensure_ascii=False), encoding="utf-8")
+    reordered = copy_caption_data(demo, tmp_path, "reordered")
+    for suffix in (".npy", ".json"):
+        shutil.copy(features_path(demo.caption_data_path).replace(".npy", suffix),
+                    features_path(reordered).replace(".npy", suffix))
+    process(annotation_file=str(tmp_path / "reordered.json"), caption_data_path=reordered, vocab_from=reordered)
+    with pytest.raises(SystemExit, match="reordered.features.npy: extracted for another image list or order"):
+        train(**options(demo, tmp_path, caption_data_path=reordered))
+
+
+def test_evaluate_says_what_it_skipped_and_writes_only_what_it_is_asked_to(demo, trained, tmp_path, monkeypatch,
+                                                                           capsys):
+    images = tmp_path / "images"
+    shutil.copytree(demo.img_path, images)
+    os.remove(images / "val_0003.jpg")
+    monkeypatch.chdir(tmp_path)
+    evaluate(**options(demo, tmp_path, img_path=str(images), model_ckpt=trained))
+    captured = capsys.readouterr()
+    assert "warning: 1 of 30 images could not be read and are not scored" in captured.err
+    assert captured.out.startswith("29 images scored against")
+    assert sorted(os.listdir(tmp_path)) == ["images"]  # no results.json or metrics.json left in the working folder
+
+
+def test_a_checkpoint_from_another_version_still_captions(demo, trained, tmp_path, capsys):
+    checkpoint = torch.load(trained, weights_only=True)
+    del checkpoint["config"]["length_norm"]
+    checkpoint["config"]["retired_option"] = 1
+    torch.save(checkpoint, tmp_path / "old.pth")
+    generate(**options(demo, tmp_path, img=os.path.join(demo.img_path, "val_0001.jpg"),
+                       model_ckpt=str(tmp_path / "old.pth")))
+    captured = capsys.readouterr()
+    assert "dropped unknown --retired_option; --length_norm takes its default" in captured.err
+    assert captured.out.startswith(os.path.join(demo.img_path, "val_0001.jpg") + "\t")

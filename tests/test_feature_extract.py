@@ -1,5 +1,6 @@
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, mobilenet_weights
 from PIL import Image
 
 from data_preprocess import process
@@ -128,13 +129,43 @@ def test_missing_weights_give_one_clear_message(monkeypatch, tmp_path):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no internet")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(Exception) as error:
         build_backbone("resnet50")
     message = str(error.value)
     assert "resnet50-11ad3fa6.pth" in message and str(tmp_path / "checkpoints") in message
     assert "Traceback" not in message
+    assert os.listdir(tmp_path / "checkpoints") == []  # no partial download left behind
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_weights_file_planted_in_the_cache_never_runs(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    planted = tmp_path / "checkpoints" / "mobilenet_v2-b0353104.pth"  # the name torchvision's file has
+    planted.parent.mkdir()
+    planted.write_bytes(pickle.dumps(Exploit(tmp_path / "ran")))
+    with pytest.raises(Exception, match="mobilenet_v2-b0353104.pth: sha256 .* does not match its published hash"):
+        build_backbone("mobilenet_v2", "default")
+    with pytest.raises(Exception, match="not a readable weights file"):
+        build_backbone("mobilenet_v2", str(planted))  # a local file is not hash-named: weights_only refuses it
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.skipif(mobilenet_weights() == "none", reason="MobileNetV2 ImageNet weights not installed (install.sh)")
+def test_torchvision_weights_pass_the_check_and_are_recorded_by_name(dataset):
+    folder, caption_path, _, _ = dataset
+    extract(caption_data_path=caption_path, img_path=str(folder), backbone="mobilenet_v2", weights="default",
+            batch_size=4, num_workers=0)
+    meta = json.load(open(features_path(caption_path).replace(".npy", ".json")))
+    assert meta["weights"] == "IMAGENET1K_V1"  # what "default" stood for, so generate uses the same
 
 
 def test_local_weights_file_is_loaded(tmp_path):

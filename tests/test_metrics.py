@@ -16,6 +16,7 @@ def test_identical_candidate_scores_one():
 
 def test_no_shared_word_scores_zero():
     scores = score_captions({"a": "狗跑", "b": "蓝天白云"}, REFERENCES)
+    assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr-D"} <= set(scores)
     assert all(scores[name] == pytest.approx(0.0, abs=1e-6) for name in scores)
 
 

@@ -17,6 +17,7 @@ from main import train
 from model import load_checkpoint, model_from_checkpoint
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(not os.path.isdir(SHARED), reason=f"{SHARED} is absent (real Flickr8k-CN data)"),
     pytest.mark.skipif(mobilenet_weights() == "none", reason="MobileNetV2 ImageNet weights not installed (install.sh)"),
 ]

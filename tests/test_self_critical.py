@@ -14,7 +14,7 @@ from beam_search import beam_search
 from config import UserError
 from main import train
 from model import CaptionModel, load_checkpoint
-from self_critical import CorpusCider, reference_corpus, rewards, self_critical_loss, sentence
+from self_critical import CorpusCider, reference_corpus, rewards, sample, self_critical_loss, sentence
 from trainer import Trainer
 
 REFERENCES = {
@@ -105,7 +105,7 @@ def test_self_critical_phase_starts_from_the_best_model_and_logs_rewards(demo, t
     assert {r["epoch"] for r in log if r["name"] == "train_loss"} == {0, 1}
     rewards = [r["value"] for r in log if r["name"] == "train_reward"]
     assert {r["epoch"] for r in log if r["name"] == "train_reward"} == {2, 3}
-    assert all(np.isfinite(value) and value >= 0 for value in rewards)
+    assert rewards and all(np.isfinite(value) and value >= 0 for value in rewards)
     best = load_checkpoint(str(tmp_path / "checkpoints" / "best.pth"))
     last = load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))
     assert best["state"]["epoch"] == 4 and last["state"]["epoch"] == 4
@@ -132,3 +132,14 @@ def test_ctrl_c_in_self_critical_training_resumes_there(demo, tmp_path, monkeypa
     train(**{**run, "resume": True})
     assert sum(batch_sizes) == 120  # the demo's training images, each once
     assert load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))["state"]["epoch"] == 2
+
+
+@torch.no_grad()
+def test_sampling_never_emits_padding_or_unknown():
+    torch.manual_seed(0)
+    model = CaptionModel(vocab_size=8, feature_dim=4, embedding_dim=6, hidden_size=8, num_layers=1, dropout=0.0)
+    model.classifier.bias[[0, 2]] += 5.0  # </PAD> and </UNKNOWN> are the model's favourite words
+    words, log_probs, mask = sample(model, torch.randn(200, 4), end=1, banned=[0, 2], max_len=8)
+    emitted = words[mask]
+    assert len(emitted) >= 200 and not ((emitted == 0) | (emitted == 2)).any()
+    assert torch.isfinite(log_probs[mask]).all()

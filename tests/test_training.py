@@ -1,4 +1,5 @@
 """Model selection, interruption, resume and failure handling of `main.py train`."""
+import dataclasses
 import json
 import os
 import pickle
@@ -49,6 +50,7 @@ def wait_for_steps(tmp_path, count, process):
     raise AssertionError("training did not reach the step in time")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_a_resumable_checkpoint(demo, tmp_path, sig):
     process = start_training(demo, tmp_path)
@@ -125,3 +127,77 @@ def test_resume_with_another_model_configuration_is_refused(demo, tmp_path):
     train(**options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss"))
     with pytest.raises(SystemExit, match="last.pth: built for another model configuration"):
         train(**options(demo, tmp_path, epoch=2, resume=True, hidden_size=demo.hidden_size * 2))
+
+
+def scripted_validation(monkeypatch, name, values):
+    """Validation that reports the given values of `name`, one per epoch, and records them."""
+    values = iter(values)
+    monkeypatch.setattr(Trainer, "validate", lambda self: {"val_loss": 1.0, "CIDEr-D": 0.0, name: next(values)})
+
+
+def test_early_stop_on_the_last_cross_entropy_epoch_still_runs_self_critical_training(demo, tmp_path, monkeypatch):
+    scripted_validation(monkeypatch, "CIDEr-D", [0.5, 0.1, 0.1, 0.6])
+    train(**options(demo, tmp_path, epoch=3, early_stop_patience=2, scst_epoch=1, plot_every=1))
+    log = [json.loads(line) for line in open(tmp_path / "logs" / "caption.metrics.jsonl")]
+    assert [r["value"] for r in log if r["name"] == "early_stop"] == [3]
+    assert {r["epoch"] for r in log if r["name"] == "train_reward"} == {3}  # the self-critical epoch ran
+    last = load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))["state"]
+    assert (last["phase"], last["epoch"], last["best_score"]) == ("self-critical", 4, 0.6)
+
+
+def test_val_loss_selects_the_lowest(demo, tmp_path, monkeypatch):
+    scripted_validation(monkeypatch, "val_loss", [3.0, 2.0, 1.0, 1.5])
+    train(**options(demo, tmp_path, epoch=4, metric="val_loss", lr_patience=0))
+    best = load_checkpoint(str(tmp_path / "checkpoints" / "best.pth"))["state"]
+    assert (best["epoch"], best["best_score"]) == (3, 1.0)
+    last = load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))
+    assert last["optimizer"]["param_groups"][0]["lr"] == demo.lr  # --lr-patience=0: never decayed
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"metric": "CIDEr"}, "--metric=CIDEr: unknown; choose one of val_loss, perplexity"),
+    ({"metric": "BLEU-4", "eval_size": 0}, "--metric=BLEU-4 scores generated captions: it needs --eval-size > 0"),
+    ({"lr_patience": -1}, "--lr_patience cannot be negative"),
+])
+def test_impossible_selection_options_are_refused(demo, tmp_path, changes, message):
+    with pytest.raises(SystemExit, match=f"^error: {message}"):
+        train(**options(demo, tmp_path, **changes))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_meteor_without_java_is_refused(demo, tmp_path, monkeypatch):
+    monkeypatch.setattr("metrics.shutil.which", lambda name: None)
+    with pytest.raises(SystemExit, match="--metric=METEOR needs Java"):
+        train(**options(demo, tmp_path, metric="METEOR"))
+
+
+@pytest.mark.parametrize("setting, value", [("seed", 1), ("val_fraction", 0.2), ("batch_size", 16)])
+def test_resume_refuses_another_data_order(demo, tmp_path, setting, value):
+    run = options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss", val_caption_data_path="")
+    train(**run)
+    with pytest.raises(SystemExit, match=f"--{setting}={value} but .*last.pth was trained with --{setting}="):
+        train(**{**run, "epoch": 2, "resume": True, setting: value})
+
+
+def test_debug_file_of_a_run_without_terminal_is_ignored_with_a_warning(demo, tmp_path, capsys):
+    debug_file = tmp_path / "debugc"
+    debug_file.touch()
+    train(**options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss", debug_file=str(debug_file)))
+    assert load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))["state"]["epoch"] == 1
+    assert capsys.readouterr().err.count(f"warning: {debug_file} exists, but ipdb only starts") == 1
+
+
+class Terminal:
+    def isatty(self):
+        return True
+
+
+def test_debug_file_starts_ipdb_only_for_its_owner_on_a_terminal(demo, tmp_path, monkeypatch):
+    debug_file = tmp_path / "debugc"
+    trainer = Trainer(dataclasses.replace(demo, log_dir=str(tmp_path), debug_file=str(debug_file)))
+    monkeypatch.setattr("sys.stdin", Terminal())
+    assert not trainer._debug_requested()  # no file
+    debug_file.touch()
+    assert trainer._debug_requested()
+    monkeypatch.setattr("os.getuid", lambda: os.stat(debug_file).st_uid + 1)
+    assert not trainer._debug_requested()  # another user's file

@@ -1,0 +1,43 @@
+"""Batches of captions and what the model learns from them: collate, and the targets of forward."""
+import numpy as np
+import torch
+
+from dataset import train_val_splits
+from model import CaptionModel
+
+
+def test_collate_pads_ends_and_keeps_each_caption_with_its_own_image(demo):
+    train, _ = train_val_splits(demo)
+    pairs = [train.pairs[13], train.pairs[0], train.pairs[7], train.pairs[200]]  # rows out of order
+    rows, features, captions, lengths = train.collate(pairs)
+    assert rows.tolist() == [row for row, _ in pairs]
+    assert captions.shape == (4, int(lengths.max()))
+    for b, (row, number) in enumerate(pairs):
+        words = train.word_captions()[row][number]
+        assert lengths[b] == len(words) + 1
+        assert captions[b, :lengths[b]].tolist() == words + [train.end]
+        assert captions[b, lengths[b]:].eq(0).all()  # </PAD>
+        assert torch.equal(features[b], train.features_of([row])[0])
+    assert not torch.equal(features[0], features[1])  # different images really are different rows
+
+
+def test_forward_predicts_each_word_from_the_words_before_it():
+    """forward's packed logits/targets give the same loss as teacher-forced decoding step by step:
+    the image predicts word 1, word t predicts word t+1, the last word predicts </EOS>."""
+    torch.manual_seed(0)
+    model = CaptionModel(vocab_size=11, feature_dim=5, embedding_dim=6, hidden_size=8, num_layers=2, dropout=0).eval()
+    features = torch.randn(3, 5)
+    captions = torch.tensor([[4, 5, 6, 1, 0], [7, 1, 0, 0, 0], [3, 9, 8, 10, 1]])  # (B, T), </EOS> = 1
+    lengths = torch.tensor([4, 2, 5])
+    with torch.no_grad():
+        logits, targets = model(features, captions, lengths)
+        packed_loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        stepwise_loss = 0.0
+        for b in range(3):
+            inputs, state = model.start(features[b:b + 1])
+            for t in range(int(lengths[b])):
+                log_probs, state = model.step(inputs, state)
+                stepwise_loss -= log_probs[0, captions[b, t]].item()
+                inputs = model.embed(captions[b, t:t + 1])
+    assert sorted(targets.tolist()) == sorted(captions[captions > 0].tolist())
+    np.testing.assert_allclose(packed_loss.item(), stepwise_loss, rtol=1e-5)
