@@ -7,9 +7,8 @@ continuations by other words, so a finished caption never competes with live one
 The n-best of the pool are returned. </PAD> and </UNKNOWN> are never emitted.
 Beam size 1 is greedy decoding.
 
-A model decodes through four methods: start(features) -> (inputs, state),
-step(inputs, state) -> (log-probabilities (B, V), state), embed(words) -> inputs,
-and select(state, rows) -> the state of those batch rows.
+A model decodes through the interface model.py describes (start, step, embed, select,
+attention); with an attention model each caption comes with the region weights of its words.
 """
 import torch
 
@@ -26,10 +25,12 @@ def allowed(log_probs, banned):
 
 @torch.no_grad()
 def beam_search(model, features, end, banned=(), beam_size=3, max_len=30, length_norm=0.0, n_best=1):
-    """features (B, F) -> for each image, up to n_best (word indices, score) pairs, best first.
+    """features (B, F) or regions (B, R, F) -> for each image, up to n_best (word indices, score,
+    attention) triples, best first.
 
     A caption has at most max_len words and stops before </EOS> (index `end`); its score is its
-    log-probability / length**length_norm; `banned` word indices are never emitted.
+    log-probability / length**length_norm; `banned` word indices are never emitted. attention is
+    each word's region weights (words, R), or None for a model without attention.
     """
     batch, k, vocab = features.size(0), beam_size, model.vocab_size
     if not 1 <= n_best <= k <= vocab - 1 - len(banned):
@@ -42,23 +43,35 @@ def beam_search(model, features, end, banned=(), beam_size=3, max_len=30, length
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: keep one alive
     tokens = torch.zeros(batch, k, 0, dtype=torch.long, device=device)
-    pool_scores, pool_tokens = [], []  # per step: (B, K) normalised scores, (B, K, t) words
+    regions = model.attention(state)  # (B*K, R) or None: does the model attend?
+    weights = None if regions is None else regions.new_zeros(batch, k, 0, regions.size(-1))  # (B, K, t, R)
+    pool_scores, pool_tokens, pool_weights = [], [], []  # per step: (B, K), (B, K, t), (B, K, t, R)
     for t in range(max_len + 1):
         log_probs, state = model.step(inputs, state)
         total = scores.unsqueeze(-1) + allowed(log_probs, banned).view(batch, k, vocab)  # (B, K, V)
         pool_scores.append(total[:, :, end] / (t + 1) ** length_norm)
         pool_tokens.append(tokens)
+        pool_weights.append(weights)
         if t == max_len:
             break
         total[:, :, end] = float("-inf")  # live beams go on with other words
         scores, best = total.view(batch, k * vocab).topk(k, dim=1)  # (B, K)
         parent, word = best // vocab, best % vocab  # (B, K) each
-        tokens = torch.cat([tokens.gather(1, parent.unsqueeze(-1).expand_as(tokens)), word.unsqueeze(-1)], -1)
+        tokens = torch.cat([_follow(tokens, parent), word.unsqueeze(-1)], -1)
+        if weights is not None:
+            step_weights = model.attention(state).view(batch, k, 1, -1)  # (B, K, 1, R)
+            weights = torch.cat([_follow(weights, parent), _follow(step_weights, parent)], 2)
         if length_norm == 0 and _pool_settled(pool_scores, scores, n_best):
             break
         state = model.select(state, (parent + torch.arange(batch, device=device).unsqueeze(1) * k).view(-1))
         inputs = model.embed(word.view(-1))  # (B*K, E)
-    return _n_best(torch.cat(pool_scores, 1), pool_tokens, k, n_best)
+    return _n_best(torch.cat(pool_scores, 1), pool_tokens, pool_weights, k, n_best)
+
+
+def _follow(history, parent):
+    """history (B, K, ...) of each beam -> that of its parent beam, parent (B, K)."""
+    index = parent.view(*parent.shape, *[1] * (history.dim() - 2)).expand_as(history)
+    return history.gather(1, index)
 
 
 def _pool_settled(pool_scores, live_scores, n_best):
@@ -70,23 +83,27 @@ def _pool_settled(pool_scores, live_scores, n_best):
     return bool((pool.topk(n_best, dim=1).values[:, -1] >= live_scores.max(1).values).all())
 
 
-def _n_best(pool_scores, pool_tokens, k, n_best):
-    """pool_scores (B, steps*K) -> per image the n_best finite (words, score), best first."""
+def _n_best(pool_scores, pool_tokens, pool_weights, k, n_best):
+    """pool_scores (B, steps*K) -> per image the n_best finite (words, score, attention), best first."""
     results = []
     values, indices = pool_scores.topk(min(n_best, pool_scores.size(1)), dim=1)
     for image, (image_values, image_indices) in enumerate(zip(values.tolist(), indices.tolist())):
-        results.append([(pool_tokens[index // k][image, index % k].tolist(), value)
+        results.append([(pool_tokens[index // k][image, index % k].tolist(), value,
+                         None if pool_weights[index // k] is None else pool_weights[index // k][image, index % k])
                         for value, index in zip(image_values, image_indices) if value != float("-inf")])
     return results
 
 
 def caption_features(model, features, ix2word, opt, n_best=None):
-    """features (N, F) -> for each row, the n-best (caption text, score), in batches of opt.batch_size."""
+    """features (N, F) or regions (N, R, F) -> for each row, the n-best (caption text, score,
+    words with their region weights [(word, (R,) weights)] or None), in batches of opt.batch_size."""
     end, banned = special_indices(ix2word)
     results = []
     for start in range(0, len(features), opt.batch_size):
-        batch = features[start:start + opt.batch_size]  # (B, F)
+        batch = features[start:start + opt.batch_size]  # (B, F) or (B, R, F)
         for beams in beam_search(model, batch, end, banned, opt.beam_size, opt.max_gen_len, opt.length_norm,
                                  n_best or opt.n_best):
-            results.append([("".join(ix2word[ix] for ix in words), score) for words, score in beams])
+            results.append([("".join(ix2word[ix] for ix in words), score,
+                             None if weights is None else [(ix2word[ix], w.cpu()) for ix, w in zip(words, weights)])
+                            for words, score, weights in beams])
     return results

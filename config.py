@@ -28,12 +28,16 @@ class Config:
     weights: str = "default"  # default | a torchvision weights name | none | PATH to a state dict
     batch_size: int = 64
     num_workers: int = 2  # DataLoader workers reading images
+    grid: int = 0  # also keep G x G region features (for --model=attention; 7 is the backbones' own map)
 
     # --- model (model.py) ---
+    model: str = "pooled"  # pooled (one image vector) | attention (Show-Attend-Tell over --grid regions)
     embedding_dim: int = 256
     hidden_size: int = 512
     num_layers: int = 2
     dropout: float = 0.3
+    attention_dim: int = 512  # attention model: size of the additive attention layer
+    alpha_c: float = 1.0  # attention model: weight of the doubly stochastic attention penalty
 
     # --- training (main.py train) ---
     val_caption_data_path: str = ""  # encoded val split; empty: hold out val_fraction of the images
@@ -74,6 +78,7 @@ class Config:
     max_gen_len: int = 30
     length_norm: float = 0.0  # rank finished captions by score / length**length_norm
     output: str = ""  # write AI Challenger results JSON here
+    attention_map: str = ""  # generate: write each image's attention maps (attention model) as a PNG here
     results: str = ""  # evaluate an existing results JSON instead of a model
     metrics_path: str = ""  # evaluate: write the scores JSON here
 

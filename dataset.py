@@ -20,7 +20,7 @@ class CaptionSplit:
         self.ix2word = caption_data["ix2word"]
         self.end, self.banned = special_indices(self.ix2word)  # </EOS>; </PAD> and </UNKNOWN>
         self.unknown = caption_data["word2ix"][caption_data["unknown"]]
-        self.feature_dim = features.shape[1]
+        self.feature_dim = features.shape[-1]
         # one (row, caption number) pair per caption
         self.pairs = [(row, i) for row in self.rows for i in range(len(caption_data["caption"][row]))]
 
@@ -44,10 +44,11 @@ class CaptionSplit:
         return {int(row): self._data["caption"][row] for row in self.rows}
 
     def features_of(self, rows):
-        """rows (B,) -> features (B, F) float32, read from the memory-mapped file in row order (fastest)."""
+        """rows (B,) -> features (B, F) or regions (B, R, F), float32, read from the memory-mapped
+        file in row order (fastest)."""
         rows = np.asarray(rows)
         order = np.argsort(rows)
-        features = np.empty((len(rows), self.feature_dim), dtype=np.float32)
+        features = np.empty((len(rows), *self._features.shape[1:]), dtype=np.float32)
         features[order] = self._features[rows[order]]
         return torch.from_numpy(features)
 
@@ -89,23 +90,27 @@ def _shuffled_chunks(count, batch_size, seed, skip):
         yield order[start:start + batch_size]
 
 
-def load_split(caption_data_path, ix2word=None):
-    """Caption data, its features and usable rows; optionally checked to share the vocabulary ix2word."""
+def load_split(caption_data_path, ix2word=None, grid=False):
+    """Caption data, its features (regions with grid) and usable rows; optionally checked to share
+    the vocabulary ix2word."""
     data = load_caption_data(caption_data_path)
     if ix2word is not None and data["ix2word"] != ix2word:
         raise UserError(f"{caption_data_path}: another vocabulary than the training data; "
                         "encode it with --vocab-from=<training caption .pth>")
-    features, meta = load_features(caption_data_path, data["ix2id"])
+    features, meta = load_features(caption_data_path, data["ix2id"], grid)
     usable = [row for row in range(len(data["ix2id"])) if str(row) not in meta["bad"]]
     return data, features, meta, usable
 
 
 def train_val_splits(opt: Config):
-    """(train, val) CaptionSplits: the val file when given, else a seeded fraction of the images."""
-    data, features, meta, usable = load_split(opt.caption_data_path)
+    """(train, val) CaptionSplits: the val file when given, else a seeded fraction of the images.
+    The attention model reads region features, the pooled one pooled features."""
+    grid = opt.model == "attention"
+    data, features, meta, usable = load_split(opt.caption_data_path, grid=grid)
     if opt.val_caption_data_path:
-        val_data, val_features, val_meta, val_usable = load_split(opt.val_caption_data_path, data["ix2word"])
-        if (val_meta["backbone"], val_meta["weights"]) != (meta["backbone"], meta["weights"]):
+        val_data, val_features, val_meta, val_usable = load_split(opt.val_caption_data_path, data["ix2word"], grid)
+        if (val_meta["backbone"], val_meta["weights"], val_meta.get("grid")) != \
+                (meta["backbone"], meta["weights"], meta.get("grid")):
             raise UserError(f"{opt.val_caption_data_path}: features from {val_meta['backbone']} "
                             f"{val_meta['weights']}, training features from {meta['backbone']} {meta['weights']}")
         return CaptionSplit(data, features, meta, usable), CaptionSplit(val_data, val_features, val_meta, val_usable)

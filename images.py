@@ -18,12 +18,19 @@ from config import UserError
 from files import load_pth
 
 IMAGE_SIZE = 224
-# backbone -> (torchvision builder, name of its classifier attribute, default ImageNet weights)
+
+
+def _resnet_trunk(network):
+    return torch.nn.Sequential(*list(network.children())[:-2])  # everything before avgpool and fc
+
+
+# backbone -> (torchvision builder, name of its classifier, its convolutional trunk, default ImageNet weights)
 BACKBONES = {
-    "resnet50": (torchvision.models.resnet50, "fc", "IMAGENET1K_V2"),
-    "resnet101": (torchvision.models.resnet101, "fc", "IMAGENET1K_V2"),
-    "resnet152": (torchvision.models.resnet152, "fc", "IMAGENET1K_V2"),
-    "mobilenet_v2": (torchvision.models.mobilenet_v2, "classifier", "IMAGENET1K_V1"),
+    "resnet50": (torchvision.models.resnet50, "fc", _resnet_trunk, "IMAGENET1K_V2"),
+    "resnet101": (torchvision.models.resnet101, "fc", _resnet_trunk, "IMAGENET1K_V2"),
+    "resnet152": (torchvision.models.resnet152, "fc", _resnet_trunk, "IMAGENET1K_V2"),
+    "mobilenet_v2": (torchvision.models.mobilenet_v2, "classifier", lambda network: network.features,
+                     "IMAGENET1K_V1"),
 }
 
 # The one image preprocessing, shared by feature extraction, generate and evaluate.
@@ -67,20 +74,30 @@ def resolve_weights(backbone, weights):
         return "none"
     if os.path.isfile(weights):
         return os.path.abspath(weights)
-    return BACKBONES[backbone][2] if weights == "default" else weights
+    return BACKBONES[backbone][3] if weights == "default" else weights
 
 
 def build_backbone(backbone, weights="default"):
-    """A CNN without its classifier, in eval mode: (B, 3, 224, 224) -> (B, feature_dim)."""
+    """A CNN's convolutional trunk, in eval mode: (B, 3, 224, 224) -> feature map (B, C, 7, 7)."""
     weights = resolve_weights(backbone, weights)
-    builder, head, _ = BACKBONES[backbone]
+    builder, head, trunk, _ = BACKBONES[backbone]
     network = builder(weights=None)
     setattr(network, head, torch.nn.Identity())
     if weights != "none":
         missing = network.load_state_dict(_pretrained_state(backbone, weights), strict=False).missing_keys
         if missing:  # unexpected keys are fine: the classifier we removed
             raise UserError(f"--weights={weights}: not {backbone} weights (no {missing[0]})")
-    return network.eval()
+    return trunk(network).eval()
+
+
+def pooled(feature_map):
+    """(B, C, h, w) -> (B, C): the mean over the image, as the backbones' own pooling computes it."""
+    return feature_map.mean((2, 3))
+
+
+def regions(feature_map, grid):
+    """(B, C, h, w) -> (B, grid*grid, C): the map averaged into a grid of regions, row by row."""
+    return torch.nn.functional.adaptive_avg_pool2d(feature_map, grid).flatten(2).transpose(1, 2)
 
 
 def weights_path(backbone, weights):
@@ -157,23 +174,26 @@ def prepare_backbone(network, device):
 
 
 @torch.inference_mode()
-def encode_images(network, paths, device, batch_size, num_workers):
-    """Yield (features (B, F) float32, rounded to the float16 they are stored in, errors (B,)) in order.
-
-    Images are read by DataLoader workers; an error is "" for a readable image."""
+def encode_images(network, paths, device, batch_size, num_workers, grid=0):
+    """Yield (pooled (B, F), regions (B, grid*grid, F) or None, errors (B,)) in order; features are
+    float32 rounded to the float16 they are stored in. Images are read by DataLoader workers; an
+    error is "" for a readable image."""
     workers = num_workers if len(paths) > batch_size else 0  # a few images: workers cost more than they save
     loader = DataLoader(ImageFiles(paths), batch_size=batch_size, num_workers=workers,
                         pin_memory=device.type == "cuda")
     with torch.autocast(device.type, enabled=device.type == "cuda"):
         for images, errors in loader:  # images: (B, 3, 224, 224)
             images = images.to(device, memory_format=torch.channels_last, non_blocking=True)
-            yield network(images).half().float().cpu(), list(errors)  # (B, F)
+            feature_map = network(images).float()  # (B, F, 7, 7)
+            grid_features = regions(feature_map, grid).half().float().cpu() if grid else None
+            yield pooled(feature_map).half().float().cpu(), grid_features, list(errors)
 
 
 # --- stored feature files -------------------------------------------------------------------------
-def features_path(caption_data_path):
-    """caption.pth -> caption.features.npy (its description: .json, bad images: .bad.tsv)."""
-    return os.path.splitext(caption_data_path)[0] + ".features.npy"
+def features_path(caption_data_path, grid=False):
+    """caption.pth -> caption.features.npy (its description: .json, bad images: .bad.tsv),
+    or with grid, caption.regions.npy: the G*G region features of each image."""
+    return os.path.splitext(caption_data_path)[0] + (".regions.npy" if grid else ".features.npy")
 
 
 def image_list_hash(image_ids):
@@ -181,8 +201,9 @@ def image_list_hash(image_ids):
     return hashlib.sha1("\n".join(image_ids).encode()).hexdigest()
 
 
-def load_features(caption_data_path, image_ids):
-    """Memory-map the features of a caption file and check they belong to its images, in its order."""
+def load_features(caption_data_path, image_ids, grid=False):
+    """Memory-map the pooled (N, F) or, with grid, region (N, G*G, F) features of a caption file,
+    checked to belong to its images, in its order."""
     path = features_path(caption_data_path)
     meta_path = path.replace(".npy", ".json")
     if not os.path.isfile(meta_path):
@@ -190,9 +211,13 @@ def load_features(caption_data_path, image_ids):
                         f"--caption-data-path={caption_data_path}` first")
     with open(meta_path, encoding="utf-8") as file:
         meta = json.load(file)
-    features = np.load(path, mmap_mode="r")
-    if features.shape != (len(image_ids), meta["feature_dim"]) or meta["num_images"] != len(image_ids):
-        raise UserError(f"{path}: holds {features.shape[0]}x{features.shape[1]} features but "
+    if grid and not meta.get("grid"):
+        raise UserError(f"{path}: extracted without region features, which the attention model needs; "
+                        f"run `python feature_extract.py extract --grid=7 --caption-data-path={caption_data_path}`")
+    features = np.load(features_path(caption_data_path, grid), mmap_mode="r")
+    if len(features) != len(image_ids) or features.shape[-1] != meta["feature_dim"] or \
+            meta["num_images"] != len(image_ids):
+        raise UserError(f"{path}: holds {features.shape[0]}x{features.shape[-1]} features but "
                         f"{caption_data_path} has {len(image_ids)} images; extract the features again")
     if meta.get("image_ids_sha1") != image_list_hash(image_ids):
         raise UserError(f"{path}: extracted for another image list or order than {caption_data_path} "

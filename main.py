@@ -2,6 +2,7 @@
 
     python main.py train --lr=1e-3 --epoch=10
     python main.py generate --img=photo.jpg            # a file, a folder or a glob
+    python main.py generate --img=photo.jpg --attention-map=maps/   # where an attention model looked
     python main.py evaluate --annotation-file=val.json --img-path=images/
     python main.py evaluate --results=results.json --annotation-file=val.json
     python main.py replay --log=logs/caption.visdom.log
@@ -19,10 +20,11 @@ import config
 from beam_search import caption_features
 from captions import load_annotations
 from config import Config, UserError, command
-from images import build_backbone, encode_images, pick_device, prepare_backbone
+from images import build_backbone, encode_images, load_image, pick_device, prepare_backbone
 from metrics import format_table, score_captions
-from model import find_checkpoint, load_checkpoint, model_from_checkpoint
+from model import AttentionModel, find_checkpoint, load_checkpoint, model_from_checkpoint
 from trainer import Trainer
+from visualize import attention_figure
 from visualize import replay as replay_log
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -50,14 +52,17 @@ def caption_images(paths, opt: Config):
     model = model_from_checkpoint(checkpoint, checkpoint_path).to(device)
     backbone = prepare_backbone(build_backbone(checkpoint["feature"]["backbone"], checkpoint["feature"]["weights"]),
                                 device)
+    grid = checkpoint["feature"].get("grid", 0) if isinstance(model, AttentionModel) else 0
     captions, errors = {}, {}
     done = 0
-    for features, batch_errors in encode_images(backbone, paths, device, opt.batch_size, opt.num_workers):
+    for pooled, regions, batch_errors in encode_images(backbone, paths, device, opt.batch_size, opt.num_workers,
+                                                       grid):
         batch_paths, done = paths[done:done + len(batch_errors)], done + len(batch_errors)
         errors.update((path, error) for path, error in zip(batch_paths, batch_errors) if error)
         readable = [i for i, error in enumerate(batch_errors) if not error]
         if readable:
-            beams = caption_features(model, features[readable].to(device), checkpoint["ix2word"], opt)  # (B', F)
+            features = (pooled if regions is None else regions)[readable].to(device)  # (B', F) or (B', R, F)
+            beams = caption_features(model, features, checkpoint["ix2word"], opt)
             captions.update(zip([batch_paths[i] for i in readable], beams))
     return captions, errors
 
@@ -72,14 +77,28 @@ def generate(opt: Config):
         raise UserError(f"--img={opt.img}: no images found")
     captions, errors = caption_images(paths, opt)
     for path, beams in captions.items():
-        for text, score in beams:
+        for text, score, _ in beams:
             print(f"{path}\t{text}" + (f"\t{score:.3f}" if opt.n_best > 1 else ""))
     for path, error in errors.items():
         print(f"error: {path}: {error}", file=sys.stderr)
     if opt.output:
         write_results(opt.output, {os.path.basename(p): beams[0][0] for p, beams in captions.items()})
+    if opt.attention_map:
+        write_attention_maps(captions, opt.attention_map)
     if not captions:
         sys.exit(1)
+
+
+def write_attention_maps(captions, folder):
+    """One PNG per image: where the best caption looked, word by word."""
+    if any(beams[0][2] is None for beams in captions.values()):
+        raise UserError("--attention-map: this checkpoint holds the pooled model, which has no attention to show; "
+                        "train with --model=attention")
+    os.makedirs(folder, exist_ok=True)
+    for path, beams in captions.items():
+        target = os.path.join(folder, os.path.splitext(os.path.basename(path))[0] + ".attention.png")
+        attention_figure(load_image(path), beams[0][2]).save(target)
+        print(f"attention map: {target}", file=sys.stderr)
 
 
 def write_results(path, captions):

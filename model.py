@@ -1,4 +1,13 @@
-"""The caption model (image feature -> LSTM -> words) and its self-contained checkpoints."""
+"""The caption models and their self-contained checkpoints.
+
+pooled (CaptionModel): the pytorch-book model, one pooled image feature -> LSTM -> words.
+attention (AttentionModel): Show, Attend and Tell soft attention over the image's regions.
+
+Both decode through the same interface, which beam search and self-critical sampling use:
+start(features) -> (inputs, state); step(inputs, state) -> (log-probabilities (B, V), state);
+embed(words) -> inputs; select(state, rows) -> the state of those batch rows;
+attention(state) -> the region weights of the last step (B, R), or None.
+"""
 import dataclasses
 import glob
 import os
@@ -29,10 +38,10 @@ class CaptionModel(nn.Module):
         self.classifier = nn.Linear(hidden_size, vocab_size)
 
     def forward(self, features, captions, lengths):
-        """Logits and targets of every real (unpadded) position, packed.
+        """Logits and targets of every real (unpadded) position, packed, and a regularising loss (0 here).
 
         features (B, F); captions (B, T) word indices ending in </EOS>, padded; lengths (B,)
-        -> logits (N, V), targets (N,) with N = lengths.sum()
+        -> logits (N, V), targets (N,) with N = lengths.sum(), penalty ()
         """
         image, state = self.start(features)
         inputs = torch.cat([image.unsqueeze(1), self.embedding(captions[:, :-1])], dim=1)  # (B, T, E)
@@ -41,7 +50,7 @@ class CaptionModel(nn.Module):
         hidden, _ = self.lstm(packed, state)  # packed data: (N, H)
         logits = self.classifier(self.dropout(hidden.data))  # (N, V)
         targets = pack_padded_sequence(captions, lengths, batch_first=True, enforce_sorted=False).data  # (N,)
-        return logits, targets
+        return logits, targets, logits.new_zeros(())
 
     def start(self, features):
         """features (B, F) -> first input (B, E) and initial LSTM state (h, c), each (layers, B, H)."""
@@ -69,9 +78,95 @@ class CaptionModel(nn.Module):
         """Keep (and repeat) the batch entries `rows` (N,) of a state: h, c (layers, B, H) -> (layers, N, H)."""
         return tuple(s[:, rows] for s in state)
 
+    @staticmethod
+    def attention(state):
+        return None
+
+
+class AttentionModel(nn.Module):
+    """Show, Attend and Tell (Xu et al., 2015) soft attention. The mean region sets the LSTM's
+    initial state; at every word, additive attention weighs the image's regions from the hidden
+    state, a sigmoid gate (f_beta) scales their weighted mean, and the LSTM cell reads it with
+    the previous word. The doubly stochastic penalty alpha_c * mean over regions of
+    (1 - sum over words of the region's weight)^2 asks every region to be looked at about once."""
+
+    def __init__(self, vocab_size, feature_dim, embedding_dim, hidden_size, attention_dim, dropout, alpha_c):
+        super().__init__()
+        self.alpha_c = alpha_c
+        self.region_projection = nn.Linear(feature_dim, attention_dim)
+        self.hidden_projection = nn.Linear(hidden_size, attention_dim)
+        self.attention_score = nn.Linear(attention_dim, 1)
+        self.image_to_state = nn.Linear(feature_dim, 2 * hidden_size)
+        self.gate = nn.Linear(hidden_size, feature_dim)
+        self.start_input = nn.Parameter(torch.zeros(embedding_dim))  # read at the first step, before any word
+        self.embedding = nn.Embedding(vocab_size, embedding_dim)
+        self.cell = nn.LSTMCell(embedding_dim + feature_dim, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, regions, captions, lengths):
+        """regions (B, R, F); captions (B, T) ending in </EOS>, padded; lengths (B,)
+        -> logits (N, V), targets (N,) of the real positions, doubly stochastic penalty ()."""
+        inputs, state = self.start(regions)
+        words = self.embedding(captions[:, :-1])  # (B, T-1, E)
+        logits, alphas = [], []
+        for t in range(captions.size(1)):
+            hidden, state = self._advance(self.dropout(inputs), state)
+            logits.append(self.classifier(self.dropout(hidden)))  # (B, V)
+            alphas.append(state[-1])  # (B, R)
+            inputs = words[:, t] if t < words.size(1) else None
+        real = torch.arange(captions.size(1), device=captions.device) < lengths.to(captions.device).unsqueeze(1)
+        alphas = torch.stack(alphas, 1) * real.unsqueeze(-1)  # (B, T, R), 0 after </EOS>
+        penalty = self.alpha_c * ((1.0 - alphas.sum(1)) ** 2).mean()
+        return torch.stack(logits, 1)[real], captions[real], penalty  # (N, V), (N,), ()
+
+    def start(self, regions):
+        """regions (B, R, F) -> first input (B, E); state h, c (B, H), regions, their projection
+        (B, R, A), last weights (B, R)."""
+        h, c = torch.tanh(self.image_to_state(regions.mean(1))).chunk(2, dim=-1)
+        weights = regions.new_zeros(regions.shape[:2])
+        return self.start_input.expand(len(regions), -1), (h, c, regions, self.region_projection(regions), weights)
+
+    def _advance(self, inputs, state):
+        """One attention + LSTM step -> hidden (B, H), new state."""
+        h, c, regions, projected, _ = state
+        scores = self.attention_score(torch.tanh(projected + self.hidden_projection(h).unsqueeze(1)))  # (B, R, 1)
+        weights = scores.squeeze(-1).softmax(-1)  # (B, R)
+        context = torch.sigmoid(self.gate(h)) * (weights.unsqueeze(-1) * regions).sum(1)  # (B, F)
+        h, c = self.cell(torch.cat([inputs, context], -1), (h, c))
+        return h, (h, c, regions, projected, weights)
+
+    @property
+    def vocab_size(self):
+        return self.classifier.out_features
+
+    def embed(self, words):
+        return self.embedding(words)
+
+    def step(self, inputs, state):
+        """inputs (B, E) -> log-probabilities (B, V), new state."""
+        hidden, state = self._advance(inputs, state)
+        return self.classifier(hidden).log_softmax(-1), state
+
+    @staticmethod
+    def select(state, rows):
+        return tuple(s[rows] for s in state)
+
+    @staticmethod
+    def attention(state):
+        return state[-1]
+
+
+MODELS = ("pooled", "attention")
+
 
 def build_model(opt: Config, vocab_size, feature_dim):
-    return CaptionModel(vocab_size, feature_dim, opt.embedding_dim, opt.hidden_size, opt.num_layers, opt.dropout)
+    if opt.model == "attention":
+        return AttentionModel(vocab_size, feature_dim, opt.embedding_dim, opt.hidden_size, opt.attention_dim,
+                              opt.dropout, opt.alpha_c)
+    if opt.model == "pooled":
+        return CaptionModel(vocab_size, feature_dim, opt.embedding_dim, opt.hidden_size, opt.num_layers, opt.dropout)
+    raise UserError(f"--model={opt.model}: choose one of {', '.join(MODELS)}")
 
 
 def save_checkpoint(path, model, opt, ix2word, feature_meta, **training_state):
@@ -81,7 +176,8 @@ def save_checkpoint(path, model, opt, ix2word, feature_meta, **training_state):
         "config": dataclasses.asdict(opt),
         "ix2word": ix2word,
         "end": EOS,
-        "feature": {key: feature_meta[key] for key in ("backbone", "weights", "feature_dim")},
+        "feature": {"backbone": feature_meta["backbone"], "weights": feature_meta["weights"],
+                    "feature_dim": feature_meta["feature_dim"], "grid": feature_meta.get("grid", 0)},
         **training_state,
     }, path)
 

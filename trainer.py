@@ -15,7 +15,7 @@ from config import Config, UserError
 from dataset import train_val_splits
 from images import pick_device
 from metrics import HIGHER_IS_BETTER, METRICS, java_available, score_captions
-from model import build_model, load_checkpoint, save_checkpoint
+from model import MODELS, build_model, load_checkpoint, save_checkpoint
 from self_critical import CorpusCider, reference_corpus, self_critical_loss
 from visualize import Dashboard
 
@@ -44,6 +44,8 @@ class StopOnSignal:
 
 def check_options(opt: Config):
     """Refuse, in one line, training options that cannot work together."""
+    if opt.model not in MODELS:
+        raise UserError(f"--model={opt.model}: choose one of {', '.join(MODELS)}")
     if opt.metric not in HIGHER_IS_BETTER:
         raise UserError(f"--metric={opt.metric}: unknown; choose one of {', '.join(HIGHER_IS_BETTER)}")
     if opt.metric in METRICS and opt.eval_size <= 0:
@@ -204,9 +206,9 @@ class Trainer:
         return False
 
     def _step(self, rows, features, captions, lengths):
-        """One cross-entropy step -> the loss."""
-        logits, targets = self.model(features.to(self.device), captions.to(self.device), lengths)  # (N, V), (N,)
-        return self._update(torch.nn.functional.cross_entropy(logits, targets))
+        """One cross-entropy step -> the loss (with the model's own penalty, if any)."""
+        logits, targets, penalty = self.model(features.to(self.device), captions.to(self.device), lengths)  # (N, V)
+        return self._update(torch.nn.functional.cross_entropy(logits, targets) + penalty)
 
     def _self_critical_step(self, rows, features):
         """One self-critical step -> the mean reward of the sampled captions."""
@@ -289,7 +291,7 @@ class Trainer:
         self.model.eval()
         total, correct, count = 0.0, 0, 0
         for _, features, captions, lengths in self.val_split.batches(self.opt.batch_size):
-            logits, targets = self.model(features.to(self.device), captions.to(self.device), lengths)
+            logits, targets, _ = self.model(features.to(self.device), captions.to(self.device), lengths)
             total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
             correct += (logits.topk(5, dim=1).indices == targets.unsqueeze(1)).any(1).sum().item()
             count += len(targets)

@@ -1,22 +1,28 @@
-"""The training dashboard in Visdom, which can never slow down or stop training.
+"""What the toolkit draws: the training dashboard in Visdom, and attention maps.
 
-Every call is written to a replay log first (visdom's own log format). A background
-thread then posts it to the server with a timeout, dropping updates when the server
-falls behind. With no server, the log alone keeps the run: `python main.py replay`.
+The dashboard can never slow down or stop training. Every call is written to a replay log
+first (visdom's own log format). A background thread then posts it to the server with a
+timeout, dropping updates when the server falls behind. With no server, the log alone
+keeps the run: `python main.py replay`.
 """
 import contextlib
 import dataclasses
+import functools
 import html
 import json
+import math
 import queue
+import subprocess
 import sys
 import threading
 
 import numpy as np
 import requests
 import visdom
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.transforms.functional import to_tensor
 
+from config import UserError
 from images import IMAGE_SIZE, UNREADABLE, load_image
 
 
@@ -96,15 +102,20 @@ class Dashboard:
         self.text(f"<pre>{text}</pre>", "config", "configuration")
 
     def sample(self, image_id, image_path, human, generated, step):
-        """One training photo titled with its human caption, and the model's n-best [(caption, score)]."""
-        items = "".join(f"<li>{html.escape(text)} <small>({score:.2f})</small></li>" for text, score in generated)
+        """One training photo titled with its human caption, the model's n-best [(caption, score,
+        attention)], and where the best caption looked, word by word (attention models)."""
+        items = "".join(f"<li>{html.escape(text)} <small>({score:.2f})</small></li>" for text, score, _ in generated)
         self.text(f"<b>{html.escape(image_id)}</b><br>人工描述: {html.escape(human)}<br>"
                   f"模型描述 (step {step}):<ol>{items}</ol>", "captions", "captions")
         try:
             photo = load_image(image_path).resize((IMAGE_SIZE, IMAGE_SIZE))
-            self.image(to_tensor(photo), human)  # (3, 224, 224) in 0..1
         except UNREADABLE:
-            pass  # the image moved since extraction: the captions still show
+            return  # the image moved since extraction: the captions still show
+        self.image(to_tensor(photo), human)  # (3, 224, 224) in 0..1
+        attention = generated[0][2] if generated else None
+        if attention and cjk_font():
+            figure = attention_figure(photo, attention)
+            self.vis.image(to_tensor(figure), win="attention", opts={"title": f"attention: {generated[0][0]}"})
 
     def epoch(self, epoch, step, scores):
         """Validation scores of an epoch: loss against steps, the rest against epochs, and a log line."""
@@ -116,6 +127,49 @@ class Dashboard:
                           xlabel="epoch")
         summary = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
         self.text(f"epoch {epoch}: {html.escape(summary)}", "log", "log", append=epoch > 1)
+
+
+@functools.cache
+def cjk_font():
+    """A font file with Chinese characters, found through fontconfig; None if there is none."""
+    try:
+        listed = subprocess.run(["fc-list", ":lang=zh", "file"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    files = sorted(line.split(":")[0] for line in listed.splitlines() if line.strip())
+    return next((f for f in files if "zenhei" in f), files[0] if files else None)
+
+
+TITLE_HEIGHT = 28
+
+
+def attention_figure(photo, attention, columns=5):
+    """The photo, then one panel per word: its region weights upsampled over the photo (bright
+    where the model looked), titled with the word. attention: [(word, (G*G,) weights)] -> PIL image."""
+    font_file = cjk_font()
+    if font_file is None:
+        raise UserError("no font with Chinese characters for the attention maps; "
+                        "install one (apt-get install fonts-wqy-zenhei)")
+    font = ImageFont.truetype(font_file, 20)
+    photo = photo.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))
+    panels = [("", photo)] + [(word, _highlight(photo, weights)) for word, weights in attention]
+    rows = math.ceil(len(panels) / columns)
+    figure = Image.new("RGB", (columns * IMAGE_SIZE, rows * (IMAGE_SIZE + TITLE_HEIGHT)), "white")
+    draw = ImageDraw.Draw(figure)
+    for index, (title, panel) in enumerate(panels):
+        x, y = index % columns * IMAGE_SIZE, index // columns * (IMAGE_SIZE + TITLE_HEIGHT)
+        figure.paste(panel, (x, y + TITLE_HEIGHT))
+        draw.text((x + 6, y + 3), title, fill="black", font=font)
+    return figure
+
+
+def _highlight(photo, weights):
+    """weights (G*G,) of the regions, row by row -> the photo dimmed where the weight is low."""
+    grid = math.isqrt(len(weights))
+    weights = np.asarray(weights, dtype=np.float32).reshape(grid, grid)
+    heat = Image.fromarray(np.uint8(255 * weights / max(weights.max(), 1e-8))).resize(photo.size, Image.BILINEAR)
+    shade = 0.2 + 0.8 * np.asarray(heat, dtype=np.float32)[..., None] / 255  # (H, W, 1) in 0.2..1
+    return Image.fromarray(np.uint8(np.asarray(photo, dtype=np.float32) * shade))
 
 
 def replay(log_file, server, port):

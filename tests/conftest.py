@@ -25,7 +25,7 @@ def mobilenet_weights():
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
-    """Config of a 120 + 30 image demo set with captions encoded and features extracted."""
+    """Config of a 120 + 30 image demo set with captions encoded and features extracted (pooled and 7x7 regions)."""
     folder = tmp_path_factory.mktemp("demo")
     demo_data.make(out=str(folder), num_train=120, num_val=30)
     train, val = str(folder / "caption.pth"), str(folder / "caption_val.pth")
@@ -33,7 +33,7 @@ def demo(tmp_path_factory):
     process(annotation_file=str(folder / "val.json"), caption_data_path=val, vocab_from=train)
     for path in (train, val):
         extract(caption_data_path=path, img_path=str(folder / "images"), backbone="mobilenet_v2",
-                weights=mobilenet_weights(), num_workers=0)
+                weights=mobilenet_weights(), num_workers=0, grid=7)
     return Config(caption_data_path=train, val_caption_data_path=val, img_path=str(folder / "images"),
                   checkpoint_dir=str(folder / "checkpoints"), log_dir=str(folder / "logs"),
                   annotation_file=str(folder / "val.json"), vis_port=1, vis_timeout=0.2,

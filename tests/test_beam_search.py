@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from beam_search import beam_search
-from model import CaptionModel
+from model import AttentionModel, CaptionModel
 
 PAD, END, UNKNOWN = 0, 1, 2
 
@@ -33,15 +33,24 @@ def reference_search(model, feature, end, banned, beam_size, max_len, length_nor
     return max(pool, key=lambda pair: pair[1])
 
 
+def small_model(kind):
+    """A random pooled or attention model over 9 words, and features for 8 images (4 regions each)."""
+    if kind == "pooled":
+        return CaptionModel(vocab_size=9, feature_dim=5, embedding_dim=6, hidden_size=8, num_layers=2,
+                            dropout=0).eval(), torch.randn(8, 5)
+    return AttentionModel(vocab_size=9, feature_dim=5, embedding_dim=6, hidden_size=8, attention_dim=7,
+                          dropout=0, alpha_c=1.0).eval(), torch.randn(8, 4, 5)
+
+
+@pytest.mark.parametrize("kind", ["pooled", "attention"])
 @pytest.mark.parametrize("seed, beam_size, length_norm", [(0, 1, 0.0), (1, 3, 0.0), (2, 4, 0.7), (3, 2, 1.0),
                                                           (4, 3, 0.0), (5, 5, 0.0)])
 @torch.no_grad()
-def test_batched_search_matches_per_image_reference(seed, beam_size, length_norm):
+def test_batched_search_matches_per_image_reference(kind, seed, beam_size, length_norm):
     torch.manual_seed(seed)
-    model = CaptionModel(vocab_size=9, feature_dim=5, embedding_dim=6, hidden_size=8, num_layers=2, dropout=0).eval()
+    model, features = small_model(kind)
     model.classifier.bias[END] += 1.0  # </EOS> likely enough that beams end at different times
     model.classifier.bias[UNKNOWN] += 2.0  # the model's favourite word, which must never come out
-    features = torch.randn(8, 5)
     batched = beam_search(model, features, END, [PAD, UNKNOWN], beam_size=beam_size, max_len=8,
                           length_norm=length_norm)
     for i in range(len(features)):
@@ -49,6 +58,22 @@ def test_batched_search_matches_per_image_reference(seed, beam_size, length_norm
         assert batched[i][0][0] == words
         assert batched[i][0][1] == pytest.approx(score, abs=1e-4)
         assert UNKNOWN not in words and PAD not in words
+
+
+@torch.no_grad()
+def test_each_word_comes_with_the_region_weights_that_chose_it():
+    """Replaying a returned caption word by word gives the same weights the search returned."""
+    torch.manual_seed(7)
+    model, regions = small_model("attention")
+    for image, (words, _, weights) in enumerate(beam[0] for beam in beam_search(model, regions, END, [], 3, 8)):
+        assert weights.shape == (len(words), 4)
+        inputs, state = model.start(regions[image:image + 1])
+        for word, word_weights in zip(words, weights):
+            _, state = model.step(inputs, state)
+            torch.testing.assert_close(model.attention(state)[0], word_weights)
+            inputs = model.embed(torch.tensor([word]))
+    pooled_model, features = small_model("pooled")
+    assert all(beam[0][2] is None for beam in beam_search(pooled_model, features, END, [], 3, 8))
 
 
 class MarkovModel:
@@ -65,6 +90,10 @@ class MarkovModel:
 
     def start(self, features):
         return torch.full((len(features),), self.vocab_size), ()  # "previous word": the start row
+
+    @staticmethod
+    def attention(state):
+        return None
 
     def step(self, inputs, state):
         return self.log_probs[inputs], state
@@ -89,7 +118,7 @@ def test_a_finished_caption_is_never_pushed_out_by_live_beams():
                          B: {C: 0.5, D: 0.5},
                          C: {C: 0.6, END: 0.05, D: 0.35},
                          D: {D: 0.6, END: 0.05, C: 0.35}}, vocab_size=7)
-    [[(words, score)]] = beam_search(model, torch.zeros(1, 1), END, [PAD, UNKNOWN], beam_size=2, max_len=6)
+    [[(words, score, _)]] = beam_search(model, torch.zeros(1, 1), END, [PAD, UNKNOWN], beam_size=2, max_len=6)
     assert words == [A]
     assert score == pytest.approx(math.log(0.37 * 0.37))
     [n_best] = beam_search(model, torch.zeros(1, 1), END, [PAD, UNKNOWN], beam_size=2, max_len=6, n_best=2)
@@ -98,7 +127,7 @@ def test_a_finished_caption_is_never_pushed_out_by_live_beams():
 
 def test_unknown_is_never_emitted_even_when_most_likely():
     model = MarkovModel({START: {UNKNOWN: 0.9, A: 0.1}, A: {UNKNOWN: 0.9, END: 0.1}, UNKNOWN: {END: 1.0}}, 7)
-    [[(words, score)]] = beam_search(model, torch.zeros(1, 1), END, [PAD, UNKNOWN], beam_size=2, max_len=4)
+    [[(words, score, _)]] = beam_search(model, torch.zeros(1, 1), END, [PAD, UNKNOWN], beam_size=2, max_len=4)
     assert words == [A] and score == pytest.approx(0.0)  # renormalised over the allowed words
 
 
@@ -108,7 +137,7 @@ def test_n_best_sorted_and_greedy_is_argmax():
     model = CaptionModel(9, 4, 6, 8, 1, 0).eval()
     features = torch.randn(3, 4)
     n_best = beam_search(model, features, END, [PAD, UNKNOWN], beam_size=4, max_len=6, n_best=4)
-    assert all(len(beams) == 4 and [s for _, s in beams] == sorted((s for _, s in beams), reverse=True)
+    assert all(len(beams) == 4 and [s for _, s, _ in beams] == sorted((s for _, s, _ in beams), reverse=True)
                for beams in n_best)
     greedy = beam_search(model, features, END, [PAD, UNKNOWN], beam_size=1, max_len=6)
     log_probs, _ = model.step(*model.start(features[:1]))

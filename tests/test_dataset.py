@@ -1,9 +1,10 @@
 """Batches of captions and what the model learns from them: collate, and the targets of forward."""
 import numpy as np
+import pytest
 import torch
 
 from dataset import train_val_splits
-from model import CaptionModel
+from model import AttentionModel, CaptionModel
 
 
 def test_collate_pads_ends_and_keeps_each_caption_with_its_own_image(demo):
@@ -21,16 +22,23 @@ def test_collate_pads_ends_and_keeps_each_caption_with_its_own_image(demo):
     assert not torch.equal(features[0], features[1])  # different images really are different rows
 
 
-def test_forward_predicts_each_word_from_the_words_before_it():
+@pytest.mark.parametrize("kind", ["pooled", "attention"])
+def test_forward_predicts_each_word_from_the_words_before_it(kind):
     """forward's packed logits/targets give the same loss as teacher-forced decoding step by step:
     the image predicts word 1, word t predicts word t+1, the last word predicts </EOS>."""
     torch.manual_seed(0)
-    model = CaptionModel(vocab_size=11, feature_dim=5, embedding_dim=6, hidden_size=8, num_layers=2, dropout=0).eval()
-    features = torch.randn(3, 5)
+    if kind == "pooled":
+        model = CaptionModel(vocab_size=11, feature_dim=5, embedding_dim=6, hidden_size=8, num_layers=2, dropout=0)
+        features = torch.randn(3, 5)
+    else:
+        model = AttentionModel(vocab_size=11, feature_dim=5, embedding_dim=6, hidden_size=8, attention_dim=7,
+                               dropout=0, alpha_c=1.0)
+        features = torch.randn(3, 4, 5)  # 4 regions
+    model.eval()
     captions = torch.tensor([[4, 5, 6, 1, 0], [7, 1, 0, 0, 0], [3, 9, 8, 10, 1]])  # (B, T), </EOS> = 1
     lengths = torch.tensor([4, 2, 5])
     with torch.no_grad():
-        logits, targets = model(features, captions, lengths)
+        logits, targets, _ = model(features, captions, lengths)
         packed_loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
         stepwise_loss = 0.0
         for b in range(3):
@@ -41,3 +49,16 @@ def test_forward_predicts_each_word_from_the_words_before_it():
                 inputs = model.embed(captions[b, t:t + 1])
     assert sorted(targets.tolist()) == sorted(captions[captions > 0].tolist())
     np.testing.assert_allclose(packed_loss.item(), stepwise_loss, rtol=1e-5)
+
+
+def test_attention_penalty_is_zero_when_every_region_is_looked_at_once():
+    """alpha_c * mean over regions of (1 - sum over words of the weights)^2, words after </EOS> left out."""
+    model = AttentionModel(vocab_size=11, feature_dim=5, embedding_dim=6, hidden_size=8, attention_dim=7,
+                           dropout=0, alpha_c=2.0)
+    captions, lengths = torch.tensor([[4, 5, 6, 1], [7, 1, 0, 0]]), torch.tensor([4, 2])
+    with torch.no_grad():
+        model.attention_score.weight.zero_()  # equal weights: 1/4 per region and word
+        model.attention_score.bias.zero_()
+        _, _, penalty = model(torch.randn(2, 4, 5), captions, lengths)
+    # image 1: 4 words x 1/4 = 1 per region -> 0; image 2: 2 words x 1/4 -> (1 - 0.5)^2 = 0.25
+    assert penalty.item() == pytest.approx(2.0 * (0 + 0.25) / 2)

@@ -10,13 +10,14 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
+import torchvision
 from conftest import ROOT, mobilenet_weights
 from PIL import Image
 
 from data_preprocess import process
 from dataset import load_split
 from feature_extract import extract
-from images import build_backbone, features_path, image_transform, load_image
+from images import build_backbone, features_path, image_transform, load_image, pooled
 
 
 def make_images(folder):
@@ -50,28 +51,44 @@ def dataset(tmp_path):
     return tmp_path, caption_path, order, names
 
 
-def run_extract(folder, caption_path, **kwargs):
-    extract(caption_data_path=caption_path, img_path=str(folder), backbone="mobilenet_v2", weights="none",
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A random MobileNetV2 whose BatchNorm statistics are set on random images: unlike a freshly
+    initialised one (outputs near 1e-8, zero in float16) its features are of order one."""
+    torch.manual_seed(0)
+    network = torchvision.models.mobilenet_v2()
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a plain average over the batches seen
+    with torch.no_grad():
+        network.train()(torch.randn(16, 3, 224, 224))
+    path = tmp_path_factory.mktemp("weights") / "mobilenet_v2.pth"
+    torch.save(network.state_dict(), path)
+    return str(path)
+
+
+def run_extract(folder, caption_path, weights, **kwargs):
+    extract(caption_data_path=caption_path, img_path=str(folder), backbone="mobilenet_v2", weights=weights,
             batch_size=4, num_workers=0, **kwargs)
 
 
-def test_rows_follow_ix2id_and_bad_images_are_reported(dataset, capsys):
+def test_rows_follow_ix2id_and_bad_images_are_reported(dataset, weights, capsys):
     folder, caption_path, order, names = dataset
     torch.manual_seed(0)
-    run_extract(folder, caption_path)
+    run_extract(folder, caption_path, weights)
     features = np.load(features_path(caption_path))
     meta = json.loads(open(features_path(caption_path).replace(".npy", ".json")).read())
     assert features.dtype == np.float16 and features.shape == (len(order), 1280)
+    assert np.abs(features[order.index("rgb.jpg")]).mean() > 0.01  # real numbers, not float16 zeros
     bad_rows = {int(row) for row in meta["bad"]}
     assert bad_rows == {order.index(name) for name in names["bad"]}
     report = open(features_path(caption_path).replace(".npy", ".bad.tsv")).read()
     assert all(name in report for name in names["bad"]) and "missing.jpg" in capsys.readouterr().err
     # row i is image ix2id[i]: recompute two rows with the same (seeded) random network
-    torch.manual_seed(0)
-    network = build_backbone("mobilenet_v2", "none")
+    network = build_backbone("mobilenet_v2", weights)
     for name in ("rgb.jpg", "palette.png"):
         with torch.inference_mode():
-            expected = network(image_transform(load_image(folder / name)).unsqueeze(0))[0]
+            expected = pooled(network(image_transform(load_image(folder / name)).unsqueeze(0)))[0]
         np.testing.assert_allclose(features[order.index(name)], expected.numpy(), rtol=0.02, atol=0.02)
 
 
@@ -83,25 +100,25 @@ def test_convertible_modes_become_upright_rgb(dataset):
 
 
 @pytest.mark.parametrize("side", [150, 400])  # over the limit (a warning in PIL), over twice it (an error)
-def test_decompression_bomb_is_listed_and_extraction_goes_on(dataset, monkeypatch, side):
+def test_decompression_bomb_is_listed_and_extraction_goes_on(dataset, weights, monkeypatch, side):
     folder, caption_path, order, _ = dataset
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
     Image.new("RGB", (side, side)).save(folder / "rgb.jpg")  # the first image becomes a "bomb"
-    run_extract(folder, caption_path)
+    run_extract(folder, caption_path, weights)
     meta = json.load(open(features_path(caption_path).replace(".npy", ".json")))
     assert "DecompressionBomb" in meta["bad"][str(order.index("rgb.jpg"))]
 
 
-def test_killed_extraction_resumes_to_the_same_result(dataset):
+def test_killed_extraction_resumes_to_the_same_result(dataset, weights):
     """A real extraction process is killed mid-way; the rerun resumes and equals an uninterrupted run."""
     folder, caption_path, order, _ = dataset
     torch.manual_seed(0)
-    torch.save(build_backbone("mobilenet_v2", "none").state_dict(), folder / "weights.pth")
     command = [sys.executable, "feature_extract.py", "extract", f"--caption-data-path={caption_path}",
-               f"--img-path={folder}", "--backbone=mobilenet_v2", f"--weights={folder / 'weights.pth'}",
-               "--batch-size=1", "--num-workers=0"]
+               f"--img-path={folder}", "--backbone=mobilenet_v2", f"--weights={weights}",
+               "--batch-size=1", "--num-workers=0", "--grid=7"]
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     complete = np.load(features_path(caption_path))
+    complete_regions = np.load(features_path(caption_path, grid=True))
     os.remove(features_path(caption_path))
 
     progress = features_path(caption_path) + ".partial.json"
@@ -115,12 +132,13 @@ def test_killed_extraction_resumes_to_the_same_result(dataset):
     resumed = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
     assert f"resuming {features_path(caption_path)} at image" in resumed.stdout
     np.testing.assert_array_equal(np.load(features_path(caption_path)), complete)
+    np.testing.assert_array_equal(np.load(features_path(caption_path, grid=True)), complete_regions)
     assert not os.path.exists(features_path(caption_path) + ".partial")
 
 
-def test_unreadable_images_are_left_out_of_training(dataset):
+def test_unreadable_images_are_left_out_of_training(dataset, weights):
     folder, caption_path, order, names = dataset
-    run_extract(folder, caption_path)
+    run_extract(folder, caption_path, weights)
     _, _, _, usable = load_split(caption_path)
     assert [order[row] for row in usable] == [name for name in order if name not in names["bad"]]
 
@@ -170,10 +188,23 @@ def test_torchvision_weights_pass_the_check_and_are_recorded_by_name(dataset):
 
 def test_local_weights_file_is_loaded(tmp_path):
     torch.manual_seed(1)
-    state = build_backbone("mobilenet_v2", "none").state_dict()
+    state = torchvision.models.mobilenet_v2().state_dict()  # the whole network, classifier included
     torch.save(state, tmp_path / "w.pth")
-    loaded = build_backbone("mobilenet_v2", str(tmp_path / "w.pth")).state_dict()
-    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    loaded = build_backbone("mobilenet_v2", str(tmp_path / "w.pth")).state_dict()  # its trunk: features.*
+    assert len(loaded) > 100 and all(torch.equal(value, state[f"features.{key}"]) for key, value in loaded.items())
     torch.save({"fc.weight": torch.zeros(2)}, tmp_path / "other.pth")
     with pytest.raises(Exception, match="not mobilenet_v2 weights"):
         build_backbone("mobilenet_v2", str(tmp_path / "other.pth"))
+
+
+@pytest.mark.parametrize("grid", [7, 3])
+def test_region_features_are_a_grid_of_the_map_whose_mean_is_the_pooled_feature(dataset, weights, capsys, grid):
+    folder, caption_path, order, names = dataset
+    run_extract(folder, caption_path, weights, grid=grid)
+    assert f"{len(order)} x {grid * grid} x 1280 float16" in capsys.readouterr().out  # the size, said up front
+    features, regions = np.load(features_path(caption_path)), np.load(features_path(caption_path, grid=True))
+    assert regions.dtype == np.float16 and regions.shape == (len(order), grid * grid, 1280)
+    good = [order.index(name) for name in names["good"]]
+    assert np.abs(regions[good].astype(np.float32).std(1)).mean() > 0.01  # regions differ from each other
+    if grid == 7:  # the backbone's own 7x7 map: its mean is exactly what the pooled file holds
+        np.testing.assert_allclose(regions[good].astype(np.float32).mean(1), features[good], rtol=0.01, atol=0.01)
