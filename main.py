@@ -50,13 +50,13 @@ def caption_images(paths, opt: Config):
     checkpoint = load_checkpoint(checkpoint_path)
     device = pick_device(opt.use_gpu)
     model = model_from_checkpoint(checkpoint, checkpoint_path).to(device)
-    backbone = prepare_backbone(build_backbone(checkpoint["feature"]["backbone"], checkpoint["feature"]["weights"]),
-                                device)
+    backbone_name = checkpoint["feature"]["backbone"]
+    backbone = prepare_backbone(build_backbone(backbone_name, checkpoint["feature"]["weights"]), device)
     grid = checkpoint["feature"].get("grid", 0) if isinstance(model, AttentionModel) else 0
     captions, errors = {}, {}
     done = 0
-    for pooled, regions, batch_errors in encode_images(backbone, paths, device, opt.batch_size, opt.num_workers,
-                                                       grid):
+    for pooled, regions, batch_errors in encode_images(backbone, backbone_name, paths, device, opt.batch_size,
+                                                       opt.num_workers, grid):
         batch_paths, done = paths[done:done + len(batch_errors)], done + len(batch_errors)
         errors.update((path, error) for path, error in zip(batch_paths, batch_errors) if error)
         readable = [i for i, error in enumerate(batch_errors) if not error]

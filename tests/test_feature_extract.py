@@ -88,7 +88,7 @@ def test_rows_follow_ix2id_and_bad_images_are_reported(dataset, weights, capsys)
     network = build_backbone("mobilenet_v2", weights)
     for name in ("rgb.jpg", "palette.png"):
         with torch.inference_mode():
-            expected = pooled(network(image_transform(load_image(folder / name)).unsqueeze(0)))[0]
+            expected = pooled(network(image_transform("mobilenet_v2")(load_image(folder / name)).unsqueeze(0)))[0]
         np.testing.assert_allclose(features[order.index(name)], expected.numpy(), rtol=0.02, atol=0.02)
 
 
