@@ -4,11 +4,14 @@
 # references (10 cross-entropy + 8 self-critical epochs; about 42 minutes on 2 CPU cores).
 # best.pth is chosen on the first 500 val images (--eval-size): the scores that count are those
 # of the other 500 (val_heldout), printed last; all 1000 are scored too.
-# Usage: bash flickr8k_cn.sh [DATA_DIR] [WORK_DIR]
+# Usage: [MODEL=pooled|attention] [BACKBONE=mobilenet_v2|efficientnet_lite2] bash flickr8k_cn.sh [DATA_DIR] [WORK_DIR]
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA=${1:-../shared/data/flickr8k-cn}
 WORK=${2:-data/flickr8k-cn}
+MODEL=${MODEL:-pooled}
+BACKBONE=${BACKBONE:-mobilenet_v2}
+GRID=$([ "$MODEL" = attention ] && echo 7 || echo 0)  # region features only for the attention model
 mkdir -p "$WORK"
 python data_preprocess.py process --annotation-file="$DATA/annotations/flickr8kcn_train_zhc.json" \
     --caption-data-path="$WORK/train.pth"
@@ -16,11 +19,11 @@ python data_preprocess.py process --annotation-file="$DATA/annotations/flickr8kc
     --caption-data-path="$WORK/val.pth" --vocab-from="$WORK/train.pth"
 for split in train val; do
   python feature_extract.py extract --caption-data-path="$WORK/$split.pth" --img-path="$DATA/images" \
-      --backbone=mobilenet_v2
+      --backbone="$BACKBONE" --grid="$GRID"
 done
 start=$(date +%s)
 python main.py train --caption-data-path="$WORK/train.pth" --val-caption-data-path="$WORK/val.pth" \
-    --checkpoint-dir="$WORK/checkpoints" --log-dir="$WORK/logs" --env=flickr8k-cn
+    --checkpoint-dir="$WORK/checkpoints" --log-dir="$WORK/logs" --env=flickr8k-cn --model="$MODEL"
 echo "training took $(( $(date +%s) - start )) s"
 python - "$DATA/annotations/flickr8kcn_val_zhc.json" "$WORK/val_heldout.json" <<'PY'
 import json, sys
