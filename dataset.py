@@ -102,6 +102,11 @@ def load_split(caption_data_path, ix2word=None, grid=False):
     return data, features, meta, usable
 
 
+def _encoder(meta, grid):
+    """What made a features file, as far as the model sees it."""
+    return f"{meta['backbone']} {meta['weights']}" + (f" {meta['grid']}x{meta['grid']} regions" if grid else "")
+
+
 def train_val_splits(opt: Config):
     """(train, val) CaptionSplits: the val file when given, else a seeded fraction of the images.
     The attention model reads region features, the pooled one pooled features."""
@@ -109,10 +114,10 @@ def train_val_splits(opt: Config):
     data, features, meta, usable = load_split(opt.caption_data_path, grid=grid)
     if opt.val_caption_data_path:
         val_data, val_features, val_meta, val_usable = load_split(opt.val_caption_data_path, data["ix2word"], grid)
-        if (val_meta["backbone"], val_meta["weights"], val_meta.get("grid")) != \
-                (meta["backbone"], meta["weights"], meta.get("grid")):
-            raise UserError(f"{opt.val_caption_data_path}: features from {val_meta['backbone']} "
-                            f"{val_meta['weights']}, training features from {meta['backbone']} {meta['weights']}")
+        train_encoder, val_encoder = (_encoder(m, grid) for m in (meta, val_meta))
+        if train_encoder != val_encoder:
+            raise UserError(f"{opt.val_caption_data_path}: features from {val_encoder}, "
+                            f"training features from {train_encoder}")
         return CaptionSplit(data, features, meta, usable), CaptionSplit(val_data, val_features, val_meta, val_usable)
     shuffled = np.random.default_rng(opt.seed).permutation(usable)
     held_out = max(1, int(len(shuffled) * opt.val_fraction))

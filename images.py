@@ -246,8 +246,8 @@ def load_features(caption_data_path, image_ids, grid=False):
         raise UserError(f"{path}: extracted without region features, which the attention model needs; "
                         f"run `python feature_extract.py extract --grid=7 --caption-data-path={caption_data_path}`")
     features = np.load(features_path(caption_data_path, grid), mmap_mode="r")
-    if len(features) != len(image_ids) or features.shape[-1] != meta["feature_dim"] or \
-            meta["num_images"] != len(image_ids):
+    expected = (len(image_ids), meta["feature_dim"])
+    if (len(features), features.shape[-1]) != expected or meta["num_images"] != len(image_ids):
         raise UserError(f"{path}: holds {features.shape[0]}x{features.shape[-1]} features but "
                         f"{caption_data_path} has {len(image_ids)} images; extract the features again")
     if meta.get("image_ids_sha1") != image_list_hash(image_ids):
