@@ -46,10 +46,12 @@ def beam_search(model, features, end, banned=(), beam_size=3, max_len=30, length
     regions = model.attention(state)  # (B*K, R) or None: does the model attend?
     weights = None if regions is None else regions.new_zeros(batch, k, 0, regions.size(-1))  # (B, K, t, R)
     pool_scores, pool_tokens, pool_weights = [], [], []  # per step: (B, K), (B, K, t), (B, K, t, R)
+    best_finished = scores.new_full((batch, n_best), float("-inf"))  # each image's n_best pool scores so far
     for t in range(max_len + 1):
         log_probs, state = model.step(inputs, state)
         total = scores.unsqueeze(-1) + allowed(log_probs, banned).view(batch, k, vocab)  # (B, K, V)
         pool_scores.append(total[:, :, end] / (t + 1) ** length_norm)
+        best_finished = torch.cat([best_finished, pool_scores[-1]], 1).topk(n_best, dim=1).values
         pool_tokens.append(tokens)
         pool_weights.append(weights)
         if t == max_len:
@@ -61,7 +63,9 @@ def beam_search(model, features, end, banned=(), beam_size=3, max_len=30, length
         if weights is not None:
             step_weights = model.attention(state).view(batch, k, 1, -1)  # (B, K, 1, R)
             weights = torch.cat([_follow(weights, parent), _follow(step_weights, parent)], 2)
-        if length_norm == 0 and _pool_settled(pool_scores, scores, n_best):
+        # Unnormalised scores only fall: once every image's n_best-th finished caption beats its best
+        # live beam, no later caption can enter its n-best.
+        if length_norm == 0 and bool((best_finished[:, -1] >= scores.max(1).values).all()):
             break
         state = model.select(state, (parent + torch.arange(batch, device=device).unsqueeze(1) * k).view(-1))
         inputs = model.embed(word.view(-1))  # (B*K, E)
@@ -72,15 +76,6 @@ def _follow(history, parent):
     """history (B, K, ...) of each beam -> that of its parent beam, parent (B, K)."""
     index = parent.view(*parent.shape, *[1] * (history.dim() - 2)).expand_as(history)
     return history.gather(1, index)
-
-
-def _pool_settled(pool_scores, live_scores, n_best):
-    """Unnormalised scores only fall: once every image's n_best-th finished caption beats its
-    best live beam, no later caption can enter its n-best."""
-    pool = torch.cat(pool_scores, 1)  # (B, steps*K)
-    if pool.size(1) < n_best:
-        return False
-    return bool((pool.topk(n_best, dim=1).values[:, -1] >= live_scores.max(1).values).all())
 
 
 def _n_best(pool_scores, pool_tokens, pool_weights, k, n_best):

@@ -23,7 +23,29 @@ from files import atomic_save, load_pth
 CHECKPOINT_KEYS = ("model", "config", "ix2word", "end", "feature")
 
 
-class CaptionModel(nn.Module):
+class Decoder(nn.Module):
+    """What both models share of the decoding interface; each defines start, _advance and select."""
+
+    @property
+    def vocab_size(self):
+        return self.classifier.out_features
+
+    def embed(self, words):
+        """words (B,) -> the next inputs (B, E)."""
+        return self.embedding(words)
+
+    def step(self, inputs, state):
+        """One step for a batch: inputs (B, E) -> log-probabilities (B, V), new state."""
+        hidden, state = self._advance(inputs, state)
+        return self.classifier(hidden).log_softmax(-1), state
+
+    @staticmethod
+    def attention(state):
+        """The region weights of the last step (B, R); None for a model without attention."""
+        return None
+
+
+class CaptionModel(Decoder):
     """The image feature is the LSTM's first input and sets its initial state;
     each later input is the previous word."""
 
@@ -59,31 +81,18 @@ class CaptionModel(nn.Module):
         state = state.permute(1, 2, 0, 3).contiguous()  # (2, layers, B, H)
         return self.image_to_input(features), (state[0], state[1])
 
-    # --- the decoding interface that beam search and self-critical sampling use ---
-    @property
-    def vocab_size(self):
-        return self.classifier.out_features
-
-    def embed(self, words):
-        """words (B,) -> the next inputs (B, E)."""
-        return self.embedding(words)
-
-    def step(self, inputs, state):
-        """One LSTM step for a batch: inputs (B, E) -> log-probabilities (B, V), new state."""
+    def _advance(self, inputs, state):
+        """One LSTM step: inputs (B, E) -> hidden (B, H), new state."""
         hidden, state = self.lstm(inputs.unsqueeze(1), state)  # (B, 1, H)
-        return self.classifier(hidden.squeeze(1)).log_softmax(-1), state
+        return hidden.squeeze(1), state
 
     @staticmethod
     def select(state, rows):
         """Keep (and repeat) the batch entries `rows` (N,) of a state: h, c (layers, B, H) -> (layers, N, H)."""
         return tuple(s[:, rows] for s in state)
 
-    @staticmethod
-    def attention(state):
-        return None
 
-
-class AttentionModel(nn.Module):
+class AttentionModel(Decoder):
     """Show, Attend and Tell (Xu et al., 2015) soft attention. The mean region sets the LSTM's
     initial state; at every word, additive attention weighs the image's regions from the hidden
     state, a sigmoid gate (f_beta) scales their weighted mean, and the LSTM cell reads it with
@@ -135,18 +144,6 @@ class AttentionModel(nn.Module):
         context = torch.sigmoid(self.gate(h)) * (weights.unsqueeze(-1) * regions).sum(1)  # (B, F)
         h, c = self.cell(torch.cat([inputs, context], -1), (h, c))
         return h, (h, c, regions, projected, weights)
-
-    @property
-    def vocab_size(self):
-        return self.classifier.out_features
-
-    def embed(self, words):
-        return self.embedding(words)
-
-    def step(self, inputs, state):
-        """inputs (B, E) -> log-probabilities (B, V), new state."""
-        hidden, state = self._advance(inputs, state)
-        return self.classifier(hidden).log_softmax(-1), state
 
     @staticmethod
     def select(state, rows):

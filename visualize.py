@@ -89,9 +89,9 @@ class Dashboard:
         self.vis.line(X=np.array([x]), Y=np.array([y]), win=title, name=name, update=update,
                       opts={"title": title, "showlegend": True, "xlabel": xlabel})
 
-    def image(self, image, caption):
-        """image (3, H, W) in 0..1, titled with its human caption."""
-        self.vis.image(image, win="image", opts={"title": caption, "caption": caption})
+    def image(self, image, title, win="image"):
+        """image (3, H, W) in 0..1, titled (the photo: with its human caption)."""
+        self.vis.image(image, win=win, opts={"title": title, "caption": title})
 
     def text(self, html, win, title, append=False):
         self.vis.text(html, win=win, append=append, opts={"title": title})
@@ -115,7 +115,7 @@ class Dashboard:
         attention = generated[0][2] if generated else None
         if attention and cjk_font():
             figure = attention_figure(photo, attention)
-            self.vis.image(to_tensor(figure), win="attention", opts={"title": f"attention: {generated[0][0]}"})
+            self.image(to_tensor(figure), f"attention: {generated[0][0]}", win="attention")
 
     def epoch(self, epoch, step, scores):
         """Validation scores of an epoch: loss against steps, the rest against epochs, and a log line."""
