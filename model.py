@@ -14,6 +14,7 @@ import os
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from captions import EOS
@@ -115,19 +116,23 @@ class AttentionModel(Decoder):
 
     def forward(self, regions, captions, lengths):
         """regions (B, R, F); captions (B, T) ending in </EOS>, padded; lengths (B,)
-        -> logits (N, V), targets (N,) of the real positions, doubly stochastic penalty ()."""
+        -> logits (N, V), targets (N,) of the real positions, packed, doubly stochastic penalty ().
+
+        Like a packed LSTM, step t runs only the captions still going: longest first, batch_sizes[t] rows."""
+        packed = pack_padded_sequence(captions, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        order = packed.sorted_indices.to(captions.device)
+        regions, words = regions[order], self.embedding(captions[order])  # (B, R, F), (B, T, E)
         inputs, state = self.start(regions)
-        words = self.embedding(captions[:, :-1])  # (B, T-1, E)
-        logits, alphas = [], []
-        for t in range(captions.size(1)):
-            hidden, state = self._advance(self.dropout(inputs), state)
-            logits.append(self.classifier(self.dropout(hidden)))  # (B, V)
-            alphas.append(state[-1])  # (B, R)
-            inputs = words[:, t] if t < words.size(1) else None
-        real = torch.arange(captions.size(1), device=captions.device) < lengths.to(captions.device).unsqueeze(1)
-        alphas = torch.stack(alphas, 1) * real.unsqueeze(-1)  # (B, T, R), 0 after </EOS>
-        penalty = self.alpha_c * ((1.0 - alphas.sum(1)) ** 2).mean()
-        return torch.stack(logits, 1)[real], captions[real], penalty  # (N, V), (N,), ()
+        hiddens, looked = [], []
+        for t, rows in enumerate(packed.batch_sizes.tolist()):
+            state = self.select(state, slice(rows))
+            hidden, state = self._advance(self.dropout(inputs[:rows]), state)  # (rows, H)
+            hiddens.append(hidden)
+            looked.append(F.pad(state[-1], (0, 0, 0, len(regions) - rows)))  # (B, R), 0 after </EOS>
+            inputs = words[:, t]
+        logits = self.classifier(self.dropout(torch.cat(hiddens)))  # (N, V)
+        penalty = self.alpha_c * ((1.0 - torch.stack(looked).sum(0)) ** 2).mean()
+        return logits, packed.data, penalty
 
     def start(self, regions):
         """regions (B, R, F) -> first input (B, E); state h, c (B, H), regions, their projection
@@ -141,7 +146,7 @@ class AttentionModel(Decoder):
         h, c, regions, projected, _ = state
         scores = self.attention_score(torch.tanh(projected + self.hidden_projection(h).unsqueeze(1)))  # (B, R, 1)
         weights = scores.squeeze(-1).softmax(-1)  # (B, R)
-        context = torch.sigmoid(self.gate(h)) * (weights.unsqueeze(-1) * regions).sum(1)  # (B, F)
+        context = torch.sigmoid(self.gate(h)) * torch.bmm(weights.unsqueeze(1), regions).squeeze(1)  # (B, F)
         h, c = self.cell(torch.cat([inputs, context], -1), (h, c))
         return h, (h, c, regions, projected, weights)
 
