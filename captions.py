@@ -1,13 +1,10 @@
 """Chinese captions as the toolkit reads them: annotation files, cleaning, jieba words, special tokens."""
+import functools
 import json
 import logging
 import os
 import re
 import warnings
-
-with warnings.catch_warnings():  # jieba 0.42 imports the deprecated pkg_resources
-    warnings.simplefilter("ignore", UserWarning)
-    import jieba
 
 from config import UserError
 from files import load_pth
@@ -15,17 +12,24 @@ from files import load_pth
 PAD, EOS, UNKNOWN = "</PAD>", "</EOS>", "</UNKNOWN>"
 CAPTION_KEYS = ("word2ix", "ix2word", "id2ix", "ix2id", "caption", "padding", "end", "unknown")
 
-jieba.setLogLevel(logging.WARNING)
-
-
 def clean(sentence):
     """Remove "。", spaces and line breaks, as AI Challenger's scorer does."""
     return re.sub(r"[。\s]", "", sentence)
 
 
+@functools.cache
+def _jieba():
+    """jieba, imported when first needed (generate never needs it)."""
+    with warnings.catch_warnings():  # jieba 0.42 imports the deprecated pkg_resources
+        warnings.simplefilter("ignore", UserWarning)
+        import jieba
+    jieba.setLogLevel(logging.WARNING)
+    return jieba
+
+
 def tokenize(sentence):
     """A caption as jieba precise-mode words."""
-    return jieba.lcut(clean(sentence), cut_all=False)
+    return _jieba().lcut(clean(sentence), cut_all=False)
 
 
 def special_indices(ix2word):

@@ -7,8 +7,9 @@ import torch
 from config import UserError
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: a crash leaves the old file."""
+def atomic_save(obj, path, save=torch.save):
+    """save(obj, file) (torch.save, or torch.jit.save) to a temporary file beside `path`, then
+    rename: a crash leaves the old file."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -17,7 +18,7 @@ def atomic_save(obj, path):
         raise UserError(f"cannot write {path}: {error.strerror}") from None
     try:
         with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
+            save(obj, file)
             file.flush()
             os.fsync(file.fileno())
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode

@@ -18,14 +18,12 @@ import fire
 
 import config
 from beam_search import caption_features
-from captions import load_annotations
 from config import Config, UserError, command
-from images import build_backbone, encode_images, load_image, pick_device, prepare_backbone
-from metrics import format_table, score_captions
+from images import encode_images, load_backbone, load_image, pick_device, prepare_backbone
 from model import AttentionModel, find_checkpoint, load_checkpoint, model_from_checkpoint
-from trainer import Trainer
-from visualize import attention_figure
-from visualize import replay as replay_log
+
+# Each command imports what only it needs (training, metrics, drawing) when it runs: `generate`
+# starts fast.
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -33,6 +31,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 @command
 def train(opt: Config):
     """Train on opt.caption_data_path and its features; checkpoints go to opt.checkpoint_dir."""
+    from trainer import Trainer
     Trainer(opt).train()
 
 
@@ -51,7 +50,7 @@ def caption_images(paths, opt: Config):
     device = pick_device(opt.use_gpu)
     model = model_from_checkpoint(checkpoint, checkpoint_path).to(device)
     backbone_name = checkpoint["feature"]["backbone"]
-    backbone = prepare_backbone(build_backbone(backbone_name, checkpoint["feature"]["weights"]), device)
+    backbone = prepare_backbone(load_backbone(backbone_name, checkpoint["feature"]["weights"]), device)
     grid = checkpoint["feature"].get("grid", 0) if isinstance(model, AttentionModel) else 0
     captions, errors = {}, {}
     done = 0
@@ -91,6 +90,7 @@ def generate(opt: Config):
 
 def write_attention_maps(captions, folder):
     """One PNG per image: where the best caption looked, word by word."""
+    from visualize import attention_figure
     if any(beams[0][2] is None for beams in captions.values()):
         raise UserError("--attention-map: this checkpoint holds the pooled model, which has no attention to show; "
                         "train with --model=attention")
@@ -118,6 +118,8 @@ def read_results(path):
 @command
 def evaluate(opt: Config):
     """Score a model (or --results) against --annotation-file with BLEU-1..4, METEOR, ROUGE-L, CIDEr-D."""
+    from captions import load_annotations
+    from metrics import format_table, score_captions
     if not opt.annotation_file:
         raise UserError("give the references with --annotation-file=FILE.json")
     references = {entry["image_id"]: entry["caption"] for entry in load_annotations(opt.annotation_file)}
@@ -155,6 +157,7 @@ def caption_references(references, opt: Config):
 @command
 def replay(opt: Config):
     """Post a dashboard recorded without a server (logs/<env>.visdom.log) to a running Visdom."""
+    from visualize import replay as replay_log
     log = opt.log or os.path.join(opt.log_dir, f"{opt.env}.visdom.log")
     if not os.path.isfile(log):
         raise UserError(f"{log}: no such dashboard log")

@@ -14,6 +14,7 @@ import torchvision
 from conftest import ROOT, mobilenet_weights
 from PIL import Image
 
+import images
 from data_preprocess import process
 from dataset import load_split
 from feature_extract import extract
@@ -208,3 +209,40 @@ def test_region_features_are_a_grid_of_the_map_whose_mean_is_the_pooled_feature(
     assert np.abs(regions[good].astype(np.float32).std(1)).mean() > 0.01  # regions differ from each other
     if grid == 7:  # the backbone's own 7x7 map: its mean is exactly what the pooled file holds
         np.testing.assert_allclose(regions[good].astype(np.float32).mean(1), features[good], rtol=0.01, atol=0.01)
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "efficientnet_lite2"])
+def test_image_transform_is_torchvisions_to_the_bit(backbone):
+    """The transform written without torchvision gives exactly what torchvision's gives."""
+    spec = images.BACKBONES[backbone]
+    reference = torchvision.transforms.Compose([
+        torchvision.transforms.Resize(spec.size), torchvision.transforms.CenterCrop(spec.size),
+        torchvision.transforms.ToTensor(), torchvision.transforms.Normalize(spec.mean, spec.std)])
+    rng = np.random.default_rng(0)
+    for width, height in [(224, 224), (300, 200), (200, 300), (500, 375), (225, 224), (101, 77)]:
+        image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+        assert torch.equal(image_transform(backbone)(image), reference(image)), (width, height)
+
+
+def test_captioning_backbone_is_kept_as_torchscript_with_the_same_features(monkeypatch, tmp_path):
+    """The first load_backbone saves the trunk as TorchScript; a later one, in a fresh process, loads
+    it without importing torchvision and computes the same features."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # for the fresh process
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch" / "hub"))
+    torch.manual_seed(2)
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), tmp_path / "w.pth")
+    weights = str(tmp_path / "w.pth")
+    image = image_transform("mobilenet_v2")(Image.new("RGB", (224, 224), (200, 30, 90))).unsqueeze(0)
+    first = images.load_backbone("mobilenet_v2", weights)
+    assert os.path.isfile(images.traced_path("mobilenet_v2", weights))
+    with torch.no_grad():
+        expected = first(image)
+    np.save(tmp_path / "image.npy", image.numpy())
+    script = (f"import sys, numpy, torch, images\n"
+              f"trunk = images.load_backbone('mobilenet_v2', {weights!r})\n"
+              f"assert isinstance(trunk, torch.jit.ScriptModule) and 'torchvision' not in sys.modules\n"
+              f"with torch.no_grad():\n"
+              f"    features = trunk(torch.from_numpy(numpy.load({str(tmp_path / 'image.npy')!r})))\n"
+              f"numpy.save({str(tmp_path / 'features.npy')!r}, features.numpy())\n")
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": ROOT})
+    np.testing.assert_array_equal(np.load(tmp_path / "features.npy"), expected.numpy())

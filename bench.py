@@ -1,0 +1,289 @@
+"""How fast the toolkit is where users wait, on this machine: one table, and the numbers in a JSON file.
+
+    python bench.py all                 # every part (under 5 minutes on 2 CPU cores)
+    python bench.py beam                # batched beam search against a one-image-at-a-time loop
+    python bench.py extract             # feature_extract.py's pipeline against the bare backbone
+    python bench.py train               # captions/s, memory and where the time goes
+    python bench.py generate            # `main.py generate` for one photo (cold) and for a folder
+
+Data: `--caption-data-path`/`--val-caption-data-path` with their features and `--img-path` (e.g. the
+Flickr8k-CN recipe's); by default a demo set made in `--work` (data/bench). Runs on CUDA when there is one.
+"""
+import cProfile
+import json
+import math
+import os
+import pstats
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import fire
+import torch
+
+import images
+from config import Config, UserError, parse
+
+WORK = "data/bench"  # the demo data, checkpoints and bench.json
+BEAM_BATCHES, BEAM_SIZES, VOCAB, MAX_LEN = (1, 16, 64, 256), (1, 3, 5), 5000, 30
+PAD, END, UNKNOWN = 0, 1, 2
+
+
+# --- beam search ----------------------------------------------------------------------------------
+def textbook_beam_search(model, feature, end, banned, beam_size, max_len, length_norm=0.0):
+    """The plain beam search of the tutorials, for one image: a Python list of hypotheses, one model
+    step and one topk per hypothesis. Same rules as beam_search.py: each live caption + </EOS> joins
+    the finished pool at every step, live beams go on by other allowed words -> (best words, score)."""
+    image, state = model.start(feature[None])
+    live = [([], 0.0, image, state)]  # words, score, next input, model state
+    pool = []
+    for t in range(max_len + 1):
+        candidates = []
+        for words, score, inputs, state in live:
+            log_probs, new_state = model.step(inputs, state)
+            log_probs = log_probs[0].clone()
+            log_probs[list(banned)] = -math.inf
+            log_probs = log_probs.log_softmax(-1)
+            pool.append((words, (score + log_probs[end].item()) / (t + 1) ** length_norm))
+            log_probs[end] = -math.inf  # the best continuations by other words
+            values, indices = log_probs.topk(beam_size)
+            candidates += [(words + [word], score + value, new_state)
+                           for value, word in zip(values.tolist(), indices.tolist()) if value > -math.inf]
+        if t == max_len:
+            break
+        best = sorted(candidates, key=lambda c: c[1], reverse=True)[:beam_size]
+        live = [(words, score, model.embed(torch.tensor([words[-1]])), state) for words, score, state in best]
+    return max(pool, key=lambda pair: pair[1])
+
+
+def bench_model(kind):
+    """A model of the default sizes over VOCAB words, and features for 256 images. Its word
+    distributions are as peaked as a trained model's (the top word near certain), so a caption ends
+    where </EOS> is likeliest: 8 to 14 words on average, different for every image."""
+    from model import build_model
+    torch.manual_seed(0)
+    feature_dim, regions = 1280, 49  # MobileNetV2's 7 x 7 map
+    model = build_model(Config(model=kind), VOCAB, feature_dim).eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(1000.0)
+    shape = (256, feature_dim) if kind == "pooled" else (256, regions, feature_dim)
+    return model, torch.randn(shape).relu()
+
+
+def beam(textbook_images=8):
+    """Images/s of beam_search.py at each batch and beam size, and of the textbook loop."""
+    from beam_search import beam_search
+    rows = []
+    for kind in ("pooled", "attention"):
+        model, features = bench_model(kind)
+        for beam_size in BEAM_SIZES:
+            start = time.perf_counter()
+            reference = [textbook_beam_search(model, f, END, (PAD, UNKNOWN), beam_size, MAX_LEN)
+                         for f in features[:textbook_images]]
+            textbook = textbook_images / (time.perf_counter() - start)
+            for batch in BEAM_BATCHES:
+                count = max(batch, textbook_images)
+                start = time.perf_counter()
+                found = [b[0] for s in range(0, count, batch) for b in
+                         beam_search(model, features[s:s + batch], END, (PAD, UNKNOWN), beam_size, MAX_LEN)]
+                speed = count / (time.perf_counter() - start)
+                same = sum(f[0] == r[0] for f, r in zip(found, reference)) / min(count, textbook_images)
+                words = sum(len(f[0]) for f in found) / len(found)
+                rows.append({"model": kind, "beam": beam_size, "batch": batch, "images_per_s": speed,
+                             "textbook_images_per_s": textbook, "speed_up": speed / textbook,
+                             "same_best_caption": same, "mean_words": words})
+    _table("beam search (images/s)", rows)
+    return rows
+
+
+# --- extraction -----------------------------------------------------------------------------------
+def extract(count=256, work=WORK, **options):
+    """Images/s of feature extraction's pipeline (read, transform, forward) against the bare forward
+    pass on ready tensors in channels_last, same backbone, batch and threads."""
+    opt = parse(**options)
+    paths = _image_paths(opt, work)[:count]
+    device = images.pick_device(opt.use_gpu)
+    network = images.prepare_backbone(images.build_backbone("mobilenet_v2", "none"), device)
+    batches = [torch.randn(opt.batch_size, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+               for _ in range(math.ceil(len(paths) / opt.batch_size))]
+    with torch.inference_mode():
+        network(batches[0])  # warm up
+        _sync(device)
+        start = time.perf_counter()
+        for batch in batches:
+            network(batch)
+        _sync(device)
+        bare = len(batches) * opt.batch_size / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in images.encode_images(network, "mobilenet_v2", paths, device, opt.batch_size, opt.num_workers):
+        pass
+    pipeline = len(paths) / (time.perf_counter() - start)
+    row = {"backbone": "mobilenet_v2", "images": len(paths), "batch": opt.batch_size,
+           "threads": torch.get_num_threads(), "pipeline_images_per_s": pipeline,
+           "bare_forward_images_per_s": bare, "ratio": pipeline / bare}
+    _table("extraction", [row])
+    return row
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# --- training -------------------------------------------------------------------------------------
+# Where training time goes: the functions whose time (profiled) makes each part.
+PARTS = {"forward/backward": ("_step", "_self_critical_step"), "data loading": ("batches", "image_batches"),
+         "validation decoding": ("caption_features",), "metrics": ("score_captions",)}
+
+
+def train(batches=150, work=WORK, **options):
+    """Captions/s, peak memory and time shares of cross-entropy and of self-critical training, each in a
+    fresh process over `batches` batches, then one validation."""
+    opt = _bench_data(parse(**options), work)
+    rows = []
+    for model in ("pooled", "attention"):
+        folder = os.path.join(work, "train", model)
+        shutil.rmtree(folder, ignore_errors=True)
+        for phase in ("cross-entropy", "self-critical"):
+            output = subprocess.run([sys.executable, __file__, "train_phase", f"--phase={phase}",
+                                     f"--batches={batches}", f"--model={model}", f"--checkpoint-dir={folder}",
+                                     f"--log-dir={folder}", *_data_flags(opt)], capture_output=True, text=True)
+            if output.returncode:
+                sys.exit(f"bench train {model} {phase} failed:\n{output.stderr[-2000:]}")
+            rows.append(json.loads(output.stdout.strip().splitlines()[-1]))
+    _table("training", rows)
+    return rows
+
+
+def train_phase(phase, batches, **options):
+    """(Used by `train`.) One phase, profiled; prints its numbers as a JSON line."""
+    from trainer import Trainer
+    opt = parse(**options)
+    self_critical = phase == "self-critical"
+    run = Config(**{**opt.__dict__, "epoch": 1, "scst_epoch": int(self_critical), "resume": self_critical,
+                    "vis_port": 1, "vis_timeout": 0.1, "plot_every": 10 ** 9})
+    trainer = Trainer(run)
+    split = trainer.train_split
+    split.pairs = split.pairs[:batches * run.batch_size]  # a shorter epoch: the same work per batch
+    split.rows = split.rows[:batches * run.batch_size]
+    profile = cProfile.Profile()
+    start = time.perf_counter()
+    profile.runcall(trainer.train)
+    wall = time.perf_counter() - start
+    stats = pstats.Stats(profile).stats
+    seconds = {name: sum(v[3] for (_, _, function), v in stats.items() if function in functions)
+               for name, functions in {**PARTS, "loop": ("_train_epoch",)}.items()}
+    captions = len(split.rows) * opt.scst_samples if self_critical else len(split.pairs)
+    print(json.dumps({"model": opt.model, "phase": phase, "captions": captions, "wall_s": wall,
+                      "captions_per_s": captions / seconds.pop("loop"),
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      **{f"{name} s": value for name, value in seconds.items()}}))
+
+
+# --- generate -------------------------------------------------------------------------------------
+def generate(count=200, work=WORK, **options):
+    """Wall time and peak memory of `python main.py generate --img=ONE.jpg` as a cold process, and
+    images/s of captioning a folder of `count` photos."""
+    from main import caption_images
+    opt = _bench_data(parse(**options), work)
+    checkpoint = _checkpoint(opt, work)
+    paths = _image_paths(opt, work)[:count]
+    start = time.perf_counter()
+    command = [sys.executable, "main.py", "generate", f"--img={paths[0]}", f"--model-ckpt={checkpoint}"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=os.path.dirname(os.path.abspath(__file__)))
+    _, status, usage = os.wait4(process.pid, 0)
+    cold = time.perf_counter() - start
+    if status:
+        sys.exit(f"bench generate: `main.py generate` failed (status {status})")
+    options = Config(**{**opt.__dict__, "model_ckpt": checkpoint})
+    start = time.perf_counter()
+    caption_images(paths, options)
+    row = {"one_photo_cold_s": cold, "one_photo_peak_mb": usage.ru_maxrss / 1024,
+           "folder_images": len(paths), "folder_images_per_s": len(paths) / (time.perf_counter() - start)}
+    _table("generate", [row])
+    return row
+
+
+def _checkpoint(opt, work):
+    """A trained pooled model to caption with: the train part's, else one trained for an epoch now."""
+    folder = os.path.join(work, "generate")
+    path = os.path.join(folder, "best.pth")
+    if not os.path.isfile(path):
+        subprocess.run([sys.executable, "main.py", "train", *_data_flags(opt), "--epoch=1", "--scst-epoch=0",
+                        "--eval-size=0", "--metric=val_loss", f"--checkpoint-dir={folder}", f"--log-dir={folder}",
+                        "--vis-port=1", "--vis-timeout=0.1"], check=True, capture_output=True,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    return os.path.abspath(path)
+
+
+# --- data, tables, all ----------------------------------------------------------------------------
+def _bench_data(opt: Config, work):
+    """The options as given when they name caption data, else a demo set made (once) in work/demo."""
+    if os.path.isfile(opt.caption_data_path):
+        return opt
+    import demo_data
+    from data_preprocess import process
+    from feature_extract import extract as extract_features
+    folder = os.path.join(work, "demo")
+    train_path, val_path = os.path.join(folder, "caption.pth"), os.path.join(folder, "caption_val.pth")
+    if not os.path.isfile(images.features_path(val_path).replace(".npy", ".json")):
+        demo_data.make(out=folder, num_train=400, num_val=60)
+        process(annotation_file=os.path.join(folder, "train.json"), caption_data_path=train_path, min_appear=1)
+        process(annotation_file=os.path.join(folder, "val.json"), caption_data_path=val_path, vocab_from=train_path)
+        weights = "default" if os.path.isfile(images.weights_path("mobilenet_v2", "IMAGENET1K_V1")) else "none"
+        for path in (train_path, val_path):
+            extract_features(caption_data_path=path, img_path=os.path.join(folder, "images"), backbone="mobilenet_v2",
+                             weights=weights, grid=7)
+    return Config(**{**opt.__dict__, "caption_data_path": train_path, "val_caption_data_path": val_path,
+                     "img_path": os.path.join(folder, "images")})
+
+
+def _data_flags(opt: Config):
+    return [f"--caption-data-path={os.path.abspath(opt.caption_data_path)}",
+            f"--val-caption-data-path={os.path.abspath(opt.val_caption_data_path)}",
+            f"--img-path={os.path.abspath(opt.img_path)}", f"--batch-size={opt.batch_size}"]
+
+
+def _image_paths(opt: Config, work):
+    """The photos of --img-path (the demo's by default), in order."""
+    from main import list_images
+    opt = _bench_data(opt, work)
+    paths = list_images(opt.img_path)
+    if not paths:
+        raise UserError(f"--img-path={opt.img_path}: no images to bench with")
+    return paths
+
+
+def _table(title, rows):
+    """Print rows of numbers under a title, one column per key."""
+    columns = list(rows[0])
+    cells = [[f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
+    print(f"\n{title}\n" + "  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for line in cells:
+        print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
+    sys.stdout.flush()
+
+
+def run_all(work=WORK, **options):
+    """Every part; the numbers also go to work/bench.json."""
+    results = {"date": time.strftime("%Y-%m-%d"), "device": "cuda" if torch.cuda.is_available() else "cpu",
+               "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "beam": beam(), "extract": extract(work=work, **options), "train": train(work=work, **options),
+               "generate": generate(work=work, **options)}
+    results["generate"]["folder_vs_extraction"] = (results["generate"]["folder_images_per_s"]
+                                                   / results["extract"]["pipeline_images_per_s"])
+    path = os.path.join(work, "bench.json")
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(results, file, indent=1)
+    print(f"\ngenerate on a folder / extraction: {results['generate']['folder_vs_extraction']:.2f}; written to {path}")
+
+
+if __name__ == "__main__":
+    try:
+        fire.Fire({"all": run_all, "beam": beam, "extract": extract, "train": train, "generate": generate,
+                   "train_phase": train_phase})
+    except UserError as error:
+        sys.exit(f"error: {error}")
