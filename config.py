@@ -77,6 +77,7 @@ class Config:
     n_best: int = 1
     max_gen_len: int = 30
     length_norm: float = 0.0  # rank finished captions by score / length**length_norm
+    quantize: bool = False  # generate / evaluate on CPU: int8 weights for the decoder's LSTM and Linear layers
     output: str = ""  # write AI Challenger results JSON here
     attention_map: str = ""  # generate: write each image's attention maps (attention model) as a PNG here
     results: str = ""  # evaluate an existing results JSON instead of a model

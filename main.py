@@ -20,7 +20,7 @@ import config
 from beam_search import caption_features
 from config import Config, UserError, command
 from images import encode_images, load_backbone, load_image, pick_device, prepare_backbone
-from model import AttentionModel, find_checkpoint, load_checkpoint, model_from_checkpoint
+from model import AttentionModel, find_checkpoint, load_checkpoint, model_from_checkpoint, quantized
 
 # Each command imports what only it needs (training, metrics, drawing) when it runs: `generate`
 # starts fast.
@@ -49,6 +49,10 @@ def caption_images(paths, opt: Config):
     checkpoint = load_checkpoint(checkpoint_path)
     device = pick_device(opt.use_gpu)
     model = model_from_checkpoint(checkpoint, checkpoint_path).to(device)
+    if opt.quantize:
+        if device.type != "cpu":
+            raise UserError("--quantize is for CPU inference; add --use-gpu=false")
+        model = quantized(model)
     backbone_name = checkpoint["feature"]["backbone"]
     backbone = prepare_backbone(load_backbone(backbone_name, checkpoint["feature"]["weights"]), device)
     grid = checkpoint["feature"].get("grid", 0) if isinstance(model, AttentionModel) else 0

@@ -11,6 +11,7 @@ attention(state) -> the region weights of the last step (B, R), or None.
 import dataclasses
 import glob
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -157,6 +158,13 @@ class AttentionModel(Decoder):
     @staticmethod
     def attention(state):
         return state[-1]
+
+
+def quantized(model):
+    """The model with dynamic int8 quantisation of its LSTM and Linear layers (CPU inference)."""
+    with warnings.catch_warnings():  # torch.ao's eager quantisation is deprecated for torchao; 2.14 has it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.ao.quantization.quantize_dynamic(model, {nn.LSTM, nn.LSTMCell, nn.Linear}, dtype=torch.qint8)
 
 
 MODELS = ("pooled", "attention")

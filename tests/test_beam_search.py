@@ -4,33 +4,10 @@ import pytest
 import torch
 
 from beam_search import beam_search
-from model import AttentionModel, CaptionModel
+from bench import textbook_beam_search
+from model import AttentionModel, CaptionModel, quantized
 
 PAD, END, UNKNOWN = 0, 1, 2
-
-
-def reference_search(model, feature, end, banned, beam_size, max_len, length_norm):
-    """Plain per-image beam search, one hypothesis at a time, with the same rules: at every step
-    each live beam's caption + </EOS> joins the finished pool; the live beams are the best
-    continuations by other allowed words; the best of the pool is returned."""
-    image, state = model.start(feature[None])
-    live = [([], 0.0, image, state)]  # words, score, next input, model state
-    pool = []
-    for t in range(max_len + 1):
-        candidates = []
-        for words, score, inputs, state in live:
-            log_probs, new_state = model.step(inputs, state)
-            log_probs = log_probs[0].clone()
-            log_probs[banned] = -math.inf
-            log_probs = log_probs.log_softmax(-1).tolist()
-            pool.append((words, (score + log_probs[end]) / (t + 1) ** length_norm))
-            candidates += [(words + [word], score + log_prob, new_state) for word, log_prob in enumerate(log_probs)
-                           if word != end and log_prob > -math.inf]
-        if t == max_len:
-            break
-        best = sorted(candidates, key=lambda c: c[1], reverse=True)[:beam_size]
-        live = [(words, score, model.embed(torch.tensor([words[-1]])), state) for words, score, state in best]
-    return max(pool, key=lambda pair: pair[1])
 
 
 def small_model(kind):
@@ -54,7 +31,7 @@ def test_batched_search_matches_per_image_reference(kind, seed, beam_size, lengt
     batched = beam_search(model, features, END, [PAD, UNKNOWN], beam_size=beam_size, max_len=8,
                           length_norm=length_norm)
     for i in range(len(features)):
-        words, score = reference_search(model, features[i], END, [PAD, UNKNOWN], beam_size, 8, length_norm)
+        words, score = textbook_beam_search(model, features[i], END, [PAD, UNKNOWN], beam_size, 8, length_norm)
         assert batched[i][0][0] == words
         assert batched[i][0][1] == pytest.approx(score, abs=1e-4)
         assert UNKNOWN not in words and PAD not in words
@@ -149,3 +126,17 @@ def test_n_best_sorted_and_greedy_is_argmax():
 def test_rejects_impossible_sizes():
     with pytest.raises(ValueError):
         beam_search(CaptionModel(5, 4, 6, 8, 1, 0), torch.randn(1, 4), END, [PAD, UNKNOWN], beam_size=3)
+
+
+@pytest.mark.parametrize("kind", ["pooled", "attention"])
+@torch.no_grad()
+def test_quantized_model_has_int8_weights_and_nearly_the_same_word_probabilities(kind):
+    torch.manual_seed(0)
+    model, features = small_model(kind)
+    int8 = quantized(model)
+    assert isinstance(int8.classifier, torch.ao.nn.quantized.dynamic.Linear)
+    inputs, state = model.start(features)
+    int8_inputs, int8_state = int8.start(features)
+    difference = (model.step(inputs, state)[0].exp() - int8.step(int8_inputs, int8_state)[0].exp()).abs().max()
+    assert 0 < difference < 0.02  # really rounded, and only slightly
+    assert len(beam_search(int8, features, END, [PAD, UNKNOWN], beam_size=3, max_len=8)) == len(features)
