@@ -139,18 +139,18 @@ PARTS = {"forward/backward": ("_step", "_self_critical_step"), "data loading": (
          "validation decoding": ("caption_features",), "metrics": ("score_captions",)}
 
 
-def train(batches=150, work=WORK, **options):
-    """Captions/s, peak memory and time shares of cross-entropy and of self-critical training, each in a
-    fresh process over `batches` batches, then one validation."""
-    opt = _bench_data(parse(**options), work)
+def train(batches=50, work=WORK, **options):
+    """Captions/s, peak memory and where the time goes in cross-entropy and in self-critical training,
+    each in a fresh process over `batches` batches, then one validation (on --eval-size images)."""
+    opt = _bench_data(parse(**{"eval_size": 100, **options}), work)
     rows = []
     for model in ("pooled", "attention"):
         folder = os.path.join(work, "train", model)
         shutil.rmtree(folder, ignore_errors=True)
         for phase in ("cross-entropy", "self-critical"):
-            output = subprocess.run([sys.executable, __file__, "train_phase", f"--phase={phase}",
-                                     f"--batches={batches}", f"--model={model}", f"--checkpoint-dir={folder}",
-                                     f"--log-dir={folder}", *_data_flags(opt)], capture_output=True, text=True)
+            flags = [f"--phase={phase}", f"--batches={batches}", f"--model={model}", f"--checkpoint-dir={folder}",
+                     f"--log-dir={folder}", f"--eval-size={opt.eval_size}", *_data_flags(opt)]
+            output = subprocess.run([sys.executable, __file__, "train_phase", *flags], capture_output=True, text=True)
             if output.returncode:
                 sys.exit(f"bench train {model} {phase} failed:\n{output.stderr[-2000:]}")
             rows.append(json.loads(output.stdout.strip().splitlines()[-1]))
@@ -283,9 +283,18 @@ def run_all(work=WORK, **options):
     print(f"\ngenerate on a folder / extraction: {results['generate']['folder_vs_extraction']:.2f}; written to {path}")
 
 
+def _printing_only(function):
+    """A part as a command: it prints its table; fire does not print what it returns."""
+    def command(*args, **kwargs):
+        function(*args, **kwargs)
+    command.__doc__ = function.__doc__
+    return command
+
+
 if __name__ == "__main__":
     try:
-        fire.Fire({"all": run_all, "beam": beam, "extract": extract, "train": train, "generate": generate,
-                   "train_phase": train_phase})
+        fire.Fire({name: _printing_only(function) for name, function in [
+            ("all", run_all), ("beam", beam), ("extract", extract), ("train", train), ("generate", generate),
+            ("train_phase", train_phase)]})
     except UserError as error:
         sys.exit(f"error: {error}")
