@@ -6,7 +6,8 @@ with --grid=G also the G*G region features the attention model looks at.
 
 The features go beside the caption data (caption.pth -> caption.features.npy, caption.regions.npy),
 with a .json describing them and a .bad.tsv listing images that could not be read. An
-interrupted run resumes where it stopped.
+interrupted run resumes where it stopped. `torchrun --nproc-per-node=N feature_extract.py extract ...`
+splits the images into N contiguous parts, one per process (and GPU), written into the same files.
 """
 import json
 import os
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import distributed
 import images
 from captions import load_caption_data
 from config import Config, command
@@ -24,10 +26,12 @@ from config import Config, command
 
 @command
 def extract(opt: Config):
-    """Write the features of every image of opt.caption_data_path; resumes an interrupted run."""
+    """Write the features of every image of opt.caption_data_path; resumes an interrupted run.
+    Under torchrun each process encodes its own contiguous rows of the same files."""
     image_ids = load_caption_data(opt.caption_data_path)["ix2id"]
     path = images.features_path(opt.caption_data_path)
     device = images.pick_device(opt.use_gpu)
+    distributed.start(device)
     weights = images.resolve_weights(opt.backbone, opt.weights)
     network = images.prepare_backbone(images.build_backbone(opt.backbone, weights), device)
     with torch.inference_mode():
@@ -42,11 +46,10 @@ def extract(opt: Config):
     if _already_extracted(shapes, meta):
         print(f"{path}: already extracted with these settings; delete it to extract again")
         return
-    _print_size(shapes)
-    arrays, start = _open_partial(path, shapes, meta)
-    paths = [os.path.join(opt.img_path, image_id) for image_id in image_ids[start:]]
-    progress = tqdm(total=len(image_ids), initial=start, desc=f"{opt.backbone} features", unit="img")
-    row = start
+    arrays, row = _open_partial(path, shapes, meta, opt.batch_size)
+    first, stop = distributed.shard(len(image_ids), opt.batch_size)  # this process's rows
+    paths = [os.path.join(opt.img_path, image_id) for image_id in image_ids[row:stop]]
+    progress = tqdm(total=stop - first, initial=row - first, desc=f"{opt.backbone} features", unit="img")
     encoded = images.encode_images(network, opt.backbone, paths, device, opt.batch_size, opt.num_workers, opt.grid)
     for *batches, errors in encoded:
         for array, batch in zip(arrays.values(), batches):  # pooled (B, F), then regions (B, G*G, F)
@@ -56,7 +59,9 @@ def extract(opt: Config):
         _save_progress(path, arrays, meta, row)
         progress.update(len(errors))
     progress.close()
-    _finish(path, arrays, meta)
+    distributed.barrier()  # every process's rows are written
+    if distributed.rank_and_size()[0] == 0:
+        _finish(path, arrays, meta)
 
 
 def _print_size(shapes):
@@ -79,31 +84,54 @@ def _same_job(saved, meta):
     return all(saved.get(key) == value for key, value in meta.items() if key != "bad")
 
 
-def _open_partial(path, shapes, meta):
-    """The partial arrays {path: memmap} and the next row: resumed if they match meta, else new."""
-    state_path = path + ".partial.json"
-    if os.path.isfile(state_path) and all(os.path.isfile(array + ".partial") for array in shapes):
-        with open(state_path, encoding="utf-8") as file:
-            state = json.load(file)
-        if _same_job(state, meta):
-            meta["bad"] = state["bad"]
-            print(f"resuming {path} at image {state['done']} of {meta['num_images']}")
-            return {array: np.lib.format.open_memmap(array + ".partial", mode="r+") for array in shapes}, state["done"]
-    return {array: np.lib.format.open_memmap(array + ".partial", mode="w+", dtype=np.float16, shape=shape)
-            for array, shape in shapes.items()}, 0
+def _state_path(path, rank):
+    """Where process `rank` of the launch records how far it got."""
+    return f"{path}.partial.{rank}-of-{distributed.rank_and_size()[1]}.json"
+
+
+def _read_state(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
+def _open_partial(path, shapes, meta, batch_size):
+    """The partial arrays {path: memmap} and this process's next row: resumed when every process's
+    record matches meta, else new arrays (made by process 0), starting at this process's first row."""
+    rank, size = distributed.rank_and_size()
+    states = [_read_state(_state_path(path, r)) for r in range(size)]
+    resume = (all(state is not None and _same_job(state, meta) for state in states)
+              and all(os.path.isfile(array + ".partial") for array in shapes))
+    distributed.barrier()  # every process has decided before process 0 changes anything
+    if not resume and rank == 0:
+        _print_size(shapes)
+        for array, shape in shapes.items():
+            np.lib.format.open_memmap(array + ".partial", mode="w+", dtype=np.float16, shape=shape).flush()
+    distributed.barrier()
+    arrays = {array: np.lib.format.open_memmap(array + ".partial", mode="r+") for array in shapes}
+    if not resume:
+        return arrays, distributed.shard(meta["num_images"], batch_size)[0]
+    meta["bad"] = states[rank]["bad"]
+    print(f"resuming {path} at image {states[rank]['done']} of {meta['num_images']}")
+    return arrays, states[rank]["done"]
 
 
 def _save_progress(path, arrays, meta, done):
     """Flush the rows written so far, then record how many: a crash never claims unwritten rows."""
     for array in arrays.values():
         array.flush()
-    temporary = path + ".partial.json.tmp"
-    with open(temporary, "w", encoding="utf-8") as file:
+    state_path = _state_path(path, distributed.rank_and_size()[0])
+    with open(state_path + ".tmp", "w", encoding="utf-8") as file:
         json.dump({**meta, "done": done}, file)
-    os.replace(temporary, path + ".partial.json")
+    os.replace(state_path + ".tmp", state_path)
 
 
 def _finish(path, arrays, meta):
+    """Process 0, once all are done: the arrays under their names, the description, the bad images."""
+    states = [_state_path(path, rank) for rank in range(distributed.rank_and_size()[1])]
+    for state in states:
+        meta["bad"].update((_read_state(state) or {"bad": {}})["bad"])
     for array_path, array in arrays.items():
         array.flush()
         os.replace(array_path + ".partial", array_path)
@@ -113,7 +141,9 @@ def _finish(path, arrays, meta):
     report = path.replace(".npy", ".bad.tsv")
     with open(report, "w", encoding="utf-8") as file:
         file.writelines(f"{line}\n" for line in meta["bad"].values())
-    os.remove(path + ".partial.json")
+    for state in states:
+        if os.path.isfile(state):
+            os.remove(state)
     for line in meta["bad"].values():
         print(f"bad image: {line}", file=sys.stderr)
     print(f"{path}: {meta['num_images']} x {meta['feature_dim']} float16 features"

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+import distributed
 import efficientnet_lite
 from config import UserError
 from files import atomic_save, load_pth
@@ -104,10 +105,15 @@ def load_image(path):
 
 
 def pick_device(use_gpu=True):
-    """The one device policy: CUDA when asked for and present, else every CPU core."""
+    """The one device policy: CUDA when asked for and present, else the CPU cores: OMP_NUM_THREADS
+    of them if set (torchrun sets 1), else all, shared by the processes of this machine. Under
+    torchrun each process takes its own GPU."""
+    local_rank, local_size = distributed.local_rank_and_size()
     if use_gpu and torch.cuda.is_available():
-        return torch.device("cuda")
-    torch.set_num_threads(os.cpu_count())
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, os.cpu_count() // local_size))
     return torch.device("cpu")
 
 

@@ -122,7 +122,7 @@ def test_killed_extraction_resumes_to_the_same_result(dataset, weights):
     complete_regions = np.load(features_path(caption_path, grid=True))
     os.remove(features_path(caption_path))
 
-    progress = features_path(caption_path) + ".partial.json"
+    progress = features_path(caption_path) + ".partial.0-of-1.json"  # how far process 0 of 1 got
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while process.poll() is None and not (os.path.exists(progress) and json.load(open(progress))["done"] >= 3):
         time.sleep(0.01)
