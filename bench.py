@@ -14,7 +14,6 @@ import json
 import math
 import os
 import pstats
-import resource
 import shutil
 import subprocess
 import sys
@@ -158,6 +157,13 @@ def train(batches=50, work=WORK, **options):
     return rows
 
 
+def _own_peak_mb():
+    """This process's peak resident memory since it started (Linux's VmHWM; ru_maxrss would count
+    the parent's memory at fork)."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+
+
 def train_phase(phase, batches, **options):
     """(Used by `train`.) One phase, profiled; prints its numbers as a JSON line."""
     from trainer import Trainer
@@ -179,7 +185,7 @@ def train_phase(phase, batches, **options):
     captions = len(split.rows) * opt.scst_samples if self_critical else len(split.pairs)
     print(json.dumps({"model": opt.model, "phase": phase, "captions": captions, "wall_s": wall,
                       "captions_per_s": captions / seconds.pop("loop"),
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "peak_rss_mb": _own_peak_mb(),
                       **{f"{name} s": value for name, value in seconds.items()}}))
 
 
@@ -194,22 +200,36 @@ def generate(count=200, work=WORK, **options):
     command = [sys.executable, "main.py", "generate", f"--img={paths[0]}", f"--model-ckpt={checkpoint}"]
     for _ in range(2):  # the first run also keeps the backbone as TorchScript: time the second, as users meet it
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=os.path.dirname(os.path.abspath(__file__)))
-        _, status, usage = os.wait4(process.pid, 0)
+        peak_mb = _peak_of(command) / 1024
         cold = time.perf_counter() - start
-        if status:
-            sys.exit(f"bench generate: `main.py generate` failed (status {status})")
     options = Config(**{**opt.__dict__, "model_ckpt": checkpoint})
     start = time.perf_counter()
     caption_images(paths, options)
-    row = {"one_photo_cold_s": cold, "one_photo_peak_mb": usage.ru_maxrss / 1024,
+    row = {"one_photo_cold_s": cold, "one_photo_peak_mb": peak_mb,
            "folder_images": len(paths), "folder_images_per_s": len(paths) / (time.perf_counter() - start)}
     _table("generate", [row])
     return row
 
 
+# A child's peak memory as the kernel counts it (ru_maxrss) starts from its parent's size at fork:
+# run the command from a small Python process so that only the command's own memory shows.
+PEAK_OF = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+def _peak_of(command):
+    """Run command -> its peak resident memory in kB."""
+    result = subprocess.run([sys.executable, "-c", PEAK_OF, *command], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__)))
+    if result.returncode:
+        sys.exit(f"bench: {' '.join(command[1:3])} failed:\n{result.stderr[-2000:]}")
+    return int(result.stdout)
+
+
 def _checkpoint(opt, work):
-    """A trained pooled model to caption with: the train part's, else one trained for an epoch now."""
+    """--model-ckpt, else a pooled model trained for an epoch now (once)."""
+    if opt.model_ckpt:
+        return os.path.abspath(opt.model_ckpt)
     folder = os.path.join(work, "generate")
     path = os.path.join(folder, "best.pth")
     if not os.path.isfile(path):
