@@ -12,6 +12,7 @@ WORK=${2:-data/flickr8k-cn}
 MODEL=${MODEL:-attention}
 BACKBONE=${BACKBONE:-mobilenet_v2}
 GRID=$([ "$MODEL" = attention ] && echo 7 || echo 0)  # region features only for the attention model
+BLEU_WEIGHT=$([ "$MODEL" = attention ] && echo 0 || echo 4)  # self-critical reward: CIDEr-D alone for attention
 mkdir -p "$WORK"
 python data_preprocess.py process --annotation-file="$DATA/annotations/flickr8kcn_train_zhc.json" \
     --caption-data-path="$WORK/train.pth"
@@ -23,7 +24,7 @@ for split in train val; do
 done
 start=$(date +%s)
 python main.py train --caption-data-path="$WORK/train.pth" --val-caption-data-path="$WORK/val.pth" \
-    --checkpoint-dir="$WORK/checkpoints" --log-dir="$WORK/logs" --env=flickr8k-cn --model="$MODEL"
+    --checkpoint-dir="$WORK/checkpoints" --log-dir="$WORK/logs" --env=flickr8k-cn --model="$MODEL" --scst-bleu-weight="$BLEU_WEIGHT"
 echo "training took $(( $(date +%s) - start )) s"
 python - "$DATA/annotations/flickr8kcn_val_zhc.json" "$WORK/val_heldout.json" <<'PY'
 import json, sys
