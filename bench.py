@@ -10,6 +10,7 @@ Data: `--caption-data-path`/`--val-caption-data-path` with their features and `-
 Flickr8k-CN recipe's); by default a demo set made in `--work` (data/bench). Runs on CUDA when there is one.
 """
 import cProfile
+import dataclasses
 import json
 import math
 import os
@@ -173,8 +174,8 @@ def train_phase(phase, batches, **options):
     from trainer import Trainer
     opt = parse(**options)
     self_critical = phase == "self-critical"
-    run = Config(**{**opt.__dict__, "epoch": 1, "scst_epoch": int(self_critical), "resume": self_critical,
-                    "vis_port": 1, "vis_timeout": 0.1, "plot_every": 10 ** 9})
+    run = dataclasses.replace(opt, epoch=1, scst_epoch=int(self_critical), resume=self_critical, vis_port=1,
+                              vis_timeout=0.1, plot_every=10 ** 9)
     trainer = Trainer(run)
     split = trainer.train_split
     split.pairs = split.pairs[:batches * run.batch_size]  # a shorter epoch: the same work per batch
@@ -206,7 +207,7 @@ def generate(count=200, work=WORK, **options):
         start = time.perf_counter()
         peak_mb = _peak_of(command) / 1024
         cold = time.perf_counter() - start
-    options = Config(**{**opt.__dict__, "model_ckpt": checkpoint})
+    options = dataclasses.replace(opt, model_ckpt=checkpoint)
     start = time.perf_counter()
     caption_images(paths, options)
     row = {"one_photo_cold_s": cold, "one_photo_peak_mb": peak_mb,
@@ -262,8 +263,8 @@ def _bench_data(opt: Config, work):
         for path in (train_path, val_path):
             extract_features(caption_data_path=path, img_path=os.path.join(folder, "images"), backbone="mobilenet_v2",
                              weights=weights, grid=7)
-    return Config(**{**opt.__dict__, "caption_data_path": train_path, "val_caption_data_path": val_path,
-                     "img_path": os.path.join(folder, "images")})
+    return dataclasses.replace(opt, caption_data_path=train_path, val_caption_data_path=val_path,
+                               img_path=os.path.join(folder, "images"))
 
 
 def _data_flags(opt: Config):

@@ -46,8 +46,8 @@ def extract(opt: Config):
     if _already_extracted(shapes, meta):
         print(f"{path}: already extracted with these settings; delete it to extract again")
         return
-    arrays, row = _open_partial(path, shapes, meta, opt.batch_size)
     first, stop = distributed.shard(len(image_ids), opt.batch_size)  # this process's rows
+    arrays, row = _open_partial(path, shapes, meta, first)
     paths = [os.path.join(opt.img_path, image_id) for image_id in image_ids[row:stop]]
     progress = tqdm(total=stop - first, initial=row - first, desc=f"{opt.backbone} features", unit="img")
     encoded = images.encode_images(network, opt.backbone, paths, device, opt.batch_size, opt.num_workers, opt.grid)
@@ -96,9 +96,9 @@ def _read_state(path):
         return json.load(file)
 
 
-def _open_partial(path, shapes, meta, batch_size):
+def _open_partial(path, shapes, meta, first):
     """The partial arrays {path: memmap} and this process's next row: resumed when every process's
-    record matches meta, else new arrays (made by process 0), starting at this process's first row."""
+    record matches meta, else new arrays (made by process 0), starting at this process's `first` row."""
     rank, size = distributed.rank_and_size()
     states = [_read_state(_state_path(path, r)) for r in range(size)]
     resume = (all(state is not None and _same_job(state, meta) for state in states)
@@ -111,7 +111,7 @@ def _open_partial(path, shapes, meta, batch_size):
     distributed.barrier()
     arrays = {array: np.lib.format.open_memmap(array + ".partial", mode="r+") for array in shapes}
     if not resume:
-        return arrays, distributed.shard(meta["num_images"], batch_size)[0]
+        return arrays, first
     meta["bad"] = states[rank]["bad"]
     print(f"resuming {path} at image {states[rank]['done']} of {meta['num_images']}")
     return arrays, states[rank]["done"]
