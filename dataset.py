@@ -53,21 +53,22 @@ class CaptionSplit:
         return torch.from_numpy(features)
 
     # --- batches ---
-    def batches(self, batch_size, seed=None, skip=0):
-        """Yield (rows (B,), features (B, F), captions (B, T), lengths (B,)).
-
-        Shuffled by `seed`; the first `skip` batches are left out (to resume mid-epoch)."""
-        for chunk in _shuffled_chunks(len(self.pairs), batch_size, seed, skip):
+    # A batch is `batch_size` rows of the whole run; under torchrun each of the `processes` takes
+    # every processes-th of them, from `process` on (DistributedSampler's split, batch by batch).
+    def batches(self, batch_size, seed=None, skip=0, process=0, processes=1):
+        """Yield (rows (b,), features (b, F), captions (b, T), lengths (b,)): this process's share of
+        each batch. Shuffled by `seed`; the first `skip` batches are left out (to resume mid-epoch)."""
+        for chunk in _shuffled_chunks(len(self.pairs), batch_size, seed, skip, process, processes):
             yield self.collate([self.pairs[i] for i in chunk])
 
-    def image_batches(self, batch_size, seed, skip=0):
-        """Yield (rows (B,), features (B, F)): each image once, shuffled by `seed`."""
-        for chunk in _shuffled_chunks(len(self.rows), batch_size, seed, skip):
+    def image_batches(self, batch_size, seed, skip=0, process=0, processes=1):
+        """Yield (rows (b,), features (b, F)): each image once, shuffled by `seed`, shared as batches are."""
+        for chunk in _shuffled_chunks(len(self.rows), batch_size, seed, skip, process, processes):
             rows = self.rows[chunk]
             yield rows, self.features_of(rows)
 
-    def num_batches(self, batch_size, images=False):
-        return -(-(len(self.rows) if images else len(self.pairs)) // batch_size)
+    def num_batches(self, batch_size, images=False, processes=1):
+        return len(_batch_starts(len(self.rows) if images else len(self.pairs), batch_size, processes))
 
     def collate(self, pairs):
         """(row, caption number) pairs -> rows (B,), features (B, F), captions (B, T) ending in </EOS>
@@ -81,13 +82,24 @@ class CaptionSplit:
         return rows, self.features_of(rows), captions, lengths
 
 
-def _shuffled_chunks(count, batch_size, seed, skip):
-    """Index chunks of range(count), shuffled by `seed` (None: in order), the first `skip` left out."""
+def _batch_starts(count, batch_size, processes):
+    """Where the batches of range(count) start; a last batch too small to give every process a row
+    joins the one before."""
+    starts = list(range(0, count, batch_size))
+    if len(starts) > 1 and count - starts[-1] < processes:
+        starts.pop()
+    return starts
+
+
+def _shuffled_chunks(count, batch_size, seed, skip, process=0, processes=1):
+    """This process's share of each batch of range(count), shuffled by `seed` (None: in order),
+    the first `skip` batches left out."""
     order = np.arange(count)
     if seed is not None:
         np.random.default_rng(seed).shuffle(order)
-    for start in range(skip * batch_size, count, batch_size):
-        yield order[start:start + batch_size]
+    starts = _batch_starts(count, batch_size, processes)
+    for start, stop in list(zip(starts, [*starts[1:], count]))[skip:]:
+        yield order[start:stop][process::processes]
 
 
 def load_split(caption_data_path, ix2word=None, grid=False):

@@ -10,6 +10,7 @@ import torch
 from torchnet.meter import AverageValueMeter
 from tqdm import tqdm
 
+import distributed
 from beam_search import caption_features
 from config import Config, UserError
 from dataset import train_val_splits
@@ -42,6 +43,31 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
+class _Objective(torch.nn.Module):
+    """A loss function of the model as this module's forward: the call that DistributedDataParallel
+    wraps to average the gradients of every process in backward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, loss_function, *args):
+        return loss_function(self.model, *args)
+
+
+class _NoDashboard:
+    """The dashboard of a process other than 0: draws nothing."""
+
+    def __getattr__(self, _name):
+        return lambda *args, **kwargs: None
+
+
+def cross_entropy_loss(model, features, captions, lengths):
+    """Teacher-forced cross-entropy of the captions (with the model's own penalty, if any)."""
+    logits, targets, penalty = model(features, captions, lengths)  # (N, V), (N,)
+    return torch.nn.functional.cross_entropy(logits, targets) + penalty
+
+
 def check_options(opt: Config):
     """Refuse, in one line, training options that cannot work together."""
     if opt.model not in MODELS:
@@ -66,6 +92,10 @@ class Trainer:
     After each epoch it validates, keeps best.pth by `--metric`, decays the lr and stops a
     phase early when the metric stalls. `state` says where training is (phase, epochs, batch):
     last.pth holds it, so Ctrl-C, SIGTERM or a crash lose at most one batch.
+
+    Under torchrun every process trains on its share of each batch (`--batch-size` is the batch
+    of the whole run) and DistributedDataParallel averages the gradients; validation is shared out
+    and gathered; process 0 alone writes checkpoints, logs and the dashboard.
     """
 
     def __init__(self, opt: Config):
@@ -73,20 +103,26 @@ class Trainer:
         self.opt = opt
         torch.manual_seed(opt.seed)
         self.device = pick_device(opt.use_gpu)
+        distributed.start(self.device)
+        self.process, self.processes = distributed.rank_and_size()
         self.train_split, self.val_split = train_val_splits(opt)
         self.vocab = self.train_split.ix2word
         self.model = build_model(opt, len(self.vocab), self.train_split.feature_dim).to(self.device)
         self.optimizer = self._adam(opt.lr)
         self.state = {"phase": CROSS_ENTROPY, "epoch": 0, "phase_epoch": 0, "batch": 0, "step": 0,
-                      "best_score": None, "epochs_without_improvement": 0}
+                      "best_score": None, "epochs_without_improvement": 0, "processes": self.processes}
         self.last_path = os.path.join(opt.checkpoint_dir, "last.pth")
         self.best_path = os.path.join(opt.checkpoint_dir, "best.pth")
         if opt.resume:
             self._resume()
-        os.makedirs(opt.log_dir, exist_ok=True)
+        self.objective = distributed.parallel(_Objective(self.model), self.device)
         self.log_path = os.path.join(opt.log_dir, f"{opt.env}.metrics.jsonl")
-        self.dashboard = Dashboard(opt.env, opt.vis_server, opt.vis_port,
-                                   os.path.join(opt.log_dir, f"{opt.env}.visdom.log"), timeout=opt.vis_timeout)
+        if self.process == 0:
+            os.makedirs(opt.log_dir, exist_ok=True)
+            self.dashboard = Dashboard(opt.env, opt.vis_server, opt.vis_port,
+                                       os.path.join(opt.log_dir, f"{opt.env}.visdom.log"), timeout=opt.vis_timeout)
+        else:
+            self.dashboard = _NoDashboard()
         self.loss_meter = AverageValueMeter()
         self.cider = None  # CIDEr-D over the training captions, built when self-critical training starts
         self.debug_warned = False
@@ -96,7 +132,7 @@ class Trainer:
         return torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=self.opt.weight_decay, fused=True)
 
     def _resume(self):
-        checkpoint = load_checkpoint(self.last_path)
+        checkpoint = distributed.from_process_0(lambda: load_checkpoint(self.last_path))
         if checkpoint["ix2word"] != self.vocab:
             raise UserError(f"{self.last_path}: built for another vocabulary than {self.opt.caption_data_path}")
         if checkpoint["feature"]["feature_dim"] != self.train_split.feature_dim:
@@ -113,15 +149,31 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as error:
             raise UserError(f"{self.last_path}: built for another model configuration ({str(error)[:200]})") from None
         self.state.update(checkpoint["state"])
-        print(f"resuming from {self.last_path} at epoch {self.state['epoch']}, batch {self.state['batch']} "
+        saved_processes = self.state["processes"]
+        if saved_processes != self.processes and self.state["batch"]:
+            self.say(f"{self.last_path} was written by {saved_processes} processes, this run has {self.processes}: "
+                     f"the shares of the batches differ, so epoch {self.state['epoch'] + 1} starts again")
+            self.state["batch"] = 0
+        self.state["processes"] = self.processes
+        self.say(f"resuming from {self.last_path} at epoch {self.state['epoch']}, batch {self.state['batch']} "
               f"({self.state['phase']})")
 
+    def say(self, message):
+        """Print, once for the whole run (from process 0)."""
+        if self.process == 0:
+            print(message)
+
     def save(self, path):
+        """Write a checkpoint with the training state (process 0; the others hold the same)."""
+        if self.process:
+            return
         save_checkpoint(path, self.model, self.opt, self.train_split.ix2word, self.train_split.meta,
                         optimizer=self.optimizer.state_dict(), state=self.state)
 
     def log(self, name, value):
-        """One JSON line per value in the run's log (it survives without Visdom)."""
+        """One JSON line per value in the run's log (it survives without Visdom); from process 0."""
+        if self.process:
+            return
         record = {"epoch": self.state["epoch"], "step": self.state["step"], "name": name, "value": value,
                   "time": time.time()}
         with open(self.log_path, "a", encoding="utf-8") as file:
@@ -138,8 +190,10 @@ class Trainer:
                 completed = self._run_phase(stop)
             if not completed:
                 self.save(self.last_path)
-                print(f"\n{stop.requested}: saved {self.last_path}; continue with --resume")
+                self.say(f"\n{stop.requested or 'stopped by another process'}: saved {self.last_path}; "
+                         "continue with --resume")
         self.dashboard.flush()
+        distributed.finish()
 
     def _run_phase(self, stop):
         """The remaining epochs of the current phase; False when a stop was requested."""
@@ -154,12 +208,14 @@ class Trainer:
 
     def _start_self_critical(self):
         """Self-critical training starts from the best cross-entropy model, with its own lr."""
-        if os.path.isfile(self.best_path):
-            self.model.load_state_dict(load_checkpoint(self.best_path)["model"])
+        best = distributed.from_process_0(
+            lambda: load_checkpoint(self.best_path)["model"] if os.path.isfile(self.best_path) else None)
+        if best is not None:
+            self.model.load_state_dict(best)
         self.optimizer = self._adam(self.opt.scst_lr)
         self.state.update(phase=SELF_CRITICAL, phase_epoch=0, batch=0, epochs_without_improvement=0)
         self.save(self.last_path)
-        print(f"self-critical training for {self.opt.scst_epoch} epochs from {self.best_path}; "
+        self.say(f"self-critical training for {self.opt.scst_epoch} epochs from {self.best_path}; "
               f"reward: CIDEr-D + {self.opt.scst_bleu_weight} x mean BLEU-1..4")
 
     def _train_epoch(self, stop, epochs):
@@ -171,14 +227,15 @@ class Trainer:
         self.model.train()
         self.loss_meter.reset()  # the dashboard shows this epoch's running mean
         seed = opt.seed + state["epoch"]
+        share = {"skip": state["batch"], "process": self.process, "processes": self.processes}
         if self_critical:
-            batches = split.image_batches(opt.batch_size, seed=seed, skip=state["batch"])
+            batches = split.image_batches(opt.batch_size, seed, **share)
             step, measure = self._self_critical_step, "reward"
         else:
-            batches = split.batches(opt.batch_size, seed=seed, skip=state["batch"])
+            batches = split.batches(opt.batch_size, seed, **share)
             step, measure = self._step, "loss"
-        progress = tqdm(batches, total=split.num_batches(opt.batch_size, images=self_critical),
-                        initial=state["batch"], unit="batch",
+        progress = tqdm(batches, total=split.num_batches(opt.batch_size, self_critical, self.processes),
+                        initial=state["batch"], unit="batch", disable=self.process != 0,
                         desc=f"{state['phase']} epoch {state['phase_epoch'] + 1}/{epochs}")
         for batch in progress:
             if self._debug_requested():
@@ -187,10 +244,10 @@ class Trainer:
             self.loss_meter.add(step(*batch))
             state["batch"] += 1
             state["step"] += 1
-            if state["step"] % opt.plot_every == 0:
+            if state["step"] % opt.plot_every == 0 and self.process == 0:
                 progress.set_postfix({measure: f"{self.loss_meter.value()[0]:.3f}"})
                 self._plot(batch[0][0], measure)
-            if stop.requested:
+            if distributed.any_process(stop.requested):
                 return False
         return True
 
@@ -209,18 +266,18 @@ class Trainer:
         return False
 
     def _step(self, rows, features, captions, lengths):
-        """One cross-entropy step -> the loss (with the model's own penalty, if any)."""
-        logits, targets, penalty = self.model(features.to(self.device), captions.to(self.device), lengths)  # (N, V)
-        return self._update(torch.nn.functional.cross_entropy(logits, targets) + penalty)
+        """One cross-entropy step -> the loss."""
+        return self._update(self.objective(cross_entropy_loss, features.to(self.device), captions.to(self.device),
+                                           lengths))
 
     def _self_critical_step(self, rows, features):
         """One self-critical step -> the mean reward of the sampled captions."""
         split = self.train_split
         if self.cider is None:
             self.cider = CorpusCider(reference_corpus(split.word_captions(), split.end, split.unknown))
-        loss, reward = self_critical_loss(self.model, features.to(self.device), rows.tolist(), self.cider,
-                                          split.end, split.banned, self.opt.scst_samples, self.opt.max_gen_len,
-                                          self.opt.scst_bleu_weight)
+        loss, reward = self.objective(self_critical_loss, features.to(self.device), rows.tolist(), self.cider,
+                                      split.end, split.banned, self.opt.scst_samples, self.opt.max_gen_len,
+                                      self.opt.scst_bleu_weight)
         self._update(loss)
         return reward
 
@@ -267,10 +324,10 @@ class Trainer:
                 self._decay_lr()
         self.save(self.last_path)
         summary = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
-        print(f"epoch {state['epoch']}: {summary}" + (" (best)" if improved else ""))
+        self.say(f"epoch {state['epoch']}: {summary}" + (" (best)" if improved else ""))
         stop = opt.early_stop_patience and state["epochs_without_improvement"] >= opt.early_stop_patience
         if stop:
-            print(f"early stop of {state['phase']} training: no improvement of {opt.metric} "
+            self.say(f"early stop of {state['phase']} training: no improvement of {opt.metric} "
                   f"for {opt.early_stop_patience} epochs")
             self.log("early_stop", state["epoch"])
         return stop
@@ -285,25 +342,35 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] *= self.opt.lr_decay
         lr = self.optimizer.param_groups[0]["lr"]
-        print(f"no improvement for {self.state['epochs_without_improvement']} epochs: lr -> {lr:.2e}")
+        self.say(f"no improvement for {self.state['epochs_without_improvement']} epochs: lr -> {lr:.2e}")
         self.log("lr", lr)
 
     @torch.no_grad()
     def validate(self):
-        """Validation loss, perplexity, top-5 word accuracy, and caption metrics on eval_size images."""
+        """Validation loss, perplexity, top-5 word accuracy, and caption metrics on eval_size images
+        (each process takes its share; all get the same scores)."""
         self.model.eval()
         total, correct, count = 0.0, 0, 0
-        for _, features, captions, lengths in self.val_split.batches(self.opt.batch_size):
+        for _, features, captions, lengths in self.val_split.batches(self.opt.batch_size, process=self.process,
+                                                                     processes=self.processes):
             logits, targets, _ = self.model(features.to(self.device), captions.to(self.device), lengths)
             total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
             correct += (logits.topk(5, dim=1).indices == targets.unsqueeze(1)).any(1).sum().item()
             count += len(targets)
+        total, correct, count = distributed.sums([total, correct, count])
         scores = {"val_loss": total / count, "perplexity": math.exp(total / count), "top5_accuracy": correct / count}
         rows = self.val_split.rows[:self.opt.eval_size]
         if len(rows):
-            features = self.val_split.features_of(rows).to(self.device)  # (n, F)
-            beams = caption_features(self.model, features, self.vocab, self.opt, n_best=1)
-            results = {self.val_split.image_id(row): b[0][0] for row, b in zip(rows, beams)}
-            scores.update(score_captions(results, self.val_split.references(rows)))
+            results = distributed.merged(self._caption(rows[self.process::self.processes]))
+            scores.update(distributed.from_process_0(
+                lambda: score_captions(results, self.val_split.references(rows))))
         self.model.train()
         return scores
+
+    def _caption(self, rows):
+        """{image_id: best caption} of val rows."""
+        if not len(rows):
+            return {}
+        features = self.val_split.features_of(rows).to(self.device)  # (n, F)
+        beams = caption_features(self.model, features, self.vocab, self.opt, n_best=1)
+        return {self.val_split.image_id(row): b[0][0] for row, b in zip(rows, beams)}

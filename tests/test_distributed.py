@@ -1,4 +1,5 @@
 """Several processes under torchrun (gloo on 127.0.0.1): they give what one process gives."""
+import json
 import os
 import shutil
 import subprocess
@@ -6,18 +7,20 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, mobilenet_weights
+from conftest import ROOT, command_line, mobilenet_weights, options
 
+from captions import load_caption_data
 from images import features_path
+from model import load_checkpoint, model_from_checkpoint
 
 pytestmark = pytest.mark.slow
 
 
-def torchrun(processes, *command):
+def torchrun(processes, *command, **environment):
     """Run a command file under torchrun on this machine; its output if it fails."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     result = subprocess.run([*launch, *command], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **environment})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -38,3 +41,48 @@ def test_two_processes_extract_the_same_features_as_one(demo, tmp_path):
     for one, two in zip(arrays[1], arrays[2]):
         assert one.shape[0] == 120 and np.abs(one).sum() > 0
         np.testing.assert_array_equal(two, one)
+
+
+def train_args(opt, folder, **changes):
+    """Options of `main.py train`; the empty ones are left out (torchrun refuses `--log=` as an
+    ambiguous abbreviation of its own options)."""
+    return [arg for arg in command_line(options(opt, folder, **changes)) if not arg.endswith("=")]
+
+
+def validation_losses(folder):
+    log = [json.loads(line) for line in open(folder / "logs" / "caption.metrics.jsonl")]
+    return [record["value"] for record in log if record["name"] == "val_loss"]
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(demo, tmp_path):
+    """--batch-size is the batch of the whole run: 2 processes x 16 captions take the steps that one
+    process takes with 32, and reach about the same loss; validation is shared out and gathered."""
+    states = {}
+    for processes in (1, 2):
+        folder = tmp_path / str(processes)
+        torchrun(processes, "main.py", "train", *train_args(demo, folder, epoch=2, eval_size=12))
+        model_from_checkpoint(load_checkpoint(str(folder / "checkpoints" / "best.pth")), "best.pth")  # as generate
+        states[processes] = load_checkpoint(str(folder / "checkpoints" / "last.pth"))["state"]
+        assert len(validation_losses(folder)) == 2
+    assert states[2]["step"] == states[1]["step"] == 2 * (120 * 5 // demo.batch_size + 1)
+    assert states[2]["processes"] == 2
+    one, two = validation_losses(tmp_path / "1"), validation_losses(tmp_path / "2")
+    assert one[1] < 0.8 * one[0] and two[1] < 0.8 * two[0]  # both learn
+    np.testing.assert_allclose(two, one, rtol=0.05)  # different dropout draws, per-process loss means
+
+
+def test_sigterm_to_one_process_then_resume_sees_every_caption_once(demo, tmp_path):
+    record = str(tmp_path / "batches")
+    args = train_args(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss", batch_size=16)
+    stopped = torchrun(2, "tests/recorded_main.py", "train", *args, RECORD_BATCHES=record, STOP_PROCESS="1",
+                       STOP_AFTER="5")
+    assert "SIGTERM: saved" in stopped.stdout or "stopped by another process" in stopped.stdout
+    saved = load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))["state"]
+    assert (saved["epoch"], saved["batch"], saved["processes"]) == (0, 5, 2)
+
+    resumed = torchrun(2, "tests/recorded_main.py", "train", *args, "--resume=True", RECORD_BATCHES=record)
+    assert "at epoch 0, batch 5" in resumed.stdout
+    assert load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))["state"]["epoch"] == 1
+    seen = [int(number) for process in (0, 1) for line in open(f"{record}.{process}") for number in line.split()]
+    captions = sum(len(caption) for caption in load_caption_data(demo.caption_data_path)["caption"])
+    assert sorted(seen) == list(range(captions))  # every caption once, none twice, none left out
