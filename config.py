@@ -46,6 +46,7 @@ class Config:
     weight_decay: float = 0.0
     epoch: int = 10
     grad_clip: float = 5.0
+    scheduled_sampling: float = 0.0  # feed the model its own word with a probability rising from 0 to this
     seed: int = 0
     use_gpu: bool = True  # use CUDA when there is one
     checkpoint_dir: str = "checkpoints"

@@ -41,6 +41,33 @@ class Decoder(nn.Module):
         hidden, state = self._advance(inputs, state)
         return self.classifier(hidden).log_softmax(-1), state
 
+    def unrolled(self, features, captions, lengths, sampling=0.0):
+        """Teacher forcing step by step, like a packed LSTM: step t runs only the captions still
+        going, longest first (batch_sizes[t] rows).
+
+        features (B, F) or (B, R, F); captions (B, T) ending in </EOS>, padded; lengths (B,)
+        -> logits (N, V), targets (N,) of the real positions, packed; each step's attention (rows, R) or None.
+        Scheduled sampling (Bengio et al., 2015): with probability `sampling` a position's input is
+        the model's own best word of the step before instead of the human word.
+        """
+        packed = pack_padded_sequence(captions, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        order = packed.sorted_indices.to(captions.device)
+        features, captions = features[order], captions[order]
+        inputs, state = self.start(features)
+        outputs, looked = [], []
+        for t, rows in enumerate(packed.batch_sizes.tolist()):
+            state = self.select(state, slice(rows))
+            hidden, state = self._advance(self.dropout(inputs[:rows]), state)  # (rows, H)
+            outputs.append(self.classifier(self.dropout(hidden)) if sampling else hidden)  # (rows, V) or (rows, H)
+            looked.append(self.attention(state))
+            words = captions[:rows, t]  # (rows,)
+            if sampling:
+                own = torch.rand(rows, device=words.device) < sampling
+                words = torch.where(own, outputs[-1].detach().argmax(-1), words)
+            inputs = self.embed(words)  # (rows, E)
+        logits = torch.cat(outputs) if sampling else self.classifier(self.dropout(torch.cat(outputs)))  # (N, V)
+        return logits, packed.data, looked
+
     @staticmethod
     def attention(state):
         """The region weights of the last step (B, R); None for a model without attention."""
@@ -61,12 +88,16 @@ class CaptionModel(Decoder):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, vocab_size)
 
-    def forward(self, features, captions, lengths):
+    def forward(self, features, captions, lengths, sampling=0.0):
         """Logits and targets of every real (unpadded) position, packed, and a regularising loss (0 here).
 
         features (B, F); captions (B, T) word indices ending in </EOS>, padded; lengths (B,)
         -> logits (N, V), targets (N,) with N = lengths.sum(), penalty ()
+        Teacher forcing runs the LSTM once over the packed captions; scheduled sampling step by step.
         """
+        if sampling:
+            logits, targets, _ = self.unrolled(features, captions, lengths, sampling)
+            return logits, targets, logits.new_zeros(())
         image, state = self.start(features)
         inputs = torch.cat([image.unsqueeze(1), self.embedding(captions[:, :-1])], dim=1)  # (B, T, E)
         lengths = lengths.cpu()
@@ -115,25 +146,13 @@ class AttentionModel(Decoder):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, vocab_size)
 
-    def forward(self, regions, captions, lengths):
+    def forward(self, regions, captions, lengths, sampling=0.0):
         """regions (B, R, F); captions (B, T) ending in </EOS>, padded; lengths (B,)
-        -> logits (N, V), targets (N,) of the real positions, packed, doubly stochastic penalty ().
-
-        Like a packed LSTM, step t runs only the captions still going: longest first, batch_sizes[t] rows."""
-        packed = pack_padded_sequence(captions, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        order = packed.sorted_indices.to(captions.device)
-        regions, words = regions[order], self.embedding(captions[order])  # (B, R, F), (B, T, E)
-        inputs, state = self.start(regions)
-        hiddens, looked = [], []
-        for t, rows in enumerate(packed.batch_sizes.tolist()):
-            state = self.select(state, slice(rows))
-            hidden, state = self._advance(self.dropout(inputs[:rows]), state)  # (rows, H)
-            hiddens.append(hidden)
-            looked.append(F.pad(state[-1], (0, 0, 0, len(regions) - rows)))  # (B, R), 0 after </EOS>
-            inputs = words[:, t]
-        logits = self.classifier(self.dropout(torch.cat(hiddens)))  # (N, V)
+        -> logits (N, V), targets (N,) of the real positions, packed, doubly stochastic penalty ()."""
+        logits, targets, looked = self.unrolled(regions, captions, lengths, sampling)
+        looked = [F.pad(weights, (0, 0, 0, len(regions) - len(weights))) for weights in looked]  # (B, R) each
         penalty = self.alpha_c * ((1.0 - torch.stack(looked).sum(0)) ** 2).mean()
-        return logits, packed.data, penalty
+        return logits, targets, penalty
 
     def start(self, regions):
         """regions (B, R, F) -> first input (B, E); state h, c (B, H), regions, their projection

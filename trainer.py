@@ -1,4 +1,5 @@
 """The training loop of `main.py train`."""
+import functools
 import json
 import math
 import os
@@ -62,9 +63,10 @@ class _NoDashboard:
         return lambda *args, **kwargs: None
 
 
-def cross_entropy_loss(model, features, captions, lengths):
-    """Teacher-forced cross-entropy of the captions (with the model's own penalty, if any)."""
-    logits, targets, penalty = model(features, captions, lengths)  # (N, V), (N,)
+def cross_entropy_loss(model, features, captions, lengths, sampling=0.0):
+    """Cross-entropy of the captions, teacher-forced (scheduled sampling with probability `sampling`),
+    with the model's own penalty, if any."""
+    logits, targets, penalty = model(features, captions, lengths, sampling)  # (N, V), (N,)
     return torch.nn.functional.cross_entropy(logits, targets) + penalty
 
 
@@ -81,6 +83,8 @@ def check_options(opt: Config):
     for name in ("lr_patience", "early_stop_patience", "epoch", "scst_epoch"):
         if getattr(opt, name) < 0:
             raise UserError(f"--{name} cannot be negative")
+    if not 0.0 <= opt.scheduled_sampling <= 1.0:
+        raise UserError(f"--scheduled-sampling={opt.scheduled_sampling}: a probability, between 0 and 1")
     if opt.scst_epoch and opt.scst_samples < 2:
         raise UserError("--scst-samples must be at least 2: a sample's baseline is the others' mean reward")
 
@@ -233,7 +237,7 @@ class Trainer:
             step, measure = self._self_critical_step, "reward"
         else:
             batches = split.batches(opt.batch_size, seed, **share)
-            step, measure = self._step, "loss"
+            step, measure = functools.partial(self._step, sampling=self._sampling_probability()), "loss"
         progress = tqdm(batches, total=split.num_batches(opt.batch_size, self_critical, self.processes),
                         initial=state["batch"], unit="batch", disable=self.process != 0,
                         desc=f"{state['phase']} epoch {state['phase_epoch'] + 1}/{epochs}")
@@ -265,10 +269,18 @@ class Trainer:
             self.debug_warned = True
         return False
 
-    def _step(self, rows, features, captions, lengths):
+    def _sampling_probability(self):
+        """Scheduled sampling's probability this epoch: from 0 in the first cross-entropy epoch up to
+        --scheduled-sampling in the last."""
+        probability = self.opt.scheduled_sampling * self.state["phase_epoch"] / max(1, self.opt.epoch - 1)
+        if probability:
+            self.log("scheduled_sampling", probability)
+        return probability
+
+    def _step(self, rows, features, captions, lengths, sampling):
         """One cross-entropy step -> the loss."""
         return self._update(self.objective(cross_entropy_loss, features.to(self.device), captions.to(self.device),
-                                           lengths))
+                                           lengths, sampling))
 
     def _self_critical_step(self, rows, features):
         """One self-critical step -> the mean reward of the sampled captions."""

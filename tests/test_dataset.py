@@ -62,3 +62,38 @@ def test_attention_penalty_is_zero_when_every_region_is_looked_at_once():
         _, _, penalty = model(torch.randn(2, 4, 5), captions, lengths)
     # image 1: 4 words x 1/4 = 1 per region -> 0; image 2: 2 words x 1/4 -> (1 - 0.5)^2 = 0.25
     assert penalty.item() == pytest.approx(2.0 * (0 + 0.25) / 2)
+
+
+def tiny_model(kind):
+    """A small model of either kind without dropout, and features for 3 images."""
+    torch.manual_seed(0)
+    if kind == "pooled":
+        return CaptionModel(11, 5, embedding_dim=6, hidden_size=8, num_layers=2, dropout=0).eval(), torch.randn(3, 5)
+    model = AttentionModel(11, 5, embedding_dim=6, hidden_size=8, attention_dim=7, dropout=0, alpha_c=1.0)
+    return model.eval(), torch.randn(3, 4, 5)
+
+
+CAPTIONS, LENGTHS = torch.tensor([[4, 5, 6, 1, 0], [7, 1, 0, 0, 0], [3, 9, 8, 10, 1]]), torch.tensor([4, 2, 5])
+
+
+@pytest.mark.parametrize("kind", ["pooled", "attention"])
+def test_scheduled_sampling_feeds_the_models_own_best_word(kind):
+    """At probability 1 every input after the first is the model's best word of the step before:
+    the loss is that of greedy decoding scored against the human captions. At 0 it is teacher forcing."""
+    model, features = tiny_model(kind)
+    with torch.no_grad():
+        logits, targets, _ = model(features, CAPTIONS, LENGTHS, sampling=1.0)
+        own_loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        greedy_loss = 0.0
+        for b in range(3):
+            inputs, state = model.start(features[b:b + 1])
+            for t in range(int(LENGTHS[b])):
+                log_probs, state = model.step(inputs, state)
+                greedy_loss -= log_probs[0, CAPTIONS[b, t]].item()
+                inputs = model.embed(log_probs.argmax(-1))
+        teacher, _, _ = model(features, CAPTIONS, LENGTHS)
+        unrolled, _, _ = model.unrolled(features, CAPTIONS, LENGTHS, sampling=0.0)
+    np.testing.assert_allclose(own_loss, greedy_loss, rtol=1e-5)
+    torch.testing.assert_close(unrolled, teacher)  # the step-by-step path is the packed one when not sampling
+    teacher_loss = torch.nn.functional.cross_entropy(teacher, targets, reduction="sum").item()
+    assert abs(teacher_loss - own_loss) > 1e-3

@@ -201,3 +201,18 @@ def test_debug_file_starts_ipdb_only_for_its_owner_on_a_terminal(demo, tmp_path,
     assert trainer._debug_requested()
     monkeypatch.setattr("os.getuid", lambda: os.stat(debug_file).st_uid + 1)
     assert not trainer._debug_requested()  # another user's file
+
+
+def test_scheduled_sampling_rises_from_exactly_todays_training(demo, tmp_path):
+    """--scheduled-sampling=P: the first cross-entropy epoch is plain teacher forcing (the same losses
+    to the last bit), the last one feeds the model's own words with probability P."""
+    losses = {}
+    for probability in (0.0, 0.5):
+        folder = tmp_path / str(probability)
+        train(**options(demo, folder, epoch=2, eval_size=0, metric="val_loss", scheduled_sampling=probability))
+        log = [json.loads(line) for line in open(folder / "logs" / "caption.metrics.jsonl")]
+        losses[probability] = [r["value"] for r in log if r["name"] == "val_loss"]
+        schedule = [(r["epoch"], r["value"]) for r in log if r["name"] == "scheduled_sampling"]
+    assert schedule == [(1, 0.5)]  # logged in epoch 2 only; 0 before
+    assert losses[0.5][0] == losses[0.0][0]
+    assert losses[0.5][1] != losses[0.0][1]
