@@ -47,6 +47,10 @@ class Config:
     epoch: int = 10
     grad_clip: float = 5.0
     scheduled_sampling: float = 0.0  # feed the model its own word with a probability rising from 0 to this
+    finetune_encoder: int = 0  # then train the backbone's last N stages too, from images (encoder.py says what N means)
+    finetune_epoch: int = 3  # epochs of that fine-tuning (cross-entropy), before self-critical training
+    encoder_lr: float = 1e-4  # learning rate of the fine-tuned stages
+    augment: bool = False  # fine-tuning: random crops and flips (never for images whose captions say 左/右)
     seed: int = 0
     use_gpu: bool = True  # use CUDA when there is one
     checkpoint_dir: str = "checkpoints"

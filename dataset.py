@@ -21,8 +21,11 @@ class CaptionSplit:
         self.end, self.banned = special_indices(self.ix2word)  # </EOS>; </PAD> and </UNKNOWN>
         self.unknown = caption_data["word2ix"][caption_data["unknown"]]
         self.feature_dim = features.shape[-1]
-        # one (row, caption number) pair per caption
-        self.pairs = [(row, i) for row in self.rows for i in range(len(caption_data["caption"][row]))]
+        self.pairs = self.pairs_of(self.rows)  # one (row, caption number) pair per caption
+
+    def with_features(self, features):
+        """The same rows with other features (indexed by row like the stored ones)."""
+        return CaptionSplit(self._data, features, self.meta, self.rows)
 
     # --- accessors ---
     def image_id(self, row):
@@ -35,9 +38,17 @@ class CaptionSplit:
         """The first reference caption of a row, as text."""
         return self._data["sentences"][row][0]
 
+    def sentences(self, row):
+        """The reference sentences of a row."""
+        return self._data["sentences"][row]
+
     def references(self, rows):
         """{image_id: reference sentences} of rows (for scoring)."""
-        return {self.image_id(row): self._data["sentences"][row] for row in rows}
+        return {self.image_id(row): self.sentences(row) for row in rows}
+
+    def pairs_of(self, rows):
+        """(row, caption number) of every caption of rows."""
+        return [(row, i) for row in rows for i in range(len(self._data["caption"][row]))]
 
     def word_captions(self):
         """{row: its captions as word-index lists} for every row of the split."""
@@ -63,23 +74,31 @@ class CaptionSplit:
 
     def image_batches(self, batch_size, seed, skip=0, process=0, processes=1):
         """Yield (rows (b,), features (b, F)): each image once, shuffled by `seed`, shared as batches are."""
-        for chunk in _shuffled_chunks(len(self.rows), batch_size, seed, skip, process, processes):
-            rows = self.rows[chunk]
+        for rows in self.row_batches(batch_size, seed, skip, process, processes):
             yield rows, self.features_of(rows)
+
+    def row_batches(self, batch_size, seed, skip=0, process=0, processes=1):
+        """This process's rows (b,) of each batch of images, shuffled by `seed`."""
+        return [self.rows[chunk] for chunk in _shuffled_chunks(len(self.rows), batch_size, seed, skip, process,
+                                                                processes)]
 
     def num_batches(self, batch_size, images=False, processes=1):
         return len(_batch_starts(len(self.rows) if images else len(self.pairs), batch_size, processes))
 
     def collate(self, pairs):
-        """(row, caption number) pairs -> rows (B,), features (B, F), captions (B, T) ending in </EOS>
-        and padded with </PAD> (0), lengths (B,) counting the </EOS>."""
+        """(row, caption number) pairs -> rows (B,), features (B, F), captions (B, T), lengths (B,)."""
         rows = np.array([row for row, _ in pairs])
+        return rows, self.features_of(rows), *self.captions_of(pairs)
+
+    def captions_of(self, pairs):
+        """(row, caption number) pairs -> captions (B, T) ending in </EOS>, padded with </PAD> (0),
+        and lengths (B,) counting the </EOS>."""
         sentences = [self._data["caption"][row][i] + [self.end] for row, i in pairs]
         lengths = torch.tensor([len(s) for s in sentences])
         captions = torch.zeros(len(pairs), int(lengths.max()), dtype=torch.long)  # (B, T)
         for b, sentence in enumerate(sentences):
             captions[b, :len(sentence)] = torch.tensor(sentence)
-        return rows, self.features_of(rows), captions, lengths
+        return captions, lengths
 
 
 def _batch_starts(count, batch_size, processes):

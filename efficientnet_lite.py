@@ -69,10 +69,11 @@ class EfficientNetLite2(nn.Module):
         super().__init__()
         self._conv_stem = SameConv(3, 32, 3, 2, bias=False)
         self._bn0 = _batch_norm(32)
-        blocks, inputs = [], 32
+        blocks, inputs, self.stage_blocks = [], 32, []
         for index, (expansion, kernel, stride, outputs, repeats) in enumerate(STAGES):
             outputs = _channels(outputs)
             repeats = repeats if index in (0, len(STAGES) - 1) else math.ceil(repeats * DEPTH)
+            self.stage_blocks.append(repeats)
             for repeat in range(repeats):
                 blocks.append(MBConv(inputs, outputs, expansion, kernel, stride if repeat == 0 else 1))
                 inputs = outputs

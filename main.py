@@ -19,7 +19,7 @@ import fire
 import config
 from beam_search import caption_features
 from config import Config, UserError, command
-from images import encode_images, load_backbone, load_image, pick_device, prepare_backbone
+from images import build_backbone, encode_images, load_backbone, load_image, pick_device, prepare_backbone
 from model import AttentionModel, find_checkpoint, load_checkpoint, model_from_checkpoint, quantized
 
 # Each command imports what only it needs (training, metrics, drawing) when it runs: `generate`
@@ -54,7 +54,7 @@ def caption_images(paths, opt: Config):
             raise UserError("--quantize is for CPU inference; add --use-gpu=false")
         model = quantized(model)
     backbone_name = checkpoint["feature"]["backbone"]
-    backbone = prepare_backbone(load_backbone(backbone_name, checkpoint["feature"]["weights"]), device)
+    backbone = prepare_backbone(checkpoint_backbone(checkpoint), device)
     grid = checkpoint["feature"].get("grid", 0) if isinstance(model, AttentionModel) else 0
     captions, errors = {}, {}
     done = 0
@@ -68,6 +68,17 @@ def caption_images(paths, opt: Config):
             beams = caption_features(model, features, checkpoint["ix2word"], opt)
             captions.update(zip([batch_paths[i] for i in readable], beams))
     return captions, errors
+
+
+def checkpoint_backbone(checkpoint):
+    """The encoder a checkpoint was trained with: its own fine-tuned one, or the features' backbone
+    with its pretrained weights."""
+    feature = checkpoint["feature"]
+    if "encoder" not in checkpoint:
+        return load_backbone(feature["backbone"], feature["weights"])
+    trunk = build_backbone(feature["backbone"], "none")
+    trunk.load_state_dict(checkpoint["encoder"])
+    return trunk
 
 
 @command

@@ -7,6 +7,7 @@ import signal
 import sys
 import time
 
+import numpy as np
 import torch
 from torchnet.meter import AverageValueMeter
 from tqdm import tqdm
@@ -15,13 +16,15 @@ import distributed
 from beam_search import caption_features
 from config import Config, UserError
 from dataset import train_val_splits
-from images import pick_device
+from encoder import Encoder, TrainingImages, image_caption_batches
+from images import build_backbone, encode_images, pick_device
 from metrics import HIGHER_IS_BETTER, METRICS, java_available, score_captions
 from model import MODELS, build_model, load_checkpoint, save_checkpoint
 from self_critical import CorpusCider, reference_corpus, self_critical_loss
 from visualize import Dashboard
 
-CROSS_ENTROPY, SELF_CRITICAL = "cross-entropy", "self-critical"
+CROSS_ENTROPY, FINE_TUNING, SELF_CRITICAL = "cross-entropy", "fine-tuning", "self-critical"
+PHASES = (CROSS_ENTROPY, FINE_TUNING, SELF_CRITICAL)
 # Settings that fix which images validate and the order of the batches: a resumed run must keep them.
 DATA_ORDER = ("seed", "batch_size", "caption_data_path", "val_caption_data_path", "val_fraction")
 
@@ -45,15 +48,21 @@ class StopOnSignal:
 
 
 class _Objective(torch.nn.Module):
-    """A loss function of the model as this module's forward: the call that DistributedDataParallel
-    wraps to average the gradients of every process in backward."""
+    """A loss function of the model (and the learning encoder) as this module's forward: the call
+    that DistributedDataParallel wraps to average the gradients of every process in backward."""
 
-    def __init__(self, model):
+    def __init__(self, model, encoder=None):
         super().__init__()
-        self.model = model
+        self.model, self.encoder = model, encoder
 
-    def forward(self, loss_function, *args):
-        return loss_function(self.model, *args)
+    def forward(self, loss_function, inputs, *args):
+        """inputs: features; with an encoder (images (b, 3, S, S), the image of each caption (n,) or None)."""
+        if self.encoder is not None:
+            images, image_of = inputs
+            inputs = self.encoder(images)  # (b, F) or (b, R, F)
+            if image_of is not None:
+                inputs = inputs[image_of]  # (n, ...): all captions of an image share its one encoding
+        return loss_function(self.model, inputs, *args)
 
 
 class _NoDashboard:
@@ -85,13 +94,18 @@ def check_options(opt: Config):
             raise UserError(f"--{name} cannot be negative")
     if not 0.0 <= opt.scheduled_sampling <= 1.0:
         raise UserError(f"--scheduled-sampling={opt.scheduled_sampling}: a probability, between 0 and 1")
+    if opt.finetune_encoder < 0 or opt.finetune_epoch < 0:
+        raise UserError("--finetune-encoder and --finetune-epoch cannot be negative")
     if opt.scst_epoch and opt.scst_samples < 2:
         raise UserError("--scst-samples must be at least 2: a sample's baseline is the others' mean reward")
 
 
 class Trainer:
-    """Trains a caption model in two phases: `--epoch` cross-entropy epochs over every caption,
-    then `--scst-epoch` self-critical epochs over every image, from the best model so far.
+    """Trains a caption model in up to three phases, each from the best model so far: `--epoch`
+    cross-entropy epochs over every caption (stored features); with `--finetune-encoder`,
+    `--finetune-epoch` cross-entropy epochs from the images with the backbone's last stages
+    learning too; then `--scst-epoch` self-critical epochs over every image (from the images when
+    the encoder learns).
 
     After each epoch it validates, keeps best.pth by `--metric`, decays the lr and stops a
     phase early when the metric stalls. `state` says where training is (phase, epochs, batch):
@@ -112,14 +126,19 @@ class Trainer:
         self.train_split, self.val_split = train_val_splits(opt)
         self.vocab = self.train_split.ix2word
         self.model = build_model(opt, len(self.vocab), self.train_split.feature_dim).to(self.device)
-        self.optimizer = self._adam(opt.lr)
+        self.encoder = None  # the learning encoder of fine-tuning, from its phase on
+        self.training_images = None  # and the images it reads
         self.state = {"phase": CROSS_ENTROPY, "epoch": 0, "phase_epoch": 0, "batch": 0, "step": 0,
                       "best_score": None, "epochs_without_improvement": 0, "processes": self.processes}
         self.last_path = os.path.join(opt.checkpoint_dir, "last.pth")
         self.best_path = os.path.join(opt.checkpoint_dir, "best.pth")
+        self._new_optimizer()
         if opt.resume:
             self._resume()
-        self.objective = distributed.parallel(_Objective(self.model), self.device)
+        # CUDA: bfloat16 autocast (float16 with a gradient scaler where bfloat16 is missing)
+        cuda = self.device.type == "cuda"
+        self.half = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler(enabled=cuda and self.half == torch.float16)
         self.log_path = os.path.join(opt.log_dir, f"{opt.env}.metrics.jsonl")
         if self.process == 0:
             os.makedirs(opt.log_dir, exist_ok=True)
@@ -131,9 +150,31 @@ class Trainer:
         self.cider = None  # CIDEr-D over the training captions, built when self-critical training starts
         self.debug_warned = False
 
-    def _adam(self, lr):
-        """Adam over the model; the fused kernel (one pass over all weights) is 3x faster on CPU."""
-        return torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=self.opt.weight_decay, fused=True)
+    def _new_optimizer(self):
+        """Adam for the current phase: the model at its lr, the encoder's learning stages at
+        --encoder-lr; the fused kernel (one pass over all weights) is 3x faster on CPU."""
+        opt = self.opt
+        groups = [{"params": list(self.model.parameters()),
+                   "lr": opt.scst_lr if self.state["phase"] == SELF_CRITICAL else opt.lr}]
+        if self.encoder is not None:
+            groups.append({"params": [p for p in self.encoder.parameters() if p.requires_grad], "lr": opt.encoder_lr})
+        self.optimizer = torch.optim.Adam(groups, weight_decay=opt.weight_decay, fused=True)
+        self.objective = distributed.parallel(_Objective(self.model, self.encoder), self.device)
+
+    def _set_encoder(self, state=None):
+        """From fine-tuning on, the learning encoder: the features' backbone with its pretrained
+        weights, or a saved state of it; None before."""
+        opt, meta = self.opt, self.train_split.meta
+        if not opt.finetune_encoder or self.state["phase"] == CROSS_ENTROPY:
+            return
+        trunk = build_backbone(meta["backbone"], "none" if state else meta["weights"])
+        if state:
+            trunk.load_state_dict(state)
+        grid = meta["grid"] if opt.model == "attention" else 0
+        self.encoder = Encoder(meta["backbone"], trunk, opt.finetune_encoder, grid).to(
+            self.device, memory_format=torch.channels_last)
+        if self.training_images is None:
+            self.training_images = TrainingImages(self.train_split, meta["backbone"], opt.augment)
 
     def _resume(self):
         checkpoint = distributed.from_process_0(lambda: load_checkpoint(self.last_path))
@@ -147,12 +188,14 @@ class Trainer:
             if saved != now:
                 raise UserError(f"--{name}={now} but {self.last_path} was trained with --{name}={saved}; it fixes "
                                 "the validation images and the batch order: resume with the same value")
+        self.state.update(checkpoint["state"])
         try:
             self.model.load_state_dict(checkpoint["model"])
+            self._set_encoder(checkpoint.get("encoder"))
+            self._new_optimizer()
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
             raise UserError(f"{self.last_path}: built for another model configuration ({str(error)[:200]})") from None
-        self.state.update(checkpoint["state"])
         saved_processes = self.state["processes"]
         if saved_processes != self.processes and self.state["batch"]:
             self.say(f"{self.last_path} was written by {saved_processes} processes, this run has {self.processes}: "
@@ -171,8 +214,9 @@ class Trainer:
         """Write a checkpoint with the training state (process 0; the others hold the same)."""
         if self.process:
             return
+        encoder = {"encoder": self.encoder.trunk.state_dict()} if self.encoder is not None else {}
         save_checkpoint(path, self.model, self.opt, self.train_split.ix2word, self.train_split.meta,
-                        optimizer=self.optimizer.state_dict(), state=self.state)
+                        optimizer=self.optimizer.state_dict(), state=self.state, **encoder)
 
     def log(self, name, value):
         """One JSON line per value in the run's log (it survives without Visdom); from process 0."""
@@ -185,13 +229,14 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------------
     def train(self):
-        """Cross-entropy, then self-critical training; each phase ends by its epoch count or early stop."""
+        """The phases from the current one on; each ends by its epoch count or early stop."""
         self.dashboard.configuration(self.opt)
         with StopOnSignal() as stop:
             completed = self._run_phase(stop)
-            if completed and self.state["phase"] == CROSS_ENTROPY and self.opt.scst_epoch:
-                self._start_self_critical()
-                completed = self._run_phase(stop)
+            for phase in PHASES[PHASES.index(self.state["phase"]) + 1:]:
+                if completed and self._epochs(phase):
+                    self._start_phase(phase)
+                    completed = self._run_phase(stop)
             if not completed:
                 self.save(self.last_path)
                 self.say(f"\n{stop.requested or 'stopped by another process'}: saved {self.last_path}; "
@@ -202,7 +247,7 @@ class Trainer:
     def _run_phase(self, stop):
         """The remaining epochs of the current phase; False when a stop was requested."""
         state = self.state
-        epochs = self.opt.epoch if state["phase"] == CROSS_ENTROPY else self.opt.scst_epoch
+        epochs = self._epochs(state["phase"])
         while state["phase_epoch"] < epochs:
             if not self._train_epoch(stop, epochs):
                 return False
@@ -210,36 +255,40 @@ class Trainer:
                 break
         return True
 
-    def _start_self_critical(self):
-        """Self-critical training starts from the best cross-entropy model, with its own lr."""
+    def _epochs(self, phase):
+        opt = self.opt
+        return {CROSS_ENTROPY: opt.epoch, FINE_TUNING: opt.finetune_epoch if opt.finetune_encoder else 0,
+                SELF_CRITICAL: opt.scst_epoch}[phase]
+
+    def _start_phase(self, phase):
+        """A phase starts from the best model so far (and its encoder), with a new optimizer."""
         best = distributed.from_process_0(
-            lambda: load_checkpoint(self.best_path)["model"] if os.path.isfile(self.best_path) else None)
-        if best is not None:
-            self.model.load_state_dict(best)
-        self.optimizer = self._adam(self.opt.scst_lr)
-        self.state.update(phase=SELF_CRITICAL, phase_epoch=0, batch=0, epochs_without_improvement=0)
+            lambda: load_checkpoint(self.best_path) if os.path.isfile(self.best_path) else {})
+        if best:
+            self.model.load_state_dict(best["model"])
+        self.state.update(phase=phase, phase_epoch=0, batch=0, epochs_without_improvement=0)
+        self._set_encoder(best.get("encoder"))
+        self._new_optimizer()
         self.save(self.last_path)
-        self.say(f"self-critical training for {self.opt.scst_epoch} epochs from {self.best_path}; "
-              f"reward: CIDEr-D + {self.opt.scst_bleu_weight} x mean BLEU-1..4")
+        learning = f", the last {self.opt.finetune_encoder} encoder stages learning" if self.encoder else ""
+        reward = (f"; reward: CIDEr-D + {self.opt.scst_bleu_weight} x mean BLEU-1..4"
+                  if phase == SELF_CRITICAL else "")
+        self.say(f"{phase} training for {self._epochs(phase)} epochs from {self.best_path}{learning}{reward}")
 
     def _train_epoch(self, stop, epochs):
         """One pass over the training data; False when a stop was requested.
 
         Cross-entropy epochs go over every caption, self-critical ones over every image."""
-        opt, split, state = self.opt, self.train_split, self.state
+        opt, state = self.opt, self.state
         self_critical = state["phase"] == SELF_CRITICAL
         self.model.train()
         self.loss_meter.reset()  # the dashboard shows this epoch's running mean
-        seed = opt.seed + state["epoch"]
-        share = {"skip": state["batch"], "process": self.process, "processes": self.processes}
         if self_critical:
-            batches = split.image_batches(opt.batch_size, seed, **share)
             step, measure = self._self_critical_step, "reward"
         else:
-            batches = split.batches(opt.batch_size, seed, **share)
             step, measure = functools.partial(self._step, sampling=self._sampling_probability()), "loss"
-        progress = tqdm(batches, total=split.num_batches(opt.batch_size, self_critical, self.processes),
-                        initial=state["batch"], unit="batch", disable=self.process != 0,
+        batches, total = self._batches(self_critical)
+        progress = tqdm(batches, total=total, initial=state["batch"], unit="batch", disable=self.process != 0,
                         desc=f"{state['phase']} epoch {state['phase_epoch'] + 1}/{epochs}")
         for batch in progress:
             if self._debug_requested():
@@ -254,6 +303,27 @@ class Trainer:
             if distributed.any_process(stop.requested):
                 return False
         return True
+
+    def _batches(self, self_critical):
+        """This epoch's batches from the current one on, on the device, and how many it has in all:
+        cross-entropy (rows, inputs, captions, lengths), self-critical (rows, inputs). inputs are
+        features, or images for the learning encoder (see _Objective)."""
+        opt, split, device = self.opt, self.train_split, self.device
+        seed = opt.seed + self.state["epoch"]
+        share = {"skip": self.state["batch"], "process": self.process, "processes": self.processes}
+        if self.encoder is None:
+            if self_critical:
+                batches = split.image_batches(opt.batch_size, seed, **share)
+            else:
+                batches = split.batches(opt.batch_size, seed, **share)
+            batches = ((rows, features.to(device, non_blocking=True), *rest) for rows, features, *rest in batches)
+            return batches, split.num_batches(opt.batch_size, self_critical, self.processes)
+        # from images, whole images at a time: as many as give about --batch-size captions
+        images_per_batch = opt.batch_size if self_critical else max(1, round(opt.batch_size * len(split.rows)
+                                                                             / len(split.pairs)))
+        row_batches = split.row_batches(images_per_batch, seed, **share)
+        batches = image_caption_batches(self.training_images, row_batches, not self_critical, opt.num_workers, device)
+        return batches, self.state["batch"] + len(row_batches)
 
     def _debug_requested(self):
         """The book's hook: --debug-file exists -> ipdb. Only for a terminal and a file of this user,
@@ -277,19 +347,24 @@ class Trainer:
             self.log("scheduled_sampling", probability)
         return probability
 
-    def _step(self, rows, features, captions, lengths, sampling):
+    def _step(self, rows, inputs, captions, lengths, sampling):
         """One cross-entropy step -> the loss."""
-        return self._update(self.objective(cross_entropy_loss, features.to(self.device), captions.to(self.device),
-                                           lengths, sampling))
+        with self._autocast():
+            loss = self.objective(cross_entropy_loss, inputs, captions.to(self.device), lengths, sampling)
+        return self._update(loss)
 
-    def _self_critical_step(self, rows, features):
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.half, enabled=self.device.type == "cuda")
+
+    def _self_critical_step(self, rows, inputs):
         """One self-critical step -> the mean reward of the sampled captions."""
         split = self.train_split
         if self.cider is None:
             self.cider = CorpusCider(reference_corpus(split.word_captions(), split.end, split.unknown))
-        loss, reward = self.objective(self_critical_loss, features.to(self.device), rows.tolist(), self.cider,
-                                      split.end, split.banned, self.opt.scst_samples, self.opt.max_gen_len,
-                                      self.opt.scst_bleu_weight)
+        with self._autocast():
+            loss, reward = self.objective(self_critical_loss, inputs, rows.tolist(), self.cider, split.end,
+                                          split.banned, self.opt.scst_samples, self.opt.max_gen_len,
+                                          self.opt.scst_bleu_weight)
         self._update(loss)
         return reward
 
@@ -299,9 +374,12 @@ class Trainer:
             raise UserError(f"the loss became {loss.item()} at epoch {self.state['epoch'] + 1}, step "
                             f"{self.state['step']}; stopped. The last good checkpoint is kept; try a lower --lr")
         self.optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opt.grad_clip)
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_([p for group in self.optimizer.param_groups for p in group["params"]],
+                                       self.opt.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         return loss.item()
 
     def _plot(self, row, measure):
@@ -310,7 +388,7 @@ class Trainer:
         self.dashboard.line("train", self.state["step"], value, measure)
         self.log(f"train_{measure}", value)
         self.model.eval()
-        features = split.features_of([row]).to(self.device)  # (1, F)
+        features = self._features(split, [row])  # (1, F)
         beams = caption_features(self.model, features, self.vocab, self.opt, n_best=self.opt.beam_size)[0]
         self.model.train()
         self.dashboard.sample(split.image_id(row), split.image_path(row), split.human_caption(row), beams,
@@ -362,27 +440,41 @@ class Trainer:
         """Validation loss, perplexity, top-5 word accuracy, and caption metrics on eval_size images
         (each process takes its share; all get the same scores)."""
         self.model.eval()
+        val = self.val_split
+        if self.encoder is not None:  # features from the encoder as it is now
+            encoded = self._features(val, val.rows).cpu().numpy()  # (n, F) or (n, R, F)
+            features = np.zeros((max(val.rows) + 1, *encoded.shape[1:]), np.float16)
+            features[val.rows] = encoded
+            val = val.with_features(features)
         total, correct, count = 0.0, 0, 0
-        for _, features, captions, lengths in self.val_split.batches(self.opt.batch_size, process=self.process,
-                                                                     processes=self.processes):
+        for _, features, captions, lengths in val.batches(self.opt.batch_size, process=self.process,
+                                                          processes=self.processes):
             logits, targets, _ = self.model(features.to(self.device), captions.to(self.device), lengths)
             total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
             correct += (logits.topk(5, dim=1).indices == targets.unsqueeze(1)).any(1).sum().item()
             count += len(targets)
         total, correct, count = distributed.sums([total, correct, count])
         scores = {"val_loss": total / count, "perplexity": math.exp(total / count), "top5_accuracy": correct / count}
-        rows = self.val_split.rows[:self.opt.eval_size]
+        rows = val.rows[:self.opt.eval_size]
         if len(rows):
-            results = distributed.merged(self._caption(rows[self.process::self.processes]))
-            scores.update(distributed.from_process_0(
-                lambda: score_captions(results, self.val_split.references(rows))))
+            results = distributed.merged(self._caption(val, rows[self.process::self.processes]))
+            scores.update(distributed.from_process_0(lambda: score_captions(results, val.references(rows))))
         self.model.train()
         return scores
 
-    def _caption(self, rows):
-        """{image_id: best caption} of val rows."""
+    def _caption(self, split, rows):
+        """{image_id: best caption} of a split's rows."""
         if not len(rows):
             return {}
-        features = self.val_split.features_of(rows).to(self.device)  # (n, F)
-        beams = caption_features(self.model, features, self.vocab, self.opt, n_best=1)
-        return {self.val_split.image_id(row): b[0][0] for row, b in zip(rows, beams)}
+        beams = caption_features(self.model, split.features_of(rows).to(self.device), self.vocab, self.opt, n_best=1)
+        return {split.image_id(row): b[0][0] for row, b in zip(rows, beams)}
+
+    def _features(self, split, rows):
+        """Features of a split's rows on the device: the stored ones, or the learning encoder's of the
+        images -> (b, F) or (b, R, F)."""
+        if self.encoder is None:
+            return split.features_of(rows).to(self.device)
+        paths = [split.image_path(row) for row in rows]
+        encoded = encode_images(self.encoder.trunk, self.train_split.meta["backbone"], paths, self.device,
+                                self.opt.batch_size, self.opt.num_workers, self.encoder.grid)
+        return torch.cat([pooled if regions is None else regions for pooled, regions, _ in encoded]).to(self.device)

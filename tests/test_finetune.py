@@ -1,0 +1,80 @@
+"""--finetune-encoder: the chosen stages learn and nothing else; the checkpoint captions with its own encoder."""
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+from conftest import mobilenet_weights, options
+
+from beam_search import caption_features
+from config import UserError
+from encoder import Encoder, TrainingImages
+from images import build_backbone, encode_images
+from main import caption_images, train
+from model import load_checkpoint, model_from_checkpoint
+
+pretrained = pytest.mark.skipif(mobilenet_weights() == "none", reason="needs the MobileNetV2 weights of install.sh")
+
+
+@pytest.fixture(scope="module")
+def finetuned(demo, tmp_path_factory):
+    """last.pth after one cross-entropy epoch on stored features and one fine-tuning the last stage."""
+    folder = tmp_path_factory.mktemp("finetune")
+    train(**options(demo, folder, model="attention", epoch=1, finetune_encoder=1, finetune_epoch=1, eval_size=0,
+                    metric="val_loss", num_workers=0, lr_patience=0))
+    return load_checkpoint(str(folder / "checkpoints" / "last.pth"))
+
+
+@pretrained
+def test_finetuning_changes_the_last_stage_and_nothing_else(finetuned):
+    before = build_backbone("mobilenet_v2", "default").state_dict()
+    after = finetuned["encoder"]
+    assert finetuned["state"]["phase"] == "fine-tuning" and after.keys() == before.keys()
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    # MobileNetV2's last stage: inverted residual 17 and the final 1x1 convolution 18 (see encoder.py)
+    assert changed and all(key.split(".")[0] in ("17", "18") for key in changed)
+    assert any(key.startswith("17.") for key in changed) and any(key.startswith("18.") for key in changed)
+    assert not [key for key in changed if "running_" in key or "num_batches" in key]  # BatchNorm statistics stay
+
+
+@pretrained
+def test_a_finetuned_checkpoint_captions_with_its_own_encoder(demo, finetuned, tmp_path):
+    path = str(tmp_path / "finetuned.pth")
+    torch.save(finetuned, path)
+    images = sorted(os.path.join(demo.img_path, name) for name in os.listdir(demo.img_path))[:4]
+    opt = options(demo, model_ckpt=path, n_best=2, use_gpu=False)
+    captions, errors = caption_images(images, type(demo)(**opt))
+    assert not errors and len(captions) == 4
+
+    model, vocab = model_from_checkpoint(finetuned, path), finetuned["ix2word"]
+
+    def beams_with(trunk):
+        _, regions, _ = next(encode_images(trunk.eval(), "mobilenet_v2", images, torch.device("cpu"), 8, 0, grid=7))
+        return caption_features(model, regions, vocab, type(demo)(**opt))
+
+    own = build_backbone("mobilenet_v2", "none")
+    own.load_state_dict(finetuned["encoder"])
+    expected = beams_with(own)
+    for got, want in zip(captions.values(), expected):
+        assert [text for text, _, _ in got] == [text for text, _, _ in want]
+        assert [score for _, score, _ in got] == pytest.approx([score for _, score, _ in want], abs=1e-5)
+    pretrained = beams_with(build_backbone("mobilenet_v2", "default"))
+    assert [b[0][1] for b in pretrained] != pytest.approx([b[0][1] for b in expected], abs=1e-5)
+
+
+def test_flips_spare_images_whose_captions_say_left_or_right():
+    sentences = {0: ["一个人在跑步"], 1: ["狗在草地上", "女人左手拿着伞"], 2: ["右边有一辆车"], 3: ["两个孩子"]}
+    split = types.SimpleNamespace(rows=np.array(list(sentences)), sentences=sentences.get)
+    assert TrainingImages(split, "mobilenet_v2", augment=True).sided == {1, 2}
+
+
+def test_encoder_stages_that_learn(demo):
+    trunk = build_backbone("mobilenet_v2", "none")
+    encoder = Encoder("mobilenet_v2", trunk, 2, grid=0)
+    learning = {name.split(".")[1] for name, p in encoder.named_parameters() if p.requires_grad}
+    assert learning == {"14", "15", "16", "17", "18"}  # stages 6 (blocks 14-16) and 7 (17 and the head)
+    encoder.train()
+    assert not any(module.training for module in encoder.modules())  # BatchNorm stays in eval mode
+    with pytest.raises(UserError, match="mobilenet_v2 has 7 stages"):
+        Encoder("mobilenet_v2", build_backbone("mobilenet_v2", "none"), 8, grid=0)
