@@ -22,33 +22,43 @@ def test_collate_pads_ends_and_keeps_each_caption_with_its_own_image(demo):
     assert not torch.equal(features[0], features[1])  # different images really are different rows
 
 
+def tiny_model(kind):
+    """A small model of either kind without dropout, and features for 3 images."""
+    torch.manual_seed(0)
+    if kind == "pooled":
+        return CaptionModel(11, 5, embedding_dim=6, hidden_size=8, num_layers=2, dropout=0).eval(), torch.randn(3, 5)
+    model = AttentionModel(11, 5, embedding_dim=6, hidden_size=8, attention_dim=7, dropout=0, alpha_c=1.0)
+    return model.eval(), torch.randn(3, 4, 5)  # 4 regions
+
+
+CAPTIONS = torch.tensor([[4, 5, 6, 1, 0], [7, 1, 0, 0, 0], [3, 9, 8, 10, 1]])  # (B, T), </EOS> = 1
+LENGTHS = torch.tensor([4, 2, 5])
+
+
+def stepwise_loss(model, features, own_words):
+    """Summed loss of the captions decoded one step at a time: each next input is the human word,
+    or with own_words the model's best word."""
+    loss = 0.0
+    for b in range(3):
+        inputs, state = model.start(features[b:b + 1])
+        for t in range(int(LENGTHS[b])):
+            log_probs, state = model.step(inputs, state)
+            loss -= log_probs[0, CAPTIONS[b, t]].item()
+            inputs = model.embed(log_probs.argmax(-1) if own_words else CAPTIONS[b, t:t + 1])
+    return loss
+
+
 @pytest.mark.parametrize("kind", ["pooled", "attention"])
 def test_forward_predicts_each_word_from_the_words_before_it(kind):
     """forward's packed logits/targets give the same loss as teacher-forced decoding step by step:
     the image predicts word 1, word t predicts word t+1, the last word predicts </EOS>."""
-    torch.manual_seed(0)
-    if kind == "pooled":
-        model = CaptionModel(vocab_size=11, feature_dim=5, embedding_dim=6, hidden_size=8, num_layers=2, dropout=0)
-        features = torch.randn(3, 5)
-    else:
-        model = AttentionModel(vocab_size=11, feature_dim=5, embedding_dim=6, hidden_size=8, attention_dim=7,
-                               dropout=0, alpha_c=1.0)
-        features = torch.randn(3, 4, 5)  # 4 regions
-    model.eval()
-    captions = torch.tensor([[4, 5, 6, 1, 0], [7, 1, 0, 0, 0], [3, 9, 8, 10, 1]])  # (B, T), </EOS> = 1
-    lengths = torch.tensor([4, 2, 5])
+    model, features = tiny_model(kind)
     with torch.no_grad():
-        logits, targets, _ = model(features, captions, lengths)
+        logits, targets, _ = model(features, CAPTIONS, LENGTHS)
         packed_loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-        stepwise_loss = 0.0
-        for b in range(3):
-            inputs, state = model.start(features[b:b + 1])
-            for t in range(int(lengths[b])):
-                log_probs, state = model.step(inputs, state)
-                stepwise_loss -= log_probs[0, captions[b, t]].item()
-                inputs = model.embed(captions[b, t:t + 1])
-    assert sorted(targets.tolist()) == sorted(captions[captions > 0].tolist())
-    np.testing.assert_allclose(packed_loss.item(), stepwise_loss, rtol=1e-5)
+        teacher_loss = stepwise_loss(model, features, own_words=False)
+    assert sorted(targets.tolist()) == sorted(CAPTIONS[CAPTIONS > 0].tolist())
+    np.testing.assert_allclose(packed_loss.item(), teacher_loss, rtol=1e-5)
 
 
 def test_attention_penalty_is_zero_when_every_region_is_looked_at_once():
@@ -64,18 +74,6 @@ def test_attention_penalty_is_zero_when_every_region_is_looked_at_once():
     assert penalty.item() == pytest.approx(2.0 * (0 + 0.25) / 2)
 
 
-def tiny_model(kind):
-    """A small model of either kind without dropout, and features for 3 images."""
-    torch.manual_seed(0)
-    if kind == "pooled":
-        return CaptionModel(11, 5, embedding_dim=6, hidden_size=8, num_layers=2, dropout=0).eval(), torch.randn(3, 5)
-    model = AttentionModel(11, 5, embedding_dim=6, hidden_size=8, attention_dim=7, dropout=0, alpha_c=1.0)
-    return model.eval(), torch.randn(3, 4, 5)
-
-
-CAPTIONS, LENGTHS = torch.tensor([[4, 5, 6, 1, 0], [7, 1, 0, 0, 0], [3, 9, 8, 10, 1]]), torch.tensor([4, 2, 5])
-
-
 @pytest.mark.parametrize("kind", ["pooled", "attention"])
 def test_scheduled_sampling_feeds_the_models_own_best_word(kind):
     """At probability 1 every input after the first is the model's best word of the step before:
@@ -84,13 +82,7 @@ def test_scheduled_sampling_feeds_the_models_own_best_word(kind):
     with torch.no_grad():
         logits, targets, _ = model(features, CAPTIONS, LENGTHS, sampling=1.0)
         own_loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-        greedy_loss = 0.0
-        for b in range(3):
-            inputs, state = model.start(features[b:b + 1])
-            for t in range(int(LENGTHS[b])):
-                log_probs, state = model.step(inputs, state)
-                greedy_loss -= log_probs[0, CAPTIONS[b, t]].item()
-                inputs = model.embed(log_probs.argmax(-1))
+        greedy_loss = stepwise_loss(model, features, own_words=True)
         teacher, _, _ = model(features, CAPTIONS, LENGTHS)
         unrolled, _, _ = model.unrolled(features, CAPTIONS, LENGTHS, sampling=0.0)
     np.testing.assert_allclose(own_loss, greedy_loss, rtol=1e-5)
