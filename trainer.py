@@ -203,7 +203,7 @@ class Trainer:
             self.state["batch"] = 0
         self.state["processes"] = self.processes
         self.say(f"resuming from {self.last_path} at epoch {self.state['epoch']}, batch {self.state['batch']} "
-              f"({self.state['phase']})")
+                 f"({self.state['phase']})")
 
     def say(self, message):
         """Print, once for the whole run (from process 0)."""
@@ -273,7 +273,7 @@ class Trainer:
         learning = f", the last {self.opt.finetune_encoder} encoder stages learning" if self.encoder else ""
         reward = (f"; reward: CIDEr-D + {self.opt.scst_bleu_weight} x mean BLEU-1..4"
                   if phase == SELF_CRITICAL else "")
-        self.say(f"{phase} training for {self._epochs(phase)} epochs from {self.best_path}{learning}{reward}")
+        self.say(f"{phase} phase: {self._epochs(phase)} epochs from {self.best_path}{learning}{reward}")
 
     def _train_epoch(self, stop, epochs):
         """One pass over the training data; False when a stop was requested.
