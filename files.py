@@ -33,11 +33,13 @@ def atomic_save(obj, path, save=torch.save):
 
 
 def load_pth(path, what, required_keys=()):
-    """torch.load with weights_only=True (never runs code from the file) and clear errors."""
+    """torch.load with weights_only=True (never runs code from the file) and clear errors. The
+    tensors are memory-mapped: what the caller never reads (a checkpoint's optimizer state, for
+    generate) is never loaded."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such {what}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # truncated zip, pickle with code, not a torch file...
         reason = str(error).strip().splitlines()[0][:200]
         raise UserError(f"{path}: not a readable {what} ({type(error).__name__}: {reason})") from None
