@@ -32,14 +32,14 @@ def atomic_save(obj, path, save=torch.save):
         raise
 
 
-def load_pth(path, what, required_keys=()):
-    """torch.load with weights_only=True (never runs code from the file) and clear errors. The
-    tensors are memory-mapped: what the caller never reads (a checkpoint's optimizer state, for
-    generate) is never loaded."""
+def load_pth(path, what, required_keys=(), mmap=False):
+    """torch.load with weights_only=True (never runs code from the file) and clear errors. With
+    mmap (files in torch.save's zip format) tensors are memory-mapped: what the caller never reads
+    (a checkpoint's optimizer state, for generate) is never loaded."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such {what}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # truncated zip, pickle with code, not a torch file...
         reason = str(error).strip().splitlines()[0][:200]
         raise UserError(f"{path}: not a readable {what} ({type(error).__name__}: {reason})") from None

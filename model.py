@@ -213,7 +213,7 @@ def save_checkpoint(path, model, opt, ix2word, feature_meta, **training_state):
 
 def load_checkpoint(path):
     """A checkpoint dict, checked to be one; never runs code from the file."""
-    return load_pth(path, "checkpoint", CHECKPOINT_KEYS)
+    return load_pth(path, "checkpoint", CHECKPOINT_KEYS, mmap=True)
 
 
 def model_from_checkpoint(checkpoint, path):
