@@ -216,3 +216,19 @@ def test_scheduled_sampling_rises_from_exactly_todays_training(demo, tmp_path):
     assert schedule == [(1, 0.5)]  # logged in epoch 2 only; 0 before
     assert losses[0.5][0] == losses[0.0][0]
     assert losses[0.5][1] != losses[0.0][1]
+
+
+def test_resume_with_another_number_of_processes_starts_the_epoch_again(demo, tmp_path, capsys):
+    """A last.pth written mid-epoch by 2 processes, resumed by 1: the shares of the batches differ,
+    so the epoch restarts from its first batch (with a message) and every caption is seen."""
+    train(**options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss"))
+    last = tmp_path / "checkpoints" / "last.pth"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["state"].update(epoch=0, phase_epoch=0, batch=5, step=5, processes=2)
+    torch.save(checkpoint, last)
+    capsys.readouterr()
+    train(**options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss", resume=True))
+    assert "written by 2 processes, this run has 1" in capsys.readouterr().out
+    done = load_checkpoint(str(last))["state"]
+    assert (done["epoch"], done["processes"]) == (1, 1)
+    assert done["step"] == 5 + 120 * 5 // demo.batch_size + 1  # the whole epoch after the 5 steps taken
