@@ -154,6 +154,8 @@ def load_backbone(backbone, weights="default"):
     # (10 s against 0.3 s for MobileNetV2 on 2 cores) and 230 MB more: the point here is speed.
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", FutureWarning)
+        # EfficientNet-Lite's SAME padding is computed from the input size, which the transform fixes
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         if os.path.isfile(path):
             return torch.jit.load(path, map_location="cpu").eval()
         trunk = build_backbone(backbone, weights)
