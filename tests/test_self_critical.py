@@ -92,13 +92,13 @@ def test_self_critical_phase_starts_from_the_best_model_and_logs_rewards(demo, t
     monkeypatch.setattr(Trainer, "validate", lambda self: {"val_loss": 1.0, "CIDEr-D": next(cider)})
     starts = []
 
-    def start_and_record(self):
-        start_self_critical(self)
+    def start_and_record(self, phase):
+        start_phase(self, phase)
         best = load_checkpoint(self.best_path)["model"]
         starts.append(all(torch.equal(value, best[key]) for key, value in self.model.state_dict().items()))
 
-    start_self_critical = Trainer._start_self_critical
-    monkeypatch.setattr(Trainer, "_start_self_critical", start_and_record)
+    start_phase = Trainer._start_phase
+    monkeypatch.setattr(Trainer, "_start_phase", start_and_record)
     train(**options(demo, tmp_path, epoch=2, scst_epoch=2, scst_lr=1e-4, plot_every=1))
     assert starts == [True]
     log = [json.loads(line) for line in open(tmp_path / "logs" / "caption.metrics.jsonl")]
