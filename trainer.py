@@ -262,8 +262,7 @@ class Trainer:
 
     def _start_phase(self, phase):
         """A phase starts from the best model so far (and its encoder), with a new optimizer."""
-        best = distributed.from_process_0(
-            lambda: load_checkpoint(self.best_path) if os.path.isfile(self.best_path) else {})
+        best = distributed.from_process_0(self._best_weights)
         if best:
             self.model.load_state_dict(best["model"])
         self.state.update(phase=phase, phase_epoch=0, batch=0, epochs_without_improvement=0)
@@ -274,6 +273,12 @@ class Trainer:
         reward = (f"; reward: CIDEr-D + {self.opt.scst_bleu_weight} x mean BLEU-1..4"
                   if phase == SELF_CRITICAL else "")
         self.say(f"{phase} phase: {self._epochs(phase)} epochs from {self.best_path}{learning}{reward}")
+
+    def _best_weights(self):
+        """best.pth's model and encoder weights, without its optimizer state; {} before there is one."""
+        if not os.path.isfile(self.best_path):
+            return {}
+        return {key: value for key, value in load_checkpoint(self.best_path).items() if key in ("model", "encoder")}
 
     def _train_epoch(self, stop, epochs):
         """One pass over the training data; False when a stop was requested.
@@ -341,8 +346,9 @@ class Trainer:
 
     def _sampling_probability(self):
         """Scheduled sampling's probability this epoch: from 0 in the first cross-entropy epoch up to
-        --scheduled-sampling in the last."""
-        probability = self.opt.scheduled_sampling * self.state["phase_epoch"] / max(1, self.opt.epoch - 1)
+        --scheduled-sampling in the last, and that in fine-tuning."""
+        rise = 1.0 if self.state["phase"] == FINE_TUNING else self.state["phase_epoch"] / max(1, self.opt.epoch - 1)
+        probability = self.opt.scheduled_sampling * rise
         if probability:
             self.log("scheduled_sampling", probability)
         return probability
