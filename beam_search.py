@@ -1,26 +1,19 @@
 """Beam search over a batch of images and all their beams at once.
 
-At each time step one model step runs for all B*K live beams. Every live beam may end
-there: its caption + </EOS> joins the image's pool of finished captions, ranked by
-score / length**length_norm (length counts the </EOS>). The K live beams are the best
-continuations by other words, so a finished caption never competes with live ones.
-The n-best of the pool are returned. </PAD> and </UNKNOWN> are never emitted.
-Beam size 1 is greedy decoding.
+At each time step one model step runs for all live beams of the images still searching (one
+beam per image at the first step, then K). Every live beam may end there: its caption + </EOS>
+joins the image's pool of finished captions, ranked by score / length**length_norm (length
+counts the </EOS>). The K live beams are the best continuations by other words, so a finished
+caption never competes with live ones. The n-best of the pool are returned. </PAD> and
+</UNKNOWN> are never emitted. Beam size 1 is greedy decoding.
 
 A model decodes through the interface model.py describes (start, step, embed, select,
 attention); with an attention model each caption comes with the region weights of its words.
 """
 import torch
+from torch.nn import functional as F
 
 from captions import special_indices
-
-
-def allowed(log_probs, banned):
-    """log_probs (N, V) renormalised over the words a caption may contain."""
-    if not len(banned):
-        return log_probs
-    banned = torch.as_tensor(banned, device=log_probs.device)
-    return log_probs.index_fill(-1, banned, float("-inf")).log_softmax(-1)
 
 
 @torch.no_grad()
@@ -37,44 +30,61 @@ def beam_search(model, features, end, banned=(), beam_size=3, max_len=30, length
         raise ValueError(f"need 1 <= n_best ({n_best}) <= beam_size ({k}) <= words a caption can use "
                          f"({vocab - 1 - len(banned)})")
     device = features.device
-    inputs, state = model.start(features)
-    image_of_beam = torch.arange(batch, device=device).repeat_interleave(k)  # (B*K,)
-    inputs, state = inputs[image_of_beam], model.select(state, image_of_beam)
-    scores = torch.full((batch, k), float("-inf"), device=device)
-    scores[:, 0] = 0.0  # all beams start identical: keep one alive
-    tokens = torch.zeros(batch, k, 0, dtype=torch.long, device=device)
-    regions = model.attention(state)  # (B*K, R) or None: does the model attend?
-    weights = None if regions is None else regions.new_zeros(batch, k, 0, regions.size(-1))  # (B, K, t, R)
-    pool_scores, pool_tokens, pool_weights = [], [], []  # per step: (B, K), (B, K, t), (B, K, t, R)
-    best_finished = scores.new_full((batch, n_best), float("-inf"))  # each image's n_best pool scores so far
+    banned = torch.as_tensor(banned, dtype=torch.long, device=device)
+    inputs, state = model.start(features)  # one beam per image at first: (B, E)
+    going = torch.arange(batch, device=device)  # (A,) the images still searching: A rows of what follows
+    scores = torch.zeros(batch, 1, device=device)  # (A, beams): the live captions' log-probabilities
+    tokens = torch.zeros(batch, 1, 0, dtype=torch.long, device=device)  # (A, beams, t)
+    regions = model.attention(state)  # (B, R) or None: does the model attend?
+    weights = None if regions is None else regions.new_zeros(batch, 1, 0, regions.size(-1))  # (A, beams, t, R)
+    pool_scores, pool_tokens, pool_weights = [], [], []  # per step: (B, K), (B, beams, t), (B, beams, t, R)
+    best_finished = scores.new_full((batch, n_best), float("-inf"))  # (A, n_best) pool scores so far
     for t in range(max_len + 1):
-        log_probs, state = model.step(inputs, state)
-        total = scores.unsqueeze(-1) + allowed(log_probs, banned).view(batch, k, vocab)  # (B, K, V)
-        pool_scores.append(total[:, :, end] / (t + 1) ** length_norm)
-        best_finished = torch.cat([best_finished, pool_scores[-1]], 1).topk(n_best, dim=1).values
-        pool_tokens.append(tokens)
-        pool_weights.append(weights)
+        log_probs, state = model.step(inputs, state, banned)
+        total = scores.unsqueeze(-1) + log_probs.view(len(going), -1, vocab)  # (A, beams, V)
+        finished = total[:, :, end] / (t + 1) ** length_norm  # (A, beams)
+        best_finished = torch.cat([best_finished, finished], 1).topk(n_best, dim=1).values
+        finished = F.pad(finished, (0, k - finished.size(1)), value=float("-inf"))  # (A, K)
+        pool_scores.append(_every_image(finished, going, batch, float("-inf")))
+        pool_tokens.append(_every_image(tokens, going, batch, 0))
+        pool_weights.append(None if weights is None else _every_image(weights, going, batch, 0.0))
         if t == max_len:
             break
         total[:, :, end] = float("-inf")  # live beams go on with other words
-        scores, best = total.view(batch, k * vocab).topk(k, dim=1)  # (B, K)
-        parent, word = best // vocab, best % vocab  # (B, K) each
+        beams = total.size(1)
+        scores, best = total.view(len(going), -1).topk(k, dim=1)  # (A, K)
+        parent, word = best // vocab, best % vocab  # (A, K) each
         tokens = torch.cat([_follow(tokens, parent), word.unsqueeze(-1)], -1)
         if weights is not None:
-            step_weights = model.attention(state).view(batch, k, 1, -1)  # (B, K, 1, R)
-            weights = torch.cat([_follow(weights, parent), _follow(step_weights, parent)], 2)
-        # Unnormalised scores only fall: once every image's n_best-th finished caption beats its best
-        # live beam, no later caption can enter its n-best.
-        if length_norm == 0 and bool((best_finished[:, -1] >= scores.max(1).values).all()):
-            break
-        state = model.select(state, (parent + torch.arange(batch, device=device).unsqueeze(1) * k).view(-1))
-        inputs = model.embed(word.view(-1))  # (B*K, E)
+            step_weights = model.attention(state).view(len(going), beams, 1, -1)  # (A, beams, 1, R)
+            weights = torch.cat([_follow(weights, parent), _follow(step_weights, parent)], 2)  # (A, K, t+1, R)
+        state_rows = parent + torch.arange(len(going), device=device).unsqueeze(1) * beams  # (A, K)
+        if length_norm == 0:
+            # Unnormalised scores only fall: once an image's n_best-th finished caption beats its best live
+            # beam, no later caption can enter its n-best, and its beams leave the batch.
+            searching = best_finished[:, -1] < scores.max(1).values  # (A,)
+            if not bool(searching.any()):
+                break
+            if not bool(searching.all()):
+                keep = searching.nonzero().squeeze(1)
+                going, scores, tokens, best_finished, word, state_rows = (
+                    x[keep] for x in (going, scores, tokens, best_finished, word, state_rows))
+                weights = None if weights is None else weights[keep]
+        state = model.select(state, state_rows.view(-1))
+        inputs = model.embed(word.view(-1))  # (A*K, E)
     return _n_best(torch.cat(pool_scores, 1), pool_tokens, pool_weights, k, n_best)
 
 
+def _every_image(values, going, batch, fill):
+    """values (A, ...) of the images still searching -> (B, ...), `fill` for the images done."""
+    if len(going) == batch:
+        return values
+    return values.new_full((batch, *values.shape[1:]), fill).index_copy_(0, going, values)
+
+
 def _follow(history, parent):
-    """history (B, K, ...) of each beam -> that of its parent beam, parent (B, K)."""
-    index = parent.view(*parent.shape, *[1] * (history.dim() - 2)).expand_as(history)
+    """history (B, beams, ...) of each beam -> (B, K, ...) that of each new beam's parent, parent (B, K)."""
+    index = parent.view(*parent.shape, *[1] * (history.dim() - 2)).expand(*parent.shape, *history.shape[2:])
     return history.gather(1, index)
 
 

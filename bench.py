@@ -21,6 +21,7 @@ import sys
 import time
 
 import fire
+import numpy as np
 import torch
 
 import images
@@ -29,13 +30,18 @@ from config import Config, UserError, parse
 WORK = "data/bench"  # the demo data, checkpoints and bench.json
 BEAM_BATCHES, BEAM_SIZES, VOCAB, MAX_LEN = (1, 16, 64, 256), (1, 3, 5), 5000, 30
 PAD, END, UNKNOWN = 0, 1, 2
+# </EOS>'s logit per unit of the bench models' word counter: it overtakes the other words' (about 70 and
+# 280 in the two seeded models) after about 11 words, 3 to 23 by image.
+END_SLOPE = {"pooled": 100.0, "attention": 450.0}
 
 
 # --- beam search ----------------------------------------------------------------------------------
-def textbook_beam_search(model, feature, end, banned, beam_size, max_len, length_norm=0.0):
+def textbook_beam_search(model, feature, end, banned, beam_size, max_len, length_norm=0.0, stop_early=False):
     """The plain beam search of the tutorials, for one image: a Python list of hypotheses, one model
     step and one topk per hypothesis. Same rules as beam_search.py: each live caption + </EOS> joins
-    the finished pool at every step, live beams go on by other allowed words -> (best words, score)."""
+    the finished pool at every step, live beams go on by other allowed words -> (best words, score).
+    Like the book chapter's generator it runs all max_len steps; stop_early adds beam_search.py's
+    exact stop (for length_norm 0) once the best finished caption beats every live one."""
     image, state = model.start(feature[None])
     live = [([], 0.0, image, state)]  # words, score, next input, model state
     pool = []
@@ -54,49 +60,99 @@ def textbook_beam_search(model, feature, end, banned, beam_size, max_len, length
         if t == max_len:
             break
         best = sorted(candidates, key=lambda c: c[1], reverse=True)[:beam_size]
+        if stop_early and length_norm == 0 and max(score for _, score in pool) >= best[0][1]:
+            break  # scores only fall: no live caption can beat the best finished one
         live = [(words, score, model.embed(feature.new_tensor([words[-1]], dtype=torch.long)), state)
                 for words, score, state in best]
     return max(pool, key=lambda pair: pair[1])
 
 
 def bench_model(kind):
-    """A model of the default sizes over VOCAB words, and features for 256 images. Its word
-    distributions are as peaked as a trained model's (the top word near certain), so a caption ends
-    where </EOS> is likeliest: 8 to 14 words on average, different for every image."""
+    """A model of the default sizes over VOCAB words, and features for 256 images, that decodes like a
+    trained one: its word distributions are peaked (the top word near certain), and </EOS> becomes
+    the likeliest word after about 11 words, different for every image."""
     from model import build_model
     torch.manual_seed(0)
     feature_dim, regions = 1280, 49  # MobileNetV2's 7 x 7 map
     model = build_model(Config(model=kind), VOCAB, feature_dim).eval()
     with torch.no_grad():
         model.classifier.weight.mul_(1000.0)
+        _count_words(model, kind)
     shape = (256, feature_dim) if kind == "pooled" else (256, regions, feature_dim)
     return model, torch.randn(shape).relu()
 
 
-def beam(textbook_images=8):
-    """Images/s of beam_search.py at each batch and beam size, and of the textbook loop."""
+def _count_words(model, kind):
+    """Make unit 0 of the last LSTM layer count words: its gates ignore the inputs (input, forget and
+    output gates open, candidate 0.1), so its cell grows by 0.1 a word from a start set by the image,
+    and </EOS>'s logit follows its output."""
+    size = model.classifier.in_features
+    if kind == "pooled":
+        lstm = model.lstm
+        weights = (lstm.weight_ih_l1, lstm.weight_hh_l1, lstm.bias_ih_l1, lstm.bias_hh_l1)
+        cell_row = 3 * size  # image_to_state's output is (2, layers, H): c of layer 2
+    else:
+        weights = (model.cell.weight_ih, model.cell.weight_hh, model.cell.bias_ih, model.cell.bias_hh)
+        cell_row = size  # (h, c)
+    gates = [0, size, 2 * size, 3 * size]  # unit 0 of the gates i, f, g, o
+    for weight in weights:
+        weight[gates] = 0.0
+    weights[2][gates] = torch.tensor([30.0, 30.0, math.atanh(0.1), 30.0])
+    model.image_to_state.weight[cell_row] *= 3.0  # starts spread over about (-1, 1)
+    model.classifier.weight[END] = 0.0
+    model.classifier.weight[END, 0] = END_SLOPE[kind]
+    model.classifier.bias[END] = 0.0
+
+
+def beam(textbook_images=8, **options):
+    """Images/s of beam_search.py at each batch and beam size, against the textbook loop as the book's
+    generator runs it (all max_len steps) and with beam_search.py's exact early stop; on the bench
+    models and, given --model-ckpt, on that trained model with --val-caption-data-path's features."""
     from beam_search import beam_search
     device, rows = images.pick_device(), []
-    for kind in ("pooled", "attention"):
-        model, features = (tensor.to(device) for tensor in bench_model(kind))
+    for kind, model, features, end, banned in _beam_models(parse(**options)):
+        model, features = model.to(device), features.to(device)
         for beam_size in BEAM_SIZES:
-            start = time.perf_counter()
-            reference = [textbook_beam_search(model, f, END, (PAD, UNKNOWN), beam_size, MAX_LEN)
-                         for f in features[:textbook_images]]
-            textbook = textbook_images / (time.perf_counter() - start)
+            speeds = {}
+            for stop_early in (False, True):
+                start = time.perf_counter()
+                reference = [textbook_beam_search(model, f, end, banned, beam_size, MAX_LEN, stop_early=stop_early)
+                             for f in features[:textbook_images]]
+                speeds[stop_early] = textbook_images / (time.perf_counter() - start)
             for batch in BEAM_BATCHES:
                 count = max(batch, textbook_images)
                 start = time.perf_counter()
                 found = [b[0] for s in range(0, count, batch) for b in
-                         beam_search(model, features[s:s + batch], END, (PAD, UNKNOWN), beam_size, MAX_LEN)]
+                         beam_search(model, features[s:s + batch], end, banned, beam_size, MAX_LEN)]
                 speed = count / (time.perf_counter() - start)
                 same = sum(f[0] == r[0] for f, r in zip(found, reference)) / min(count, textbook_images)
                 words = sum(len(f[0]) for f in found) / len(found)
                 rows.append({"device": device.type, "model": kind, "beam": beam_size, "batch": batch,
-                             "images_per_s": speed, "textbook_images_per_s": textbook, "speed_up": speed / textbook,
-                             "same_best_caption": same, "mean_words": words})
+                             "images_per_s": speed, "textbook_images_per_s": speeds[False],
+                             "speed_up": speed / speeds[False], "textbook_stopping_images_per_s": speeds[True],
+                             "speed_up_vs_stopping": speed / speeds[True], "same_best_caption": same,
+                             "mean_words": words})
     _table("beam search (images/s)", rows)
     return rows
+
+
+def _beam_models(opt: Config):
+    """(name, model, features of 256 images, </EOS>, banned words): the two bench models, then the
+    --model-ckpt model with the first 256 images of --val-caption-data-path's features."""
+    for kind in ("pooled", "attention"):
+        yield (kind, *bench_model(kind), END, (PAD, UNKNOWN))
+    if opt.model_ckpt:
+        from captions import special_indices
+        from model import load_checkpoint, model_from_checkpoint
+        checkpoint = load_checkpoint(opt.model_ckpt)
+        path = images.features_path(opt.val_caption_data_path, checkpoint["feature"].get("grid", 0))
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no features to bench --model-ckpt's beam search on; "
+                            "give --val-caption-data-path")
+        features = torch.from_numpy(np.load(path, mmap_mode="r")[:256].astype(np.float32))  # (256, F) or (256, R, F)
+        name = f"trained {checkpoint['config'].get('model', 'pooled')}"
+        yield (name, model_from_checkpoint(checkpoint, opt.model_ckpt), features,
+               *special_indices(checkpoint["ix2word"]))
 
 
 # --- extraction -----------------------------------------------------------------------------------
@@ -298,7 +354,7 @@ def run_all(work=WORK, **options):
     """Every part; the numbers also go to work/bench.json."""
     results = {"date": time.strftime("%Y-%m-%d"), "device": "cuda" if torch.cuda.is_available() else "cpu",
                "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "beam": beam(), "extract": extract(work=work, **options), "train": train(work=work, **options),
+               "beam": beam(**options), "extract": extract(work=work, **options), "train": train(work=work, **options),
                "generate": generate(work=work, **options)}
     results["generate"]["folder_vs_extraction"] = (results["generate"]["folder_images_per_s"]
                                                    / results["extract"]["pipeline_images_per_s"])

@@ -36,10 +36,14 @@ class Decoder(nn.Module):
         """words (B,) -> the next inputs (B, E)."""
         return self.embedding(words)
 
-    def step(self, inputs, state):
-        """One step for a batch: inputs (B, E) -> log-probabilities (B, V), new state."""
+    def step(self, inputs, state, banned=None):
+        """One step for a batch: inputs (B, E) -> log-probabilities (B, V), new state. Word indices in
+        the tensor `banned` get probability 0, the others share all of it."""
         hidden, state = self._advance(inputs, state)
-        return self.classifier(hidden).log_softmax(-1), state
+        logits = self.classifier(hidden)  # (B, V)
+        if banned is not None:
+            logits = logits.index_fill(-1, banned, float("-inf"))
+        return logits.log_softmax(-1), state
 
     def unrolled(self, features, captions, lengths, sampling=0.0):
         """Teacher forcing step by step, like a packed LSTM: step t runs only the captions still

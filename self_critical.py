@@ -10,8 +10,6 @@ import torch
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
 
-from beam_search import allowed
-
 
 class CorpusCider(CiderScorer):
     """pycocoevalcap's CIDEr-D, with n-gram document frequencies taken once from a whole corpus.
@@ -73,12 +71,12 @@ def sample(model, features, end, banned, max_len):
     mask marks the real steps of each caption, up to and including its </EOS>; `banned` words
     (</PAD>, </UNKNOWN>) are never sampled.
     """
+    banned = torch.as_tensor(banned, dtype=torch.long, device=features.device)
     inputs, state = model.start(features)
     words, log_probs, masks = [], [], []
     alive = torch.ones(features.size(0), dtype=torch.bool, device=features.device)
     for _ in range(max_len):
-        step_log_probs, state = model.step(inputs, state)
-        step_log_probs = allowed(step_log_probs, banned)  # (B, V)
+        step_log_probs, state = model.step(inputs, state, banned)  # (B, V)
         word = torch.multinomial(step_log_probs.exp(), 1).squeeze(1)  # (B,)
         words.append(word)
         log_probs.append(step_log_probs.gather(1, word.unsqueeze(1)).squeeze(1))

@@ -72,8 +72,11 @@ class MarkovModel:
     def attention(state):
         return None
 
-    def step(self, inputs, state):
-        return self.log_probs[inputs], state
+    def step(self, inputs, state, banned=None):
+        log_probs = self.log_probs[inputs]
+        if banned is not None:  # renormalised over the other words, as the real models do
+            log_probs = log_probs.index_fill(-1, banned, -math.inf).log_softmax(-1)
+        return log_probs, state
 
     def embed(self, words):
         return words
