@@ -10,13 +10,29 @@ caption never competes with live ones. The n-best of the pool are returned. </PA
 A model decodes through the interface model.py describes (start, step, embed, select,
 attention); with an attention model each caption comes with the region weights of its words.
 """
+import contextlib
+
 import torch
 from torch.nn import functional as F
 
 from captions import special_indices
 
 
+@contextlib.contextmanager
+def _native_kernels():
+    """PyTorch's own CPU kernels instead of oneDNN's: for a search's small batches its LSTM is as fast
+    or faster (1.7x for one image) and does not copy every layer's weights into oneDNN's layout at
+    each step."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
 @torch.no_grad()
+@_native_kernels()
 def beam_search(model, features, end, banned=(), beam_size=3, max_len=30, length_norm=0.0, n_best=1):
     """features (B, F) or regions (B, R, F) -> for each image, up to n_best (word indices, score,
     attention) triples, best first.

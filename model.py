@@ -224,8 +224,8 @@ def model_from_checkpoint(checkpoint, path):
     """Rebuild the model of a checkpoint; a mismatch of sizes is a clear error."""
     opt = from_saved(checkpoint["config"], path)
     model = build_model(opt, len(checkpoint["ix2word"]), checkpoint["feature"]["feature_dim"])
-    try:
-        model.load_state_dict(checkpoint["model"])
+    try:  # the checkpoint's tensors (memory-mapped) replace the new ones: no second copy of the weights
+        model.load_state_dict(checkpoint["model"], assign=True)
     except RuntimeError as error:
         raise UserError(f"{path}: weights do not fit its own configuration: {str(error)[:300]}") from None
     return model.eval()
