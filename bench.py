@@ -104,10 +104,12 @@ def _count_words(model, kind):
     model.classifier.bias[END] = 0.0
 
 
-def beam(textbook_images=8, **options):
+def beam(textbook_images=8, work=WORK, **options):
     """Images/s of beam_search.py at each batch and beam size, against the textbook loop as the book's
     generator runs it (all max_len steps) and with beam_search.py's exact early stop; on the bench
-    models and, given --model-ckpt, on that trained model with --val-caption-data-path's features."""
+    models and, given --model-ckpt, on that trained model with --val-caption-data-path's features.
+    (`work` is taken like the other parts take it; the search writes nothing there.)"""
+    del work
     from beam_search import beam_search
     device, rows = images.pick_device(), []
     for kind, model, features, end, banned in _beam_models(parse(**options)):
@@ -352,17 +354,21 @@ def _table(title, rows):
 
 
 def run_all(work=WORK, **options):
-    """Every part; the numbers also go to work/bench.json."""
+    """Every part, each timed; the numbers also go to work/bench.json."""
     results = {"date": time.strftime("%Y-%m-%d"), "device": "cuda" if torch.cuda.is_available() else "cpu",
-               "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "beam": beam(**options), "extract": extract(work=work, **options), "train": train(work=work, **options),
-               "generate": generate(work=work, **options)}
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "seconds": {}}
+    for name, part in (("beam", beam), ("extract", extract), ("train", train), ("generate", generate)):
+        start = time.perf_counter()
+        results[name] = part(work=work, **options)
+        results["seconds"][name] = time.perf_counter() - start
     results["generate"]["folder_vs_extraction"] = (results["generate"]["folder_images_per_s"]
                                                    / results["extract"]["pipeline_images_per_s"])
     path = os.path.join(work, "bench.json")
     with open(path, "w", encoding="utf-8") as file:
         json.dump(results, file, indent=1)
-    print(f"\ngenerate on a folder / extraction: {results['generate']['folder_vs_extraction']:.2f}; written to {path}")
+    seconds = ", ".join(f"{name} {value:.0f} s" for name, value in results["seconds"].items())
+    print(f"\ngenerate on a folder / extraction: {results['generate']['folder_vs_extraction']:.2f}\n"
+          f"time taken: {seconds}, {sum(results['seconds'].values()):.0f} s in all; written to {path}")
 
 
 def _printing_only(function):

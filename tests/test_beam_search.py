@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from beam_search import beam_search
-from bench import textbook_beam_search
+from bench import bench_model, textbook_beam_search
 from model import AttentionModel, CaptionModel, quantized
 
 PAD, END, UNKNOWN = 0, 1, 2
@@ -35,6 +35,24 @@ def test_batched_search_matches_per_image_reference(kind, seed, beam_size, lengt
         assert batched[i][0][0] == words
         assert batched[i][0][1] == pytest.approx(score, abs=1e-4)
         assert UNKNOWN not in words and PAD not in words
+
+
+@pytest.mark.parametrize("kind", ["pooled", "attention"])
+def test_done_images_leave_the_batch_and_captions_stay_those_of_all_steps(kind):
+    """The bench models end captions after 3 to 23 words, by image: the search runs one beam per image
+    first, then drops the images that are done, and still finds what the plain loop finds in all 31 steps."""
+    model, features = bench_model(kind)
+    features = features[:6]
+    rows = []
+    step = model.step
+    model.step = lambda inputs, state, banned=None: (rows.append(len(inputs)), step(inputs, state, banned))[1]
+    found = beam_search(model, features, END, [PAD, UNKNOWN], beam_size=2, max_len=30)
+    del model.step
+    assert rows[:2] == [6, 12]  # one beam per image at the first step, then beam_size
+    assert rows[1:] == sorted(rows[1:], reverse=True) and len(set(rows[1:])) > 2 and len(rows) < 31
+    for image, [(words, score, _)] in enumerate(found):
+        reference, reference_score = textbook_beam_search(model, features[image], END, [PAD, UNKNOWN], 2, 30)
+        assert words == reference and score == pytest.approx(reference_score, abs=1e-3)
 
 
 @torch.no_grad()
