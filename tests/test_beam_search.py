@@ -49,7 +49,7 @@ def test_done_images_leave_the_batch_and_captions_stay_those_of_all_steps(kind):
     found = beam_search(model, features, END, [PAD, UNKNOWN], beam_size=2, max_len=30)
     del model.step
     assert rows[:2] == [6, 12]  # one beam per image at the first step, then beam_size
-    assert rows[1:] == sorted(rows[1:], reverse=True) and len(set(rows[1:])) > 2 and len(rows) < 31
+    assert rows[1:] == sorted(rows[1:], reverse=True) and len(set(rows[1:])) > 2  # images leave as they finish
     for image, [(words, score, _)] in enumerate(found):
         reference, reference_score = textbook_beam_search(model, features[image], END, [PAD, UNKNOWN], 2, 30)
         assert words == reference and score == pytest.approx(reference_score, abs=1e-3)
