@@ -123,7 +123,7 @@ def beam(textbook_images=8, work=WORK, **options):
                 speeds[stop_early] = textbook_images / (time.perf_counter() - start)
             for batch in BEAM_BATCHES:
                 count, speed = max(batch, textbook_images), 0.0
-                for _ in range(2):  # the better of two rounds: a shared machine's speed drifts
+                for _ in range(1 if batch >= 256 else 2):  # short runs: the better of two, as speed drifts
                     start = time.perf_counter()
                     found = [b[0] for s in range(0, count, batch) for b in
                              beam_search(model, features[s:s + batch], end, banned, beam_size, MAX_LEN)]
@@ -202,7 +202,7 @@ PARTS = {"forward/backward": ("_step", "_self_critical_step"), "data loading": (
          "validation decoding": ("caption_features",), "metrics": ("score_captions",)}
 
 
-def train(batches=50, work=WORK, **options):
+def train(batches=30, work=WORK, **options):
     """Captions/s, peak memory and where the time goes in cross-entropy and in self-critical training,
     each in a fresh process over `batches` batches, then one validation (on --eval-size images)."""
     opt = _bench_data(parse(**{"eval_size": 100, **options}), work)

@@ -72,14 +72,24 @@ class ImageTransform:
 
     def __call__(self, image):
         """RGB PIL image -> (3, size, size) float tensor."""
+        return self.normalize(self.crop(image))
+
+    def crop(self, image):
+        """RGB PIL image -> (3, size, size) uint8 pixels, resized and cropped (what DataLoader workers
+        send: a quarter of the floats' bytes)."""
         width, height = image.size
         if min(width, height) != self.size:
             long = int(self.size * max(width, height) / min(width, height))
             image = image.resize((self.size, long) if width <= height else (long, self.size), Image.BILINEAR)
         left, top = int(round((image.width - self.size) / 2.0)), int(round((image.height - self.size) / 2.0))
         image = image.crop((left, top, left + self.size, top + self.size))
-        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div(255)  # (3, S, S)
-        return (pixels - self.mean) / self.std
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, S, S)
+
+    def normalize(self, pixels):
+        """uint8 pixels (..., 3, S, S) on any device -> floats scaled to [0, 1] and normalised, in the
+        same memory format."""
+        mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
+        return pixels.float().div_(255).sub_(mean).div_(std)  # in place: half the time of a new tensor each
 
 
 def image_transform(backbone="mobilenet_v2"):
@@ -242,7 +252,8 @@ def check_sha256(path):
 
 # --- images -> features ---------------------------------------------------------------------------
 class ImageFiles(Dataset):
-    """Image files in the given order, prepared for a backbone; an unreadable one gives zeros and its error."""
+    """Image files in the given order, resized and cropped for a backbone (uint8, normalised later by
+    the transform's `normalize`); an unreadable one gives zeros and its error."""
 
     def __init__(self, paths, backbone):
         self.paths, self.transform, self.size = paths, image_transform(backbone), BACKBONES[backbone].size
@@ -252,9 +263,9 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index):
         try:
-            return self.transform(load_image(self.paths[index])), ""
+            return self.transform.crop(load_image(self.paths[index])), ""
         except UNREADABLE as error:
-            return torch.zeros(3, self.size, self.size), f"{type(error).__name__}: {error}"
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(error).__name__}: {error}"
 
 
 def prepare_backbone(network, device):
@@ -268,12 +279,12 @@ def encode_images(network, backbone, paths, device, batch_size, num_workers, gri
     float32 rounded to the float16 they are stored in. Images are read by DataLoader workers; an
     error is "" for a readable image."""
     workers = num_workers if len(paths) > batch_size else 0  # a few images: workers cost more than they save
-    loader = DataLoader(ImageFiles(paths, backbone), batch_size=batch_size, num_workers=workers,
-                        pin_memory=device.type == "cuda")
+    files = ImageFiles(paths, backbone)
+    loader = DataLoader(files, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     with torch.autocast(device.type, enabled=device.type == "cuda"):
-        for images, errors in loader:  # images: (B, 3, S, S)
-            images = images.to(device, memory_format=torch.channels_last, non_blocking=True)
-            feature_map = network(images).float()  # (B, F, S/32, S/32)
+        for pixels, errors in loader:  # pixels: (B, 3, S, S) uint8
+            pixels = pixels.to(device, memory_format=torch.channels_last, non_blocking=True)
+            feature_map = network(files.transform.normalize(pixels)).float()  # (B, F, S/32, S/32)
             grid_features = regions(feature_map, grid).half().float().cpu() if grid else None
             yield pooled(feature_map).half().float().cpu(), grid_features, list(errors)
 
