@@ -19,7 +19,7 @@ from captions import special_indices
 
 
 @contextlib.contextmanager
-def _native_kernels():
+def native_kernels():
     """PyTorch's own CPU kernels instead of oneDNN's: for a search's small batches its LSTM is as fast
     or faster (1.7x for one image) and does not copy every layer's weights into oneDNN's layout at
     each step."""
@@ -32,7 +32,7 @@ def _native_kernels():
 
 
 @torch.no_grad()
-@_native_kernels()
+@native_kernels()
 def beam_search(model, features, end, banned=(), beam_size=3, max_len=30, length_norm=0.0, n_best=1):
     """features (B, F) or regions (B, R, F) -> for each image, up to n_best (word indices, score,
     attention) triples, best first.

@@ -187,6 +187,7 @@ def quantized(model):
     """The model with dynamic int8 quantisation of its LSTM and Linear layers (CPU inference)."""
     with warnings.catch_warnings():  # torch.ao's eager quantisation is deprecated for torchao; 2.14 has it
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)  # the same deprecation
         return torch.ao.quantization.quantize_dynamic(model, {nn.LSTM, nn.LSTMCell, nn.Linear}, dtype=torch.qint8)
 
 
