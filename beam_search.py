@@ -86,7 +86,7 @@ def beam_search(model, features, end, banned=(), beam_size=3, max_len=30, length
                 going, scores, tokens, best_finished, word, state_rows = (
                     x[keep] for x in (going, scores, tokens, best_finished, word, state_rows))
                 weights = None if weights is None else weights[keep]
-        state = model.select(state, state_rows.view(-1))
+        state = model.select(state, state_rows)
         inputs = model.embed(word.view(-1))  # (A*K, E)
     return _n_best(torch.cat(pool_scores, 1), pool_tokens, pool_weights, k, n_best)
 

@@ -5,7 +5,8 @@ attention (AttentionModel): Show, Attend and Tell soft attention over the image'
 
 Both decode through the same interface, which beam search and self-critical sampling use:
 start(features) -> (inputs, state); step(inputs, state) -> (log-probabilities (B, V), state);
-embed(words) -> inputs; select(state, rows) -> the state of those batch rows;
+embed(words) -> inputs; select(state, rows) -> the state of those rows: a slice (one row per image)
+or an (images, beams) tensor of row indices, each line one image's rows;
 attention(state) -> the region weights of the last step (B, R), or None.
 """
 import dataclasses
@@ -125,7 +126,8 @@ class CaptionModel(Decoder):
 
     @staticmethod
     def select(state, rows):
-        """Keep (and repeat) the batch entries `rows` (N,) of a state: h, c (layers, B, H) -> (layers, N, H)."""
+        """Keep (and repeat) rows of a state: h, c (layers, B, H) -> (layers, N, H)."""
+        rows = rows if isinstance(rows, slice) else rows.reshape(-1)  # (N,)
         return tuple(s[:, rows] for s in state)
 
 
@@ -160,23 +162,31 @@ class AttentionModel(Decoder):
 
     def start(self, regions):
         """regions (B, R, F) -> first input (B, E); state h, c (B, H), regions, their projection
-        (B, R, A), last weights (B, R)."""
+        (B, R, A), last weights (B, R). A later state may hold several rows (beams) of each image:
+        h, c and weights then have images * beams rows, image by image, and the regions are kept
+        once per image."""
         h, c = torch.tanh(self.image_to_state(regions.mean(1))).chunk(2, dim=-1)
         weights = regions.new_zeros(regions.shape[:2])
         return self.start_input.expand(len(regions), -1), (h, c, regions, self.region_projection(regions), weights)
 
     def _advance(self, inputs, state):
-        """One attention + LSTM step -> hidden (B, H), new state."""
+        """One attention + LSTM step: inputs (N, E) -> hidden (N, H), new state; N = images * beams."""
         h, c, regions, projected, _ = state
-        scores = self.attention_score(torch.tanh(projected + self.hidden_projection(h).unsqueeze(1)))  # (B, R, 1)
-        weights = scores.squeeze(-1).softmax(-1)  # (B, R)
-        context = torch.sigmoid(self.gate(h)) * torch.bmm(weights.unsqueeze(1), regions).squeeze(1)  # (B, F)
-        h, c = self.cell(torch.cat([inputs, context], -1), (h, c))
-        return h, (h, c, regions, projected, weights)
+        query = self.hidden_projection(h).view(len(regions), -1, 1, projected.size(-1))  # (M, beams, 1, A)
+        scores = self.attention_score(torch.tanh(projected.unsqueeze(1) + query))  # (M, beams, R, 1)
+        weights = scores.squeeze(-1).softmax(-1)  # (M, beams, R)
+        glimpse = torch.bmm(weights, regions).view(len(h), -1)  # (N, F): each row's weighted mean region
+        h, c = self.cell(torch.cat([inputs, torch.sigmoid(self.gate(h)) * glimpse], -1), (h, c))
+        return h, (h, c, regions, projected, weights.view(len(h), -1))
 
     @staticmethod
     def select(state, rows):
-        return tuple(s[rows] for s in state)
+        h, c, regions, projected, weights = state
+        if isinstance(rows, slice):  # one row per image
+            return tuple(s[rows] for s in state)
+        images = rows[:, 0] // (len(h) // len(regions))  # (M',) the image of each line of rows
+        rows = rows.reshape(-1)  # (N',)
+        return h[rows], c[rows], regions[images], projected[images], weights[rows]
 
     @staticmethod
     def attention(state):
