@@ -56,7 +56,7 @@ def caption_images(paths, opt: Config):
     backbone_name, ix2word = checkpoint["feature"]["backbone"], checkpoint["ix2word"]
     backbone = prepare_backbone(checkpoint_backbone(checkpoint), device)
     grid = checkpoint["feature"].get("grid", 0) if isinstance(model, AttentionModel) else 0
-    del checkpoint  # its weights are in model and backbone now: unmap the file
+    del checkpoint  # the model keeps its mapped weights; the rest (the optimizer state) is let go
     captions, errors = {}, {}
     done = 0
     for pooled, regions, batch_errors in encode_images(backbone, backbone_name, paths, device, opt.batch_size,

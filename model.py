@@ -4,7 +4,8 @@ pooled (CaptionModel): the pytorch-book model, one pooled image feature -> LSTM 
 attention (AttentionModel): Show, Attend and Tell soft attention over the image's regions.
 
 Both decode through the same interface, which beam search and self-critical sampling use:
-start(features) -> (inputs, state); step(inputs, state) -> (log-probabilities (B, V), state);
+start(features) -> (inputs, state); step(inputs, state, banned) -> (log-probabilities (B, V) with the
+banned words at 0 probability, state);
 embed(words) -> inputs; select(state, rows) -> the state of those rows: a slice (one row per image)
 or an (images, beams) tensor of row indices, each line one image's rows;
 attention(state) -> the region weights of the last step (B, R), or None.
