@@ -19,7 +19,15 @@ import fire
 import config
 from beam_search import caption_features
 from config import Config, UserError, command
-from images import build_backbone, encode_images, load_backbone, load_image, pick_device, prepare_backbone
+from images import (
+    build_backbone,
+    encode_images,
+    load_backbone,
+    load_image,
+    pick_device,
+    prepare_backbone,
+    release_freed_memory,
+)
 from model import AttentionModel, find_checkpoint, load_checkpoint, model_from_checkpoint, quantized
 
 # Each command imports what only it needs (training, metrics, drawing) when it runs: `generate`
@@ -66,6 +74,7 @@ def caption_images(paths, opt: Config):
         readable = [i for i, error in enumerate(batch_errors) if not error]
         if readable:
             features = (pooled if regions is None else regions)[readable].to(device)  # (B', F) or (B', R, F)
+            release_freed_memory()
             beams = caption_features(model, features, ix2word, opt)
             captions.update(zip([batch_paths[i] for i in readable], beams))
     return captions, errors

@@ -224,6 +224,34 @@ def test_image_transform_is_torchvisions_to_the_bit(backbone):
         assert torch.equal(image_transform(backbone)(image), reference(image)), (width, height)
 
 
+def test_a_batch_of_crops_is_normalised_channels_last_without_a_copy():
+    """Workers send (S, S, 3) pixels; the batch they make comes out channels_last, as the backbone
+    runs fastest, with the values of the one-image transform."""
+    transform = image_transform("mobilenet_v2")
+    rng = np.random.default_rng(1)
+    photos = [Image.fromarray(rng.integers(0, 255, (300, 260, 3), dtype=np.uint8)) for _ in range(3)]
+    pixels = torch.stack([transform.crop(photo) for photo in photos])
+    assert pixels.shape == (3, 224, 224, 3) and pixels.dtype == torch.uint8
+    batch = transform.normalize(pixels)
+    assert batch.shape == (3, 3, 224, 224) and batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, torch.stack([transform(photo) for photo in photos]))
+
+
+@pytest.mark.skipif(images._GLIBC is None, reason="malloc_trim is glibc's; elsewhere the call does nothing")
+def test_release_freed_memory_gives_a_freed_heap_back_to_the_os():
+    """Freed heap below a live block stays resident until release_freed_memory hands it back."""
+    def resident_mb():
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    blocks = [torch.ones(25_000) for _ in range(2000)]  # 100 kB each: from the heap, not mmap; 200 MB
+    keep = blocks[-1]  # the top of the heap stays in use, so glibc cannot shrink it on free
+    del blocks
+    before = resident_mb()
+    images.release_freed_memory()
+    assert before - resident_mb() > 100, (before, resident_mb())
+    assert keep.sum() == 25_000
+
+
 def test_captioning_backbone_is_kept_as_torchscript_with_the_same_features(monkeypatch, tmp_path):
     """The first load_backbone saves the trunk as TorchScript; a later one, in a fresh process, loads
     it without importing torchvision and computes the same features."""
