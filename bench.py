@@ -16,6 +16,7 @@ import math
 import os
 import pstats
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -160,10 +161,11 @@ def _beam_models(opt: Config):
 
 
 # --- extraction -----------------------------------------------------------------------------------
-def extract(count=256, rounds=2, work=WORK, **options):
+def extract(count=256, rounds=3, work=WORK, **options):
     """Images/s of feature extraction's pipeline (read, transform, forward) against the bare forward
     pass on ready tensors in channels_last, same backbone, batch and threads. The two alternate for
-    `rounds` rounds and each keeps its best: a shared machine's speed drifts between runs."""
+    `rounds` rounds, and the medians are reported: a shared machine's speed drifts between runs, and
+    the ratio is taken within each round."""
     opt = parse(**options)
     paths = _image_paths(opt, work)[:count]
     device = images.pick_device(opt.use_gpu)
@@ -172,7 +174,7 @@ def extract(count=256, rounds=2, work=WORK, **options):
                for _ in range(math.ceil(len(paths) / opt.batch_size))]
     with torch.inference_mode():
         network(batches[0])  # warm up
-    bare = pipeline = 0.0
+    bare, pipeline = [], []
     for _ in range(rounds):
         with torch.inference_mode():
             _sync(device)
@@ -180,14 +182,15 @@ def extract(count=256, rounds=2, work=WORK, **options):
             for batch in batches:
                 network(batch)
             _sync(device)
-            bare = max(bare, len(batches) * opt.batch_size / (time.perf_counter() - start))
+            bare.append(len(batches) * opt.batch_size / (time.perf_counter() - start))
         start = time.perf_counter()
         for _ in images.encode_images(network, "mobilenet_v2", paths, device, opt.batch_size, opt.num_workers):
             pass
-        pipeline = max(pipeline, len(paths) / (time.perf_counter() - start))
+        pipeline.append(len(paths) / (time.perf_counter() - start))
     row = {"backbone": "mobilenet_v2", "images": len(paths), "batch": opt.batch_size,
-           "threads": torch.get_num_threads(), "pipeline_images_per_s": pipeline,
-           "bare_forward_images_per_s": bare, "ratio": pipeline / bare}
+           "threads": torch.get_num_threads(), "pipeline_images_per_s": statistics.median(pipeline),
+           "bare_forward_images_per_s": statistics.median(bare),
+           "ratio": statistics.median(p / b for p, b in zip(pipeline, bare))}
     _table("extraction", [row])
     return row
 
