@@ -74,7 +74,8 @@ def caption_images(paths, opt: Config):
         readable = [i for i, error in enumerate(batch_errors) if not error]
         if readable:
             features = (pooled if regions is None else regions)[readable].to(device)  # (B', F) or (B', R, F)
-            release_freed_memory()
+            if not captions:  # the first search is about to map the decoder's weights in
+                release_freed_memory()
             beams = caption_features(model, features, ix2word, opt)
             captions.update(zip([batch_paths[i] for i in readable], beams))
     return captions, errors
