@@ -161,7 +161,7 @@ def _beam_models(opt: Config):
 
 
 # --- extraction -----------------------------------------------------------------------------------
-def extract(count=256, rounds=3, work=WORK, **options):
+def extract(count=512, rounds=2, work=WORK, **options):
     """Images/s of feature extraction's pipeline (read, transform, forward) against the bare forward
     pass on ready tensors in channels_last, same backbone, batch and threads. The two alternate for
     `rounds` rounds, and the medians are reported: a shared machine's speed drifts between runs, and
@@ -206,7 +206,7 @@ PARTS = {"forward/backward": ("_step", "_self_critical_step"), "data loading": (
          "validation decoding": ("caption_features",), "metrics": ("score_captions",)}
 
 
-def train(batches=30, work=WORK, **options):
+def train(batches=20, work=WORK, **options):
     """Captions/s, peak memory and where the time goes in cross-entropy and in self-critical training,
     each in a fresh process over `batches` batches, then one validation (on --eval-size images)."""
     opt = _bench_data(parse(**{"eval_size": 100, **options}), work)

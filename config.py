@@ -5,7 +5,14 @@ Any field can be set on the command line of any command as `--field=value`
 """
 import dataclasses
 import difflib
+import os
 import sys
+
+# PyTorch's CPU allocator backs tensors of 2 MB and more with transparent huge pages when this is set
+# before its first allocation (it reads it once), and every command imports this file first. On
+# this project's 2-core virtual machine MobileNetV2's forward pass ran twice as fast with it (batch
+# 64: 1.5 -> 0.75 s), the TLB no longer missing on every activation page. A user's own setting wins.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 class UserError(Exception):

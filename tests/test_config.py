@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -40,3 +41,27 @@ def test_help_of_a_command(command):
     run = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "unknown option" not in run.stderr and f"--lr={Config.lr!r}" in run.stdout
+
+
+HUGE_PAGES = "/sys/kernel/mm/transparent_hugepage/enabled"
+HUGE_KB_OF_A_TENSOR = ("import config, torch\n"
+                       "tensor = torch.ones(64 * 2 ** 20 // 4)  # 64 MB, touched\n"
+                       "print(sum(int(line.split()[1]) for line in open('/proc/self/smaps')"
+                       " if line.startswith('AnonHugePages:')))")
+
+
+def huge_kb_of_a_tensor(env):
+    result = subprocess.run([sys.executable, "-c", HUGE_KB_OF_A_TENSOR], cwd=ROOT, env=env,
+                            capture_output=True, text=True, check=True)
+    return int(result.stdout)
+
+
+@pytest.mark.skipif(not os.path.exists(HUGE_PAGES) or "[never]" in open(HUGE_PAGES).read(),
+                    reason="this kernel gives no transparent huge pages")
+def test_importing_config_gives_large_cpu_tensors_huge_pages():
+    """Every command imports config first; from then on PyTorch backs large CPU tensors with huge
+    pages (the backbone's forward pass: 2x on a VM's CPU), unless the user said otherwise."""
+    env = {key: value for key, value in os.environ.items() if key != "THP_MEM_ALLOC_ENABLE"}
+    assert huge_kb_of_a_tensor(env) >= 32 * 1024
+    if "[madvise]" in open(HUGE_PAGES).read():  # only what asks for huge pages gets them
+        assert huge_kb_of_a_tensor({**env, "THP_MEM_ALLOC_ENABLE": "0"}) == 0
