@@ -289,8 +289,9 @@ def encode_images(network, backbone, paths, device, batch_size, num_workers, gri
     files = ImageFiles(paths, backbone)
     if workers:  # they are forked from this process: see release_freed_memory
         release_freed_memory()
-    loader = DataLoader(files, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     on_cpu = device.type == "cpu"
+    loader = DataLoader(files, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                        worker_init_fn=_lowest_priority if on_cpu else None)
     # TorchScript's optimizing executor profiles and rewrites the graph in the first calls: on a CPU,
     # where it fuses nothing, that costs generate 90 ms and a few MB for no gain.
     with torch.autocast(device.type, enabled=not on_cpu), torch.jit.optimized_execution(not on_cpu):
@@ -301,6 +302,15 @@ def encode_images(network, backbone, paths, device, batch_size, num_workers, gri
             features = pooled(feature_map).half().float().cpu()
             del pixels, feature_map  # (B, F, h, w) and the image pixels, freed before the caller works
             yield features, grid_features, list(errors)
+
+
+def _lowest_priority(_worker):
+    """Image workers on a CPU whose cores all run the forward pass: at the lowest priority they read
+    while a core waits, instead of stalling one of the forward's threads, which then all wait at its
+    next barrier (MobileNetV2, 2 cores, 512 photos, 7-10 runs each: median 0.86 -> 0.91 of the bare
+    forward)."""
+    if hasattr(os, "nice"):  # not on Windows
+        os.nice(19)
 
 
 def release_freed_memory():

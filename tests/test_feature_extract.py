@@ -237,6 +237,18 @@ def test_a_batch_of_crops_is_normalised_channels_last_without_a_copy():
     assert torch.equal(batch, torch.stack([transform(photo) for photo in photos]))
 
 
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="no process priorities here")
+def test_image_workers_read_at_the_lowest_priority_on_the_cpu(monkeypatch):
+    """On the CPU, encode_images' DataLoader workers yield the cores to the forward pass."""
+    def priority_as_error(files, index):  # what a worker reports back: its own niceness
+        return torch.zeros(224, 224, 3, dtype=torch.uint8), str(os.nice(0))
+    monkeypatch.setattr(images.ImageFiles, "__getitem__", priority_as_error)
+    batches = images.encode_images(torch.nn.Identity(), "mobilenet_v2", ["photo.jpg"] * 8, torch.device("cpu"),
+                                   batch_size=4, num_workers=2)
+    reported = [error for _, _, errors in batches for error in errors]
+    assert reported == [str(min(19, os.nice(0) + 19))] * 8
+
+
 @pytest.mark.skipif(images._GLIBC is None, reason="malloc_trim is glibc's; elsewhere the call does nothing")
 def test_release_freed_memory_gives_a_freed_heap_back_to_the_os():
     """Freed heap below a live block stays resident until release_freed_memory hands it back."""
