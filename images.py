@@ -317,7 +317,7 @@ def release_freed_memory():
     """Give the heap this process freed back to the OS; glibc keeps it for reuse. Before forking
     DataLoader workers: pages that the workers share are copied on the parent's next write, so a heap
     left large by earlier work slowed the forward passes after the fork (captioning 200 photos after
-    an extraction: 52 -> 64 images/s). Before a beam search: the backbone's activations would stay
+    an extraction: 52 -> 60 images/s). Before a beam search: the backbone's activations would stay
     resident beside the decoder's weights that the search maps in (10 MB at generate's peak).
     Elsewhere than glibc there is nothing to do."""
     if _GLIBC is not None:
