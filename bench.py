@@ -161,13 +161,20 @@ def _beam_models(opt: Config):
 
 
 # --- extraction -----------------------------------------------------------------------------------
-def extract(count=512, rounds=2, work=WORK, **options):
+def extract(count=512, rounds=3, work=WORK, **options):
     """Images/s of feature extraction's pipeline (read, transform, forward) against the bare forward
     pass on ready tensors in channels_last, same backbone, batch and threads. The two alternate for
     `rounds` rounds, and the medians are reported: a shared machine's speed drifts between runs, and
-    the ratio is taken within each round."""
+    the ratio is taken within each round. Also the images/s of reading alone (what a DataLoader worker
+    does: decode, resize, crop) on one core, and its share: the bare forward's time that reading the
+    same photos takes, which the pipeline loses where its workers share the forward's cores."""
     opt = parse(**options)
     paths = _image_paths(opt, work)[:count]
+    files = images.ImageFiles(paths, "mobilenet_v2")
+    start = time.perf_counter()
+    for index in range(len(files)):
+        files[index]
+    reading = len(paths) / (time.perf_counter() - start)
     device = images.pick_device(opt.use_gpu)
     network = images.prepare_backbone(images.build_backbone("mobilenet_v2", "none"), device)
     batches = [torch.randn(opt.batch_size, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
@@ -190,7 +197,8 @@ def extract(count=512, rounds=2, work=WORK, **options):
     row = {"backbone": "mobilenet_v2", "images": len(paths), "batch": opt.batch_size,
            "threads": torch.get_num_threads(), "pipeline_images_per_s": statistics.median(pipeline),
            "bare_forward_images_per_s": statistics.median(bare),
-           "ratio": statistics.median(p / b for p, b in zip(pipeline, bare))}
+           "ratio": statistics.median(p / b for p, b in zip(pipeline, bare)),
+           "reading_images_per_s_one_core": reading, "reading_share": statistics.median(bare) / reading}
     _table("extraction", [row])
     return row
 
@@ -337,10 +345,12 @@ def _data_flags(opt: Config):
 
 
 def _image_paths(opt: Config, work):
-    """The photos of --img-path (the demo's by default), in order."""
+    """The photos of the folder --img-path, in order; if neither it nor --caption-data-path is given,
+    the demo set's."""
     from main import list_images
-    opt = _bench_data(opt, work)
-    paths = list_images(opt.img_path)
+    if opt.img_path == Config.img_path:
+        opt = _bench_data(opt, work)
+    paths = list_images(opt.img_path) if os.path.isdir(opt.img_path) else []
     if not paths:
         raise UserError(f"--img-path={opt.img_path}: no images to bench with")
     return paths
