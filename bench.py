@@ -176,7 +176,7 @@ def extract(count=512, rounds=3, work=WORK, **options):
         files[index]
     reading = len(paths) / (time.perf_counter() - start)
     device = images.pick_device(opt.use_gpu)
-    network = images.prepare_backbone(images.build_backbone("mobilenet_v2", "none"), device)
+    network = images.prepare_backbone(images.build_backbone("mobilenet_v2", "none"), "mobilenet_v2", device)
     batches = [torch.randn(opt.batch_size, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
                for _ in range(math.ceil(len(paths) / opt.batch_size))]
     with torch.inference_mode():

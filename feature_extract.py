@@ -33,7 +33,7 @@ def extract(opt: Config):
     device = images.pick_device(opt.use_gpu)
     distributed.start(device)
     weights = images.resolve_weights(opt.backbone, opt.weights)
-    network = images.prepare_backbone(images.build_backbone(opt.backbone, weights), device)
+    network = images.prepare_backbone(images.build_backbone(opt.backbone, weights), opt.backbone, device)
     with torch.inference_mode():
         size = images.BACKBONES[opt.backbone].size
         feature_dim = network(torch.zeros(1, 3, size, size, device=device)).shape[1]

@@ -1,5 +1,6 @@
 """Images as the toolkit reads them: loading, the one transform, backbones with checked weights,
 the one images -> features path (extraction, generate and evaluate), and stored feature files."""
+import contextlib
 import ctypes
 import dataclasses
 import hashlib
@@ -167,18 +168,31 @@ def load_backbone(backbone, weights="default"):
     if weights == "none":  # random weights: nothing worth keeping
         return build_backbone(backbone, weights)
     path = traced_path(backbone, weights)
-    # TorchScript is deprecated in favour of torch.export, whose loader takes 30 times as long
-    # (10 s against 0.3 s for MobileNetV2 on 2 cores) and 230 MB more: the point here is speed.
+    if os.path.isfile(path):
+        with _torchscript():
+            return torch.jit.load(path, map_location="cpu").eval()
+    traced = _traced(build_backbone(backbone, weights), backbone)
+    with _torchscript():
+        atomic_save(traced, path, save=torch.jit.save)
+    return traced
+
+
+@contextlib.contextmanager
+def _torchscript():
+    """TorchScript is deprecated in favour of torch.export, whose loader takes 30 times as long (10 s
+    against 0.3 s for MobileNetV2 on 2 cores) and 230 MB more: the point here is speed."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", FutureWarning)
         # EfficientNet-Lite's SAME padding is computed from the input size, which the transform fixes
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        if os.path.isfile(path):
-            return torch.jit.load(path, map_location="cpu").eval()
-        trunk = build_backbone(backbone, weights)
-        size = BACKBONES[backbone].size
-        atomic_save(torch.jit.trace(trunk, torch.zeros(1, 3, size, size)), path, save=torch.jit.save)
-    return trunk
+        yield
+
+
+def _traced(trunk, backbone):
+    """A trunk as TorchScript, traced on an image of its backbone's size on the trunk's device."""
+    size = BACKBONES[backbone].size
+    with _torchscript():
+        return torch.jit.trace(trunk, torch.zeros(1, 3, size, size, device=next(trunk.parameters()).device))
 
 
 def traced_path(backbone, weights):
@@ -275,9 +289,18 @@ class ImageFiles(Dataset):
             return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), f"{type(error).__name__}: {error}"
 
 
-def prepare_backbone(network, device):
-    """The backbone on `device` in its fastest layout (channels_last)."""
-    return network.to(device, memory_format=torch.channels_last)
+def prepare_backbone(network, backbone, device):
+    """The backbone for inference on `device` in its fastest form: channels_last, and on a CPU traced and
+    frozen by TorchScript, which folds every batch norm into the convolution before it (a batch of 64 on
+    2 cores: MobileNetV2 0.67 -> 0.47 s, EfficientNet-Lite2 2.9 -> 2.1 s; features within float rounding).
+    On CUDA, where it runs under autocast, it is left as it is: no GPU was at hand to check freezing there."""
+    network = network.to(device, memory_format=torch.channels_last)
+    if device.type != "cpu":
+        return network
+    if not isinstance(network, torch.jit.ScriptModule):
+        network = _traced(network, backbone)
+    with _torchscript():
+        return torch.jit.freeze(network.eval())
 
 
 @torch.inference_mode()

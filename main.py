@@ -62,7 +62,7 @@ def caption_images(paths, opt: Config):
             raise UserError("--quantize is for CPU inference; add --use-gpu=false")
         model = quantized(model)
     backbone_name, ix2word = checkpoint["feature"]["backbone"], checkpoint["ix2word"]
-    backbone = prepare_backbone(checkpoint_backbone(checkpoint), device)
+    backbone = prepare_backbone(checkpoint_backbone(checkpoint), backbone_name, device)
     grid = checkpoint["feature"].get("grid", 0) if isinstance(model, AttentionModel) else 0
     del checkpoint  # the model keeps its mapped weights; the rest (the optimizer state) is let go
     captions, errors = {}, {}

@@ -238,6 +238,25 @@ def test_a_batch_of_crops_is_normalised_channels_last_without_a_copy():
 
 
 @pytest.mark.skipif(not hasattr(os, "nice"), reason="no process priorities here")
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "efficientnet_lite2"])
+def test_the_cpu_inference_backbone_has_its_batch_norms_folded_and_the_same_features(backbone):
+    torch.manual_seed(0)
+    trunk = build_backbone(backbone, "none")
+    for module in trunk.modules():  # statistics far from the identity, as trained ones are
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    size = images.BACKBONES[backbone].size
+    batch = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = trunk(batch)
+        network = images.prepare_backbone(trunk, backbone, torch.device("cpu"))
+        assert "batch_norm" not in str(network.inlined_graph) and "conv" in str(network.inlined_graph)
+        torch.testing.assert_close(network(batch.contiguous(memory_format=torch.channels_last)), expected,
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_image_workers_read_at_the_lowest_priority_on_the_cpu(monkeypatch):
     """On the CPU, encode_images' DataLoader workers yield the cores to the forward pass."""
     def priority_as_error(files, index):  # what a worker reports back: its own niceness
