@@ -110,11 +110,15 @@ def image_transform(backbone="mobilenet_v2"):
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
-def load_image(path):
-    """Open any image PIL can read as upright RGB; raises one of UNREADABLE for bad files."""
+def load_image(path, at_least=0):
+    """Open any image PIL can read as upright RGB; raises one of UNREADABLE for bad files. Given
+    at_least, a JPEG whose sides are both twice that or more is decoded at 1/2, 1/4 or 1/8 of its size
+    (libjpeg's DCT scaling), its sides still at least `at_least`: a 1024x768 photo 2.4-3.4x faster."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as image:
+            if at_least:
+                image.draft("RGB", (at_least, at_least))  # does nothing for other formats
             image = ImageOps.exif_transpose(image)
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits
                 pixels = np.asarray(image, dtype=np.float32)
@@ -284,7 +288,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index):
         try:
-            return self.transform.crop(load_image(self.paths[index])), ""
+            return self.transform.crop(load_image(self.paths[index], at_least=self.size)), ""
         except UNREADABLE as error:
             return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), f"{type(error).__name__}: {error}"
 

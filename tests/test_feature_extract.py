@@ -100,6 +100,23 @@ def test_convertible_modes_become_upright_rgb(dataset):
     assert load_image(folder / "exif.jpg").size == (60, 80)  # EXIF orientation applied
 
 
+def test_large_jpegs_are_decoded_at_a_reduced_scale_close_to_the_full_decode(tmp_path):
+    """A JPEG of twice the crop or more is decoded smaller by libjpeg (upright all the same); the
+    pixels stay within a grey level or two of the full decode's. Smaller ones are decoded in full."""
+    rng = np.random.default_rng(0)
+    scene = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    scene.resize((1000, 750), Image.BICUBIC).save(tmp_path / "large.jpg", quality=95, exif=exif)
+    scene.resize((400, 300), Image.BICUBIC).save(tmp_path / "small.jpg", quality=95)
+    files = images.ImageFiles([str(tmp_path / "large.jpg"), str(tmp_path / "small.jpg")], "mobilenet_v2")
+    transform = image_transform("mobilenet_v2")
+    large, small = (transform.crop(load_image(tmp_path / name)) for name in ("large.jpg", "small.jpg"))
+    assert torch.equal(files[1][0], small)
+    assert not torch.equal(files[0][0], large)
+    assert (files[0][0].float() - large.float()).abs().mean() < 2.0
+
+
 @pytest.mark.parametrize("side", [150, 400])  # over the limit (a warning in PIL), over twice it (an error)
 def test_decompression_bomb_is_listed_and_extraction_goes_on(dataset, weights, monkeypatch, side):
     folder, caption_path, order, _ = dataset
