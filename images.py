@@ -172,11 +172,10 @@ def load_backbone(backbone, weights="default"):
     if weights == "none":  # random weights: nothing worth keeping
         return build_backbone(backbone, weights)
     path = traced_path(backbone, weights)
-    if os.path.isfile(path):
-        with _torchscript():
-            return torch.jit.load(path, map_location="cpu").eval()
-    traced = _traced(build_backbone(backbone, weights), backbone)
     with _torchscript():
+        if os.path.isfile(path):
+            return torch.jit.load(path, map_location="cpu").eval()
+        traced = _traced(build_backbone(backbone, weights), backbone)
         atomic_save(traced, path, save=torch.jit.save)
     return traced
 
