@@ -1,13 +1,12 @@
 """Chinese captions as the toolkit reads them: annotation files, cleaning, jieba words, special tokens."""
 import functools
-import json
 import logging
 import os
 import re
 import warnings
 
 from config import UserError
-from files import load_pth
+from files import load_pth, read_json
 
 PAD, EOS, UNKNOWN = "</PAD>", "</EOS>", "</UNKNOWN>"
 CAPTION_KEYS = ("word2ix", "ix2word", "id2ix", "ix2id", "caption", "padding", "end", "unknown")
@@ -39,13 +38,7 @@ def special_indices(ix2word):
 
 def load_annotations(path):
     """Read and validate an AI Challenger annotation file: [{"image_id", "caption": [...]}]."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            entries = json.load(file)
-    except OSError as error:
-        raise UserError(f"{path}: {error.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: not valid JSON: {error}") from None
+    entries = read_json(path, "annotation file")
     if not isinstance(entries, list):
         raise UserError(f'{path}: expected a list of {{"image_id", "caption"}} entries, got a {type(entries).__name__}')
     if not entries:
@@ -69,6 +62,8 @@ def _entry_problem(entry):
         return "missing or empty image_id"
     if os.path.isabs(image_id) or os.path.normpath(image_id).split(os.sep)[0] == "..":
         return f"image_id {image_id!r} points outside the image folder"
+    if not image_id.isprintable() or not _encodable(image_id):
+        return f"image_id {image_id!r} holds a control character or is not valid Unicode"
     captions = entry.get("caption")
     if not isinstance(captions, list) or not captions:
         return "caption must be a non-empty list of sentences"
@@ -78,6 +73,33 @@ def _entry_problem(entry):
     return None
 
 
+def _encodable(text):
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+
+
 def load_caption_data(path):
     """An encoded caption file (data_preprocess.py), checked to be one; never runs code from it."""
-    return load_pth(path, "caption data file", CAPTION_KEYS)
+    data = load_pth(path, "caption data file", CAPTION_KEYS)
+    problem = vocabulary_problem(data["ix2word"])
+    if not problem and not (isinstance(data["ix2id"], list) and isinstance(data["caption"], list)
+                            and len(data["caption"]) == len(data["ix2id"])):
+        problem = "its image list and captions do not match"
+    if problem:
+        raise UserError(f"{path}: not a caption data file of this toolkit: {problem}")
+    return data
+
+
+def vocabulary_problem(ix2word):
+    """Why ix2word cannot be a vocabulary of this toolkit, or None."""
+    if not isinstance(ix2word, list) or not all(isinstance(word, str) for word in ix2word):
+        return "its vocabulary is not a list of words"
+    missing = [token for token in (PAD, EOS, UNKNOWN) if token not in ix2word]
+    if missing:
+        return f"its vocabulary lacks {', '.join(missing)}"
+    if len(set(ix2word)) != len(ix2word):
+        return "its vocabulary holds a word twice"
+    return None

@@ -1,11 +1,14 @@
-"""Every setting of the toolkit, with its default, in one place.
+"""Every setting of the toolkit, with its default, its valid values and what it does, in one place.
 
-Any field can be set on the command line of any command as `--field=value`
-(`--field-name` works too), e.g. `python main.py train --lr=1e-3 --epoch=10`.
+Any field can be set on the command line of any command as `--field-name=value` (`--field_name`
+works too), e.g. `python main.py train --lr=1e-3 --epoch=10`. Every value is checked against its
+range before a command starts any work; `python main.py train --help` lists a command's own options.
 """
 import dataclasses
 import difflib
+import math
 import os
+import re
 import sys
 
 # PyTorch's CPU allocator backs tensors of 2 MB and more with transparent huge pages when this is set
@@ -20,134 +23,252 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line, never as a traceback."""
 
 
+BACKBONE_NAMES = ("resnet50", "resnet101", "resnet152", "mobilenet_v2", "efficientnet_lite2")
+MODEL_NAMES = ("pooled", "attention")
+METRIC_NAMES = ("CIDEr-D", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L",
+                "val_loss", "perplexity", "top5_accuracy")
+NAME = re.compile(r"[\w-][\w.-]*")  # a file-name-safe word: letters, digits, _ . - (not starting with .)
+INT_LIMIT = 2 ** 31  # no count of this toolkit is larger; 1e309 and friends stop here
+
+
+def option(default, valid=None, help=""):
+    """A field with its valid values: an interval '[low, high)' ('inf': any finite number), a tuple of
+    choices, NAME, or None (anything of its type)."""
+    return dataclasses.field(default=default, metadata={"valid": valid, "help": help})
+
+
 @dataclasses.dataclass
 class Config:
     # --- data (data_preprocess.py) ---
-    annotation_file: str = ""  # AI Challenger caption JSON to encode
-    caption_data_path: str = "caption.pth"  # encoded captions + vocabulary
-    vocab_from: str = ""  # reuse the vocabulary of this caption .pth (for the val split)
-    max_words: int = 10000  # vocabulary size, most frequent words first
-    min_appear: int = 2  # a word seen fewer times becomes </UNKNOWN>
-    max_caption_len: int = 30  # longer captions are truncated (in words)
+    annotation_file: str = option("", None, "AI Challenger caption JSON: [{image_id, caption: [sentences]}]")
+    caption_data_path: str = option("caption.pth", None, "encoded captions + vocabulary")
+    vocab_from: str = option("", None, "reuse the vocabulary of this caption .pth (for the val split)")
+    max_words: int = option(10000, "[1, inf)", "vocabulary size, most frequent words first")
+    min_appear: int = option(2, "[1, inf)", "a word seen fewer times becomes </UNKNOWN>")
+    max_caption_len: int = option(30, "[1, inf)", "longer captions are truncated (in words)")
 
     # --- image features (feature_extract.py) ---
-    img_path: str = "images/"  # folder holding the image files named by image_id
-    backbone: str = "resnet50"  # resnet50 | resnet101 | resnet152 | mobilenet_v2 | efficientnet_lite2
-    weights: str = "default"  # default | a torchvision weights name | none | PATH to a state dict
-    batch_size: int = 64
-    num_workers: int = 2  # DataLoader workers reading images
-    grid: int = 0  # also keep G x G region features (for --model=attention; 7 is the backbones' own map)
+    img_path: str = option("images/", None, "folder holding the image files named by image_id")
+    backbone: str = option("resnet50", BACKBONE_NAMES, "the CNN that encodes the images")
+    weights: str = option("default", None, "default | a torchvision weights name | none (random, seeded) | "
+                                           "PATH to a state dict")
+    batch_size: int = option(64, "[1, 65536]", "images (extract, generate) or captions (train) per batch")
+    num_workers: int = option(2, "[0, 256]", "DataLoader workers reading images")
+    grid: int = option(0, "[0, 9]", "also keep G x G region features (for --model=attention; 7 is the "
+                                    "backbones' own map)")
 
     # --- model (model.py) ---
-    model: str = "pooled"  # pooled (one image vector) | attention (Show-Attend-Tell over --grid regions)
-    embedding_dim: int = 256
-    hidden_size: int = 512
-    num_layers: int = 2
-    dropout: float = 0.3
-    attention_dim: int = 512  # attention model: size of the additive attention layer
-    alpha_c: float = 1.0  # attention model: weight of the doubly stochastic attention penalty
+    model: str = option("pooled", MODEL_NAMES, "pooled (one image vector) | attention (Show-Attend-Tell over "
+                                               "--grid regions)")
+    embedding_dim: int = option(256, "[1, 65536]", "size of the word embeddings")
+    hidden_size: int = option(512, "[1, 65536]", "size of the LSTM state")
+    num_layers: int = option(2, "[1, 64]", "pooled model: LSTM layers")
+    dropout: float = option(0.3, "[0, 1)", "dropout probability")
+    attention_dim: int = option(512, "[1, 65536]", "attention model: size of the additive attention layer")
+    alpha_c: float = option(1.0, "[0, inf)", "attention model: weight of the doubly stochastic attention penalty")
 
     # --- training (main.py train) ---
-    val_caption_data_path: str = ""  # encoded val split; empty: hold out val_fraction of the images
-    val_fraction: float = 0.05
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    epoch: int = 10
-    grad_clip: float = 5.0
-    scheduled_sampling: float = 0.0  # feed the model its own word with a probability rising from 0 to this
-    finetune_encoder: int = 0  # then train the backbone's last N stages too, from images (encoder.py says what N means)
-    finetune_epoch: int = 3  # epochs of that fine-tuning (cross-entropy), before self-critical training
-    encoder_lr: float = 1e-4  # learning rate of the fine-tuned stages
-    augment: bool = False  # fine-tuning: random crops and flips (never for images whose captions say 左/右)
-    seed: int = 0
-    use_gpu: bool = True  # use CUDA when there is one
-    checkpoint_dir: str = "checkpoints"
-    resume: bool = False  # continue from checkpoint_dir/last.pth
-    metric: str = "CIDEr-D"  # validation metric that selects best.pth
-    eval_size: int = 500  # val images scored with beam search after each epoch (0: none)
-    lr_decay: float = 0.8  # multiply lr by this after lr_patience epochs without improvement
-    lr_patience: int = 2  # (0: never decay)
-    early_stop_patience: int = 5  # stop after this many epochs without improvement (0: never)
-    scst_epoch: int = 8  # then this many epochs of self-critical training on the metrics, from best.pth
-    scst_lr: float = 2e-4
-    scst_samples: int = 5  # captions sampled per image; each one's baseline is the others' mean reward
-    scst_bleu_weight: float = 4.0  # reward = CIDEr-D + this * mean(BLEU-1..4)
-    debug_file: str = "/tmp/debugc"  # if this file exists, training drops into ipdb
+    val_caption_data_path: str = option("", None, "encoded val split; empty: hold out --val-fraction of the images")
+    val_fraction: float = option(0.05, "(0, 1)", "share of the training images held out when there is no val split")
+    lr: float = option(1e-3, "(0, inf)", "learning rate of the cross-entropy phases")
+    weight_decay: float = option(0.0, "[0, inf)", "Adam's L2 penalty")
+    epoch: int = option(10, "[0, 100000]", "cross-entropy epochs")
+    grad_clip: float = option(5.0, "(0, inf)", "gradients are clipped to this norm")
+    scheduled_sampling: float = option(0.0, "[0, 1]", "feed the model its own word with a probability rising "
+                                                      "from 0 to this")
+    finetune_encoder: int = option(0, "[0, 64]", "then train the backbone's last N stages too, from images "
+                                                 "(encoder.py says what N means)")
+    finetune_epoch: int = option(3, "[0, 100000]", "epochs of that fine-tuning (cross-entropy), before "
+                                                   "self-critical training")
+    encoder_lr: float = option(1e-4, "(0, inf)", "learning rate of the fine-tuned stages")
+    augment: bool = option(False, None, "fine-tuning: random crops and flips (never for images whose captions "
+                                        "say 左/右)")
+    seed: int = option(0, "[0, 2147483647]", "seeds the split, the batch order and the weights")
+    use_gpu: bool = option(True, None, "use CUDA when there is one")
+    checkpoint_dir: str = option("checkpoints", None, "where last.pth (resumable) and best.pth go")
+    resume: bool = option(False, None, "continue from checkpoint_dir/last.pth")
+    overwrite: bool = option(False, None, "start a new run even though checkpoint_dir holds one (its files "
+                                          "are replaced)")
+    metric: str = option("CIDEr-D", METRIC_NAMES, "validation score that selects best.pth")
+    eval_size: int = option(500, "[0, inf)", "val images scored with beam search after each epoch (0: none)")
+    lr_decay: float = option(0.8, "(0, 1]", "multiply lr by this after --lr-patience epochs without improvement")
+    lr_patience: int = option(2, "[0, inf)", "epochs without improvement before the lr decays (0: never)")
+    early_stop_patience: int = option(5, "[0, inf)", "stop a phase after this many epochs without improvement "
+                                                     "(0: never)")
+    scst_epoch: int = option(8, "[0, 100000]", "then this many epochs of self-critical training, from best.pth")
+    scst_lr: float = option(2e-4, "(0, inf)", "learning rate of self-critical training")
+    scst_samples: int = option(5, "[2, 1024]", "captions sampled per image; each one's baseline is the others' "
+                                               "mean reward")
+    scst_bleu_weight: float = option(4.0, "[0, inf)", "reward = CIDEr-D + this * mean(BLEU-1..4)")
+    debug_file: str = option("/tmp/debugc", None, "if this file exists, training drops into ipdb")
 
     # --- Visdom dashboard ---
-    env: str = "caption"  # Visdom environment
-    vis_server: str = "http://127.0.0.1"
-    vis_port: int = 8097
-    vis_timeout: float = 2.0  # seconds; a slow server never slows training
-    plot_every: int = 50  # iterations between dashboard updates
-    log_dir: str = "logs"  # metrics log and Visdom replay log of each run
-    log: str = ""  # main.py replay: the Visdom log to post to the server
+    env: str = option("caption", NAME, "Visdom environment, also the name of the run's logs")
+    vis_server: str = option("http://127.0.0.1", None, "Visdom server address")
+    vis_port: int = option(8097, "[0, 65535]", "Visdom server port")
+    vis_timeout: float = option(2.0, "(0, 600]", "seconds; a slow server never slows training")
+    plot_every: int = option(50, "[1, inf)", "iterations between dashboard updates")
+    log_dir: str = option("logs", None, "metrics log and Visdom replay log of each run")
+    log: str = option("", None, "main.py replay: the Visdom log to post to the server")
 
-    # --- caption generation (main.py generate / evaluate) ---
-    model_ckpt: str = ""  # empty: checkpoint_dir/best.pth, else the newest checkpoint there
-    img: str = ""  # image file, folder or glob
-    beam_size: int = 3
-    n_best: int = 1
-    max_gen_len: int = 30
-    length_norm: float = 0.0  # rank finished captions by score / length**length_norm
-    quantize: bool = False  # generate / evaluate on CPU: int8 weights for the decoder's LSTM and Linear layers
-    output: str = ""  # write AI Challenger results JSON here
-    attention_map: str = ""  # generate: write each image's attention maps (attention model) as a PNG here
-    results: str = ""  # evaluate an existing results JSON instead of a model
-    metrics_path: str = ""  # evaluate: write the scores JSON here
+    # --- caption generation (main.py generate / evaluate, and validation) ---
+    model_ckpt: str = option("", None, "empty: checkpoint_dir/best.pth, else the newest checkpoint there")
+    img: str = option("", None, "image file, folder or glob")
+    beam_size: int = option(3, "[1, 1000]", "captions kept at each step of the search (1: greedy)")
+    n_best: int = option(1, "[1, 1000]", "captions printed per image (at most --beam-size)")
+    max_gen_len: int = option(30, "[1, 1000]", "words of a caption at most")
+    min_len: int = option(1, "[1, 1000]", "words of a caption at least (the search never ends before)")
+    length_norm: float = option(0.0, "[0, 10]", "rank finished captions by score / length**length_norm")
+    quantize: bool = option(False, None, "generate / evaluate on CPU: int8 weights for the decoder's LSTM and "
+                                         "Linear layers")
+    output: str = option("", None, "write AI Challenger results JSON here")
+    attention_map: str = option("", None, "generate: write each image's attention maps (attention model) as a "
+                                          "PNG into this folder")
+    results: str = option("", None, "evaluate an existing results JSON instead of a model")
+    metrics_path: str = option("", None, "evaluate: write the scores JSON here")
+
+
+_GENERATION = ("model_ckpt checkpoint_dir beam_size max_gen_len min_len length_norm quantize batch_size num_workers "
+               "use_gpu")
+# The options each command reads (for its --help); every other field is still accepted and checked.
+COMMAND_OPTIONS = {
+    "process": "annotation_file caption_data_path vocab_from max_words min_appear max_caption_len",
+    "extract": "caption_data_path img_path backbone weights batch_size num_workers grid use_gpu",
+    "train": "caption_data_path val_caption_data_path val_fraction model embedding_dim hidden_size num_layers "
+             "dropout attention_dim alpha_c lr weight_decay epoch grad_clip scheduled_sampling finetune_encoder "
+             "finetune_epoch encoder_lr augment seed use_gpu checkpoint_dir resume overwrite metric eval_size "
+             "lr_decay lr_patience early_stop_patience scst_epoch scst_lr scst_samples scst_bleu_weight "
+             "debug_file env vis_server vis_port vis_timeout plot_every log_dir batch_size num_workers "
+             "beam_size max_gen_len min_len length_norm",
+    "generate": f"img n_best output attention_map {_GENERATION}",
+    "evaluate": f"annotation_file img_path results output metrics_path {_GENERATION}",
+    "replay": "log log_dir env vis_server vis_port",
+}
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
 def parse(**kwargs) -> Config:
-    """Build a Config from command-line keyword arguments; unknown fields are errors."""
-    known = {f.name: f for f in dataclasses.fields(Config)}
+    """Build a checked Config from command-line keyword arguments; unknown fields are errors."""
     values = {}
     for key, value in kwargs.items():
         name = key.replace("-", "_")
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" (did you mean --{close[0]}?)" if close else ""
+        if name not in FIELDS:
+            close = difflib.get_close_matches(name, FIELDS, n=1)
+            hint = f" (did you mean --{_dashed(close[0])}?)" if close else ""
             raise UserError(f"unknown option --{key}{hint}; `python main.py help` lists them")
-        values[name] = _coerce(value, known[name].type, name)
-    return Config(**values)
+        values[name] = _coerce(value, FIELDS[name].type, name)
+    return check(Config(**values))
 
 
 def from_saved(values, source):
-    """The Config saved in a checkpoint; fields added or removed since it was written are warned about."""
-    known = {f.name for f in dataclasses.fields(Config)}
-    unknown, missing = sorted(set(values) - known), sorted(known - set(values))
+    """The Config saved in a checkpoint, checked as the command line is; fields added or removed
+    since it was written are warned about."""
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: its config is a {type(values).__name__}, not a dict of options")
+    unknown, missing = sorted(set(values) - set(FIELDS)), sorted(set(FIELDS) - set(values))
     if unknown or missing:
         changes = [f"dropped unknown --{name}" for name in unknown]
         changes += [f"--{name} takes its default" for name in missing]
         print(f"warning: {source} was written by another version: {'; '.join(changes)}", file=sys.stderr)
-    return Config(**{name: value for name, value in values.items() if name in known})
+    try:
+        return parse(**{name: value for name, value in values.items() if name in FIELDS})
+    except UserError as error:
+        raise UserError(f"{source}: its saved options are not valid: {error}") from None
 
 
 def _coerce(value, kind, name):
-    """Fire guesses types from the text; make each value the field's type."""
+    """Fire guesses types from the text; make each value the field's type, or say why it cannot be."""
     kind = {"str": str, "int": int, "float": float, "bool": bool}.get(kind, kind)
-    if kind is bool and isinstance(value, str):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise UserError(f"--{name} takes true or false, not {value!r}")
-        return value.lower() in ("true", "1", "yes")
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise UserError(f"--{name}={value!r} is not a valid {kind.__name__}") from None
+    flag = f"--{_dashed(name)}"
+    if kind is bool:
+        if isinstance(value, bool) or value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"{flag} takes true or false, not {value!r}")
+    if isinstance(value, bool):  # a bare `--lr` (fire: True), or --grid=True
+        raise UserError(f"{flag} needs a value: {flag}={FIELDS[name].default!r}" if value is True
+                        else f"{flag}={value}: not a {kind.__name__}")
+    if kind is str:
+        if not isinstance(value, (str, int, float)):
+            raise UserError(f"{flag}={value!r}: expected text, got a {type(value).__name__}")
+        return str(value)
+    if isinstance(value, str):
+        try:
+            value = float(value) if kind is float else int(value)
+        except ValueError:
+            raise UserError(f"{flag}={value!r} is not a valid {kind.__name__}") from None
+    if not isinstance(value, (int, float)):
+        raise UserError(f"{flag}={value!r} is not a valid {kind.__name__}")
+    if kind is float:
+        return float(value)
+    if isinstance(value, float) and not value.is_integer():  # nan, inf and 1.9 included
+        raise UserError(f"{flag}={value!r}: not a whole number")
+    if abs(value) >= INT_LIMIT:
+        raise UserError(f"{flag}={value!r}: too large")
+    return int(value)
 
 
-def describe() -> str:
-    """Every field with its default, for `main.py help`."""
-    return "\n".join(f"--{f.name}={f.default!r}" for f in dataclasses.fields(Config))
+_INTERVAL = re.compile(r"([\[(])\s*(\S+?),\s*(\S+?)\s*([\])])")
+
+
+def check(opt: Config) -> Config:
+    """Every field within its valid values, and the options that depend on each other; else UserError."""
+    for name, field in FIELDS.items():
+        problem = _problem(getattr(opt, name), field.metadata["valid"])
+        if problem:
+            raise UserError(f"--{_dashed(name)}={getattr(opt, name)!r}: {problem}")
+    if opt.n_best > opt.beam_size:
+        raise UserError(f"--n-best={opt.n_best} is more than --beam-size={opt.beam_size}: a search keeps "
+                        "--beam-size captions")
+    if opt.min_len > opt.max_gen_len:
+        raise UserError(f"--min-len={opt.min_len} is more than --max-gen-len={opt.max_gen_len}")
+    return opt
+
+
+def _problem(value, valid):
+    """Why value is not one of `valid` (see option), or None."""
+    if valid is None:
+        return None
+    if isinstance(valid, tuple):
+        return None if value in valid else f"choose one of {', '.join(valid)}"
+    if valid is NAME:
+        return None if NAME.fullmatch(value) else "use letters, digits, _ . - only (not starting with .)"
+    low_bracket, low, high, high_bracket = _INTERVAL.fullmatch(valid).groups()
+    low, high = float(low), float(high)
+    inside = math.isfinite(value) and (value >= low if low_bracket == "[" else value > low) and (
+        value <= high if high_bracket == "]" else value < high)
+    if inside:
+        return None
+    return f"must be in {valid}" if math.isfinite(high) else f"must be {'>=' if low_bracket == '[' else '>'} {low:g}"
+
+
+def _dashed(name):
+    return name.replace("_", "-")
+
+
+def describe(names=None) -> str:
+    """Options with their defaults, valid values and what they do, for --help (all when names is None)."""
+    lines = []
+    for name in names.split() if names else FIELDS:
+        field = FIELDS[name]
+        valid = field.metadata["valid"]
+        valid = "|".join(valid) if isinstance(valid, tuple) else "a name" if valid is NAME else valid
+        lines.append(f"  --{_dashed(name)}={field.default!r}" + (f" {valid}" if valid else "")
+                     + f"\n      {field.metadata['help']}")
+    return "\n".join(lines)
 
 
 def command(function):
     """Make `function(opt)` a fire command taking `--field=value` flags; a UserError exits with one line."""
 
-    def run(**kwargs):
+    def run(*arguments, **kwargs):
         if kwargs.pop("help", False) or kwargs.pop("h", False):
-            print(f"{function.__doc__}\n\noptions (--name=default):\n{describe()}")
+            print(f"{function.__doc__}\n\noptions:\n{describe(COMMAND_OPTIONS[function.__name__])}")
             return
         try:
+            if arguments:
+                raise UserError(f"unexpected argument {arguments[0]!r}: options are given as --name=value")
             function(parse(**kwargs))
         except UserError as error:
             sys.exit(f"error: {error}")

@@ -6,13 +6,14 @@
 """
 import collections
 import os
+import sys
 
 import fire
 from tqdm import tqdm
 
-from captions import CAPTION_KEYS, EOS, PAD, UNKNOWN, clean, load_annotations, tokenize
+from captions import EOS, PAD, UNKNOWN, clean, load_annotations, load_caption_data, tokenize
 from config import Config, UserError, command
-from files import atomic_save, load_pth
+from files import atomic_save, check_output_file
 
 README = """word2ix: word -> index; ix2word: index -> word (a list)
 id2ix: image_id -> row; ix2id: row -> image_id (row i of the features file is image ix2id[i])
@@ -21,12 +22,14 @@ sentences[row]: the same captions as text, cleaned (the references for scoring)
 padding, end, unknown: the special tokens; dropped: annotation entries with no usable caption"""
 
 
+SPECIAL = (PAD, EOS, UNKNOWN)
+
+
 def build_vocabulary(tokenized, max_words, min_appear):
     """The max_words most frequent words seen at least min_appear times, after the special tokens."""
     counts = collections.Counter(word for captions in tokenized for words in captions for word in words)
     frequent = [word for word, count in counts.most_common() if count >= min_appear][:max_words]
-    ix2word = [PAD, EOS, UNKNOWN] + frequent
-    return ix2word
+    return [*SPECIAL, *frequent]
 
 
 def encode(tokenized, word2ix, max_len):
@@ -49,12 +52,24 @@ def check_round_trip(image_ids, sentences, encoded, ix2word, max_len):
     return checked
 
 
+def _warn_unknown_words(encoded, unknown, opt):
+    """Say so when most words of the captions are </UNKNOWN>: the model would learn little else."""
+    words = [ix for captions in encoded for caption in captions for ix in caption]
+    share = words.count(unknown) / max(1, len(words))
+    if share > 0.5:
+        cause = "not in the vocabulary of " + opt.vocab_from if opt.vocab_from else (
+            f"seen fewer than --min-appear={opt.min_appear} times; a small data set needs --min-appear=1")
+        print(f"warning: {share:.0%} of the words are </UNKNOWN> ({cause})", file=sys.stderr)
+
+
 @command
 def process(opt: Config):
     """Encode opt.annotation_file into opt.caption_data_path."""
     if not opt.annotation_file:
         raise UserError("give the captions to encode with --annotation-file=FILE.json")
+    check_output_file(opt.caption_data_path, inputs=[opt.annotation_file, opt.vocab_from])
     entries = load_annotations(opt.annotation_file)
+    vocabulary = load_caption_data(opt.vocab_from)["ix2word"] if opt.vocab_from else None
     tokenized, empty = [], 0
     for entry in tqdm(entries, desc="jieba", unit="image"):
         words = [tokenize(sentence) for sentence in entry["caption"]]
@@ -63,11 +78,13 @@ def process(opt: Config):
     kept = [i for i, captions in enumerate(tokenized) if captions]
     dropped = len(entries) - len(kept)
     entries, tokenized = [entries[i] for i in kept], [tokenized[i] for i in kept]
-
-    if opt.vocab_from:
-        ix2word = load_pth(opt.vocab_from, "caption data file", CAPTION_KEYS)["ix2word"]
-    else:
-        ix2word = build_vocabulary(tokenized, opt.max_words, opt.min_appear)
+    if not entries:
+        raise UserError(f"{opt.annotation_file}: no caption has a word left once 。 and spaces are removed; "
+                        "nothing to encode")
+    ix2word = vocabulary or build_vocabulary(tokenized, opt.max_words, opt.min_appear)
+    if len(ix2word) == len(SPECIAL):
+        raise UserError(f"{opt.annotation_file}: no word appears --min-appear={opt.min_appear} times; "
+                        "lower --min-appear")
     word2ix = {word: ix for ix, word in enumerate(ix2word)}
     encoded = encode(tokenized, word2ix, opt.max_caption_len)
     ix2id = [entry["image_id"] for entry in entries]
@@ -82,10 +99,12 @@ def process(opt: Config):
     }
     atomic_save(data, opt.caption_data_path)
     truncated = sum(len(words) > opt.max_caption_len for captions in tokenized for words in captions)
-    print(f"{opt.caption_data_path}: {len(ix2id)} images, {sum(map(len, encoded))} captions, "
+    total = sum(map(len, encoded))
+    print(f"{opt.caption_data_path}: {len(ix2id)} images, {total} captions, "
           f"vocabulary {len(ix2word)} words; skipped {empty} empty captions and "
-          f"{dropped} images left with none; truncated {truncated}; "
-          f"round trip checked on {checked} captions")
+          f"{dropped} images left with none; truncated {truncated}; round trip checked on {checked} of "
+          f"{total} captions (the others hold </UNKNOWN> words or were truncated)")
+    _warn_unknown_words(encoded, word2ix[UNKNOWN], opt)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Safe file writing and loading shared by every step of the pipeline."""
+import json
 import os
 import tempfile
 
@@ -32,18 +33,83 @@ def atomic_save(obj, path, save=torch.save):
         raise
 
 
+def check_input_file(path, what):
+    """A user's input file must be a regular file (a folder, a FIFO or a device would fail or hang)."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such {what}")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: not a regular file (a {what} is expected)")
+
+
+def read_json(path, what):
+    """The JSON of a user's file: UTF-8, with or without the BOM Windows editors write; anything
+    else (not text, not JSON, nested too deep, numbers too long) is one clear error."""
+    check_input_file(path, what)
+    try:
+        with open(path, encoding="utf-8-sig") as file:
+            return json.load(file)
+    except OSError as error:
+        raise UserError(f"{path}: cannot read the {what}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text (a {what} is JSON in UTF-8)") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, a 5000-digit number, [[[[...
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise UserError(f"{path}: not a valid {what} (JSON): {reason}") from None
+
+
+def write_json(obj, path):
+    """Write JSON to a temporary file beside `path`, then rename: a failure leaves the old file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            json.dump(obj, file, ensure_ascii=False, indent=1)
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror}") from None
+
+
+def check_output_file(path, inputs=()):
+    """Refuse, before any work, an output path that cannot be written as a file, or that is one of
+    the command's input files."""
+    absolute = os.path.realpath(path)
+    if any(os.path.exists(source) and os.path.samefile(absolute, source) for source in inputs if source):
+        raise UserError(f"{path}: is also an input of this command; choose another output")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a folder; give a file name")
+    folder = os.path.dirname(absolute)
+    if not os.path.isdir(folder):
+        raise UserError(f"{path}: its folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UserError(f"{path}: not writable")
+
+
+def check_output_folder(path, what):
+    """A folder the command will write into: existing or creatable, never a file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{path}: is a file, but the {what} must be a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot make the {what} {path}: {error.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{path}: the {what} is not writable")
+
+
 def load_pth(path, what, required_keys=(), mmap=False):
     """torch.load with weights_only=True (never runs code from the file) and clear errors. With
     mmap (files in torch.save's zip format) tensors are memory-mapped: what the caller never reads
     (a checkpoint's optimizer state, for generate) is never loaded."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such {what}")
+    check_input_file(path, what)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as error:  # truncated zip, pickle with code, not a torch file...
-        reason = str(error).strip().splitlines()[0][:200]
+    except Exception as error:  # truncated zip, pickle with code, not a torch file, empty...
+        reason = (str(error).strip().splitlines() or ["no details"])[0][:200]
         raise UserError(f"{path}: not a readable {what} ({type(error).__name__}: {reason})") from None
-    missing = [key for key in required_keys if not isinstance(data, dict) or key not in data]
+    if required_keys and not isinstance(data, dict):
+        raise UserError(f"{path}: not a {what}: it holds a {type(data).__name__}, not a dict")
+    missing = [key for key in required_keys if key not in data]
     if missing:
         raise UserError(f"{path}: not a {what}: missing {', '.join(missing)}")
     return data

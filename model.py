@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from captions import EOS
-from config import Config, UserError, from_saved
+from config import MODEL_NAMES, Config, UserError, from_saved
 from files import atomic_save, load_pth
 
 CHECKPOINT_KEYS = ("model", "config", "ix2word", "end", "feature")
@@ -202,16 +202,13 @@ def quantized(model):
         return torch.ao.quantization.quantize_dynamic(model, {nn.LSTM, nn.LSTMCell, nn.Linear}, dtype=torch.qint8)
 
 
-MODELS = ("pooled", "attention")
-
-
 def build_model(opt: Config, vocab_size, feature_dim):
     if opt.model == "attention":
         return AttentionModel(vocab_size, feature_dim, opt.embedding_dim, opt.hidden_size, opt.attention_dim,
                               opt.dropout, opt.alpha_c)
     if opt.model == "pooled":
         return CaptionModel(vocab_size, feature_dim, opt.embedding_dim, opt.hidden_size, opt.num_layers, opt.dropout)
-    raise UserError(f"--model={opt.model}: choose one of {', '.join(MODELS)}")
+    raise UserError(f"--model={opt.model}: choose one of {', '.join(MODEL_NAMES)}")
 
 
 def save_checkpoint(path, model, opt, ix2word, feature_meta, **training_state):
