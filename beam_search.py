@@ -16,6 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from captions import special_indices
+from config import UserError
 
 
 @contextlib.contextmanager
@@ -32,20 +33,19 @@ def native_kernels():
 
 @torch.no_grad()
 @native_kernels()
-def beam_search(model, features, end, banned=(), beam_size=3, max_len=30, length_norm=0.0, n_best=1):
+def beam_search(model, features, end, banned=(), beam_size=3, max_len=30, length_norm=0.0, n_best=1, min_len=1):
     """features (B, F) or regions (B, R, F) -> for each image, up to n_best (word indices, score,
     attention) triples, best first.
 
-    A caption has at most max_len words and stops before </EOS> (index `end`); its score is its
+    A caption has min_len to max_len words and stops before </EOS> (index `end`); its score is its
     log-probability / length**length_norm; `banned` word indices are never emitted. attention is
     each word's region weights (words, R), or None for a model without attention.
     """
     batch, k, vocab = features.size(0), beam_size, model.vocab_size
-    if not 1 <= n_best <= k <= vocab - 1 - len(banned):
-        raise ValueError(f"need 1 <= n_best ({n_best}) <= beam_size ({k}) <= words a caption can use "
-                         f"({vocab - 1 - len(banned)})")
+    check_search(n_best, k, vocab - 1 - len(banned), min_len, max_len)
     device = features.device
     banned = torch.as_tensor(banned, dtype=torch.long, device=device)
+    with_end = torch.cat([banned, banned.new_tensor([end])])  # before min_len words a caption cannot end
     inputs, state = model.start(features)  # one beam per image at first: (B, E)
     going = torch.arange(batch, device=device)  # (A,) the images still searching: A rows of what follows
     scores = torch.zeros(batch, 1, device=device)  # (A, beams): the live captions' log-probabilities
@@ -55,9 +55,9 @@ def beam_search(model, features, end, banned=(), beam_size=3, max_len=30, length
     pool_scores, pool_tokens, pool_weights = [], [], []  # per step: (B, K), (B, beams, t), (B, beams, t, R)
     best_finished = scores.new_full((batch, n_best), float("-inf"))  # (A, n_best) pool scores so far
     for t in range(max_len + 1):
-        log_probs, state = model.step(inputs, state, banned)
+        log_probs, state = model.step(inputs, state, banned if t >= min_len else with_end)
         total = scores.unsqueeze(-1) + log_probs.view(len(going), -1, vocab)  # (A, beams, V)
-        finished = total[:, :, end] / (t + 1) ** length_norm  # (A, beams)
+        finished = total[:, :, end] / (t + 1) ** length_norm  # (A, beams): -inf before min_len words
         best_finished = torch.cat([best_finished, finished], 1).topk(n_best, dim=1).values
         finished = F.pad(finished, (0, k - finished.size(1)), value=float("-inf"))  # (A, K)
         pool_scores.append(_every_image(finished, going, batch, float("-inf")))
@@ -88,6 +88,15 @@ def beam_search(model, features, end, banned=(), beam_size=3, max_len=30, length
         state = model.select(state, state_rows)
         inputs = model.embed(word.view(-1))  # (A*K, E)
     return _n_best(torch.cat(pool_scores, 1), pool_tokens, pool_weights, k, n_best)
+
+
+def check_search(n_best, beam_size, usable_words, min_len=1, max_len=30):
+    """Refuse a search that cannot run: n_best <= beam_size <= the words a caption can use, min_len <= max_len."""
+    if not 1 <= n_best <= beam_size <= usable_words:
+        raise UserError(f"--n-best={n_best} and --beam-size={beam_size}: need n-best <= beam size <= the "
+                        f"{usable_words} words this vocabulary's captions can use")
+    if not 1 <= min_len <= max_len:
+        raise UserError(f"--min-len={min_len} and --max-gen-len={max_len}: need 1 <= min-len <= max-gen-len")
 
 
 def _every_image(values, going, batch, fill):
@@ -122,7 +131,7 @@ def caption_features(model, features, ix2word, opt, n_best=None):
     for start in range(0, len(features), opt.batch_size):
         batch = features[start:start + opt.batch_size]  # (B, F) or (B, R, F)
         for beams in beam_search(model, batch, end, banned, opt.beam_size, opt.max_gen_len, opt.length_norm,
-                                 n_best or opt.n_best):
+                                 n_best or opt.n_best, opt.min_len):
             results.append([("".join(ix2word[ix] for ix in words), score,
                              None if weights is None else [(ix2word[ix], w.cpu()) for ix, w in zip(words, weights)])
                             for words, score, weights in beams])

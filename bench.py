@@ -37,10 +37,12 @@ END_SLOPE = {"pooled": 100.0, "attention": 450.0}
 
 
 # --- beam search ----------------------------------------------------------------------------------
-def textbook_beam_search(model, feature, end, banned, beam_size, max_len, length_norm=0.0, stop_early=False):
+def textbook_beam_search(model, feature, end, banned, beam_size, max_len, length_norm=0.0, stop_early=False,
+                         min_len=1):
     """The plain beam search of the tutorials, for one image: a Python list of hypotheses, one model
-    step and one topk per hypothesis. Same rules as beam_search.py: each live caption + </EOS> joins
-    the finished pool at every step, live beams go on by other allowed words -> (best words, score).
+    step and one topk per hypothesis. Same rules as beam_search.py: from min_len words on each live
+    caption + </EOS> joins the finished pool at every step, live beams go on by other allowed words
+    -> (best words, score).
     Like the book chapter's generator it runs all max_len steps; stop_early adds beam_search.py's
     exact stop (for length_norm 0) once the best finished caption beats every live one."""
     image, state = model.start(feature[None])
@@ -51,9 +53,10 @@ def textbook_beam_search(model, feature, end, banned, beam_size, max_len, length
         for words, score, inputs, state in live:
             log_probs, new_state = model.step(inputs, state)
             log_probs = log_probs[0].clone()
-            log_probs[list(banned)] = -math.inf
+            log_probs[list(banned) + ([end] if t < min_len else [])] = -math.inf
             log_probs = log_probs.log_softmax(-1)
-            pool.append((words, (score + log_probs[end].item()) / (t + 1) ** length_norm))
+            if t >= min_len:
+                pool.append((words, (score + log_probs[end].item()) / (t + 1) ** length_norm))
             log_probs[end] = -math.inf  # the best continuations by other words
             values, indices = log_probs.topk(beam_size)
             candidates += [(words + [word], score + value, new_state)

@@ -192,6 +192,8 @@ def _coerce(value, kind, name):
     if kind is str:
         if not isinstance(value, (str, int, float)):
             raise UserError(f"{flag}={value!r}: expected text, got a {type(value).__name__}")
+        if "\0" in str(value):
+            raise UserError(f"{flag}={value!r}: holds a NUL character, which no file name can")
         return str(value)
     if isinstance(value, str):
         try:
@@ -215,9 +217,10 @@ _INTERVAL = re.compile(r"([\[(])\s*(\S+?),\s*(\S+?)\s*([\])])")
 def check(opt: Config) -> Config:
     """Every field within its valid values, and the options that depend on each other; else UserError."""
     for name, field in FIELDS.items():
-        problem = _problem(getattr(opt, name), field.metadata["valid"])
+        value = getattr(opt, name)
+        problem = _problem(value, field.metadata["valid"])
         if problem:
-            raise UserError(f"--{_dashed(name)}={getattr(opt, name)!r}: {problem}")
+            raise UserError(f"--{_dashed(name)}={value}: {problem}")
     if opt.n_best > opt.beam_size:
         raise UserError(f"--n-best={opt.n_best} is more than --beam-size={opt.beam_size}: a search keeps "
                         "--beam-size captions")
@@ -270,8 +273,8 @@ def command(function):
             if arguments:
                 raise UserError(f"unexpected argument {arguments[0]!r}: options are given as --name=value")
             function(parse(**kwargs))
-        except UserError as error:
-            sys.exit(f"error: {error}")
+        except UserError as error:  # one line, whatever a library put in the message
+            sys.exit("error: " + " ".join(line.strip() for line in str(error).splitlines()))
 
     run.__name__, run.__doc__ = function.__name__, function.__doc__
     return run

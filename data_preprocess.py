@@ -67,7 +67,7 @@ def process(opt: Config):
     """Encode opt.annotation_file into opt.caption_data_path."""
     if not opt.annotation_file:
         raise UserError("give the captions to encode with --annotation-file=FILE.json")
-    check_output_file(opt.caption_data_path, inputs=[opt.annotation_file, opt.vocab_from])
+    check_output_file(opt.caption_data_path, inputs=[opt.annotation_file])  # --vocab-from is read first
     entries = load_annotations(opt.annotation_file)
     vocabulary = load_caption_data(opt.vocab_from)["ix2word"] if opt.vocab_from else None
     tokenized, empty = [], 0

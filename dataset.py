@@ -130,6 +130,8 @@ def load_split(caption_data_path, ix2word=None, grid=False):
                         "encode it with --vocab-from=<training caption .pth>")
     features, meta = load_features(caption_data_path, data["ix2id"], grid)
     usable = [row for row in range(len(data["ix2id"])) if str(row) not in meta["bad"]]
+    if not usable:
+        raise UserError(f"{caption_data_path}: none of its images could be read at extraction; nothing to train on")
     return data, features, meta, usable
 
 

@@ -13,6 +13,6 @@ for split in caption caption_val; do
   python feature_extract.py extract --caption-data-path=$D/$split.pth --img-path=$D/images --backbone=mobilenet_v2
 done
 python main.py train --caption-data-path=$D/caption.pth --val-caption-data-path=$D/caption_val.pth \
-    --checkpoint-dir=$D/checkpoints --epoch=6 --scst-epoch=2 --plot-every=10 --eval-size=60 --env=demo
+    --checkpoint-dir=$D/checkpoints --overwrite --epoch=6 --scst-epoch=2 --plot-every=10 --eval-size=60 --env=demo
 echo "Captions of five validation images (compare with $D/val.json):"
 python main.py generate --img="$D/images/val_000[0-4].jpg" --checkpoint-dir=$D/checkpoints

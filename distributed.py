@@ -42,13 +42,15 @@ def shard(count, unit=1):
     return min(count, units * rank // size * unit), min(count, units * (rank + 1) // size * unit)
 
 
-def parallel(module, device):
+def parallel(module, device, find_unused=False):
     """module wrapped in DistributedDataParallel (its forward averages gradients across processes
-    in backward); module itself for one process."""
+    in backward); module itself for one process. find_unused: some steps may leave parameters out
+    of the loss (self-critical samples that all end at the first word never embed a word)."""
     if not dist.is_initialized():
         return module
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused)
 
 
 def any_process(flag):

@@ -21,7 +21,8 @@ from tqdm import tqdm
 import distributed
 import images
 from captions import load_caption_data
-from config import Config, command
+from config import Config, UserError, command
+from files import read_json
 
 
 @command
@@ -30,9 +31,11 @@ def extract(opt: Config):
     Under torchrun each process encodes its own contiguous rows of the same files."""
     image_ids = load_caption_data(opt.caption_data_path)["ix2id"]
     path = images.features_path(opt.caption_data_path)
+    _check_images(opt, image_ids)
     device = images.pick_device(opt.use_gpu)
     distributed.start(device)
     weights = images.resolve_weights(opt.backbone, opt.weights)
+    print(f"loading the {opt.backbone} backbone ({weights} weights)...", file=sys.stderr)
     network = images.prepare_backbone(images.build_backbone(opt.backbone, weights), opt.backbone, device)
     with torch.inference_mode():
         size = images.BACKBONES[opt.backbone].size
@@ -54,7 +57,9 @@ def extract(opt: Config):
     for *batches, errors in encoded:
         for array, batch in zip(arrays.values(), batches):  # pooled (B, F), then regions (B, G*G, F)
             array[row:row + len(batch)] = batch.numpy()
-        meta["bad"].update({str(row + i): f"{image_ids[row + i]}\t{e}" for i, e in enumerate(errors) if e})
+        meta["largest"] = max(meta.get("largest", 0.0), float(batches[0].abs().max()))
+        meta["bad"].update({str(row + i): f"{image_ids[row + i]}\t{' '.join(e.split())}"
+                            for i, e in enumerate(errors) if e})
         row += len(errors)
         _save_progress(path, arrays, meta, row)
         progress.update(len(errors))
@@ -62,6 +67,24 @@ def extract(opt: Config):
     distributed.barrier()  # every process's rows are written
     if distributed.rank_and_size()[0] == 0:
         _finish(path, arrays, meta)
+
+
+# Extraction fails, and writes nothing over earlier features, when more than this share of the images
+# is missing or unreadable: a wrong --img-path, not a few broken photos.
+MOST_UNREADABLE = 0.5
+
+
+def _check_images(opt, image_ids):
+    """Before any work: the image folder, the share of its images that are there, the grid's size."""
+    if not os.path.isdir(opt.img_path):
+        raise UserError(f"--img-path={opt.img_path}: no such folder")
+    present = sum(os.path.isfile(os.path.join(opt.img_path, image_id)) for image_id in image_ids)
+    if len(image_ids) - present > MOST_UNREADABLE * len(image_ids):
+        raise UserError(f"--img-path={opt.img_path}: only {present} of the {len(image_ids)} images of "
+                        f"{opt.caption_data_path} are there (e.g. no {image_ids[0]}); is it the right folder?")
+    side = -(-images.BACKBONES[opt.backbone].size // 32)  # the backbone's own feature map
+    if opt.grid > side:
+        raise UserError(f"--grid={opt.grid}: {opt.backbone}'s feature map is {side}x{side}; use at most {side}")
 
 
 def _print_size(shapes):
@@ -75,13 +98,13 @@ def _already_extracted(shapes, meta):
     meta_path = next(iter(shapes)).replace(".npy", ".json")
     if not (all(os.path.isfile(path) for path in shapes) and os.path.isfile(meta_path)):
         return False
-    with open(meta_path, encoding="utf-8") as file:
-        return _same_job(json.load(file), meta)
+    return _same_job(_read_state(meta_path) or {}, meta)
 
 
 def _same_job(saved, meta):
     """Were the saved features made from the same images, backbone, weights and grid?"""
-    return all(saved.get(key) == value for key, value in meta.items() if key != "bad")
+    return isinstance(saved, dict) and all(saved.get(key) == value for key, value in meta.items()
+                                           if key not in ("bad", "largest"))
 
 
 def _state_path(path, rank):
@@ -90,10 +113,12 @@ def _state_path(path, rank):
 
 
 def _read_state(path):
-    if not os.path.isfile(path):
+    """A record this command wrote (a progress state, a description), or None when it is missing or
+    damaged: the work it describes is then done again."""
+    try:
+        return read_json(path, "features record")
+    except UserError:
         return None
-    with open(path, encoding="utf-8") as file:
-        return json.load(file)
 
 
 def _open_partial(path, shapes, meta, first):
@@ -112,7 +137,7 @@ def _open_partial(path, shapes, meta, first):
     arrays = {array: np.lib.format.open_memmap(array + ".partial", mode="r+") for array in shapes}
     if not resume:
         return arrays, first
-    meta["bad"] = states[rank]["bad"]
+    meta["bad"], meta["largest"] = states[rank]["bad"], states[rank].get("largest", 0.0)
     print(f"resuming {path} at image {states[rank]['done']} of {meta['num_images']}")
     return arrays, states[rank]["done"]
 
@@ -130,8 +155,20 @@ def _save_progress(path, arrays, meta, done):
 def _finish(path, arrays, meta):
     """Process 0, once all are done: the arrays under their names, the description, the bad images."""
     states = [_state_path(path, rank) for rank in range(distributed.rank_and_size()[1])]
-    for state in states:
-        meta["bad"].update((_read_state(state) or {"bad": {}})["bad"])
+    for state in map(_read_state, states):
+        meta["bad"].update((state or {}).get("bad", {}))
+        meta["largest"] = max(meta.get("largest", 0.0), (state or {}).get("largest", 0.0))
+    if len(meta["bad"]) > MOST_UNREADABLE * meta["num_images"]:
+        for array_path in arrays:
+            os.remove(array_path + ".partial")
+        for state in states:
+            os.remove(state)
+        example = next(iter(meta["bad"].values()))
+        raise UserError(f"{path}: {len(meta['bad'])} of the {meta['num_images']} images could not be read "
+                        f"(e.g. {example}); nothing was written")
+    if meta["largest"] < 1e-3:
+        print(f"warning: every feature is (nearly) zero (largest {meta['largest']:.1e}): {meta['backbone']} with "
+              f"{meta['weights']} weights describes nothing; use pretrained weights", file=sys.stderr)
     for array_path, array in arrays.items():
         array.flush()
         os.replace(array_path + ".partial", array_path)

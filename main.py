@@ -10,7 +10,6 @@
 """
 import dataclasses
 import glob
-import json
 import os
 import sys
 
@@ -19,14 +18,15 @@ import fire
 import config
 from beam_search import caption_features
 from config import Config, UserError, command
+from files import check_output_file, check_output_folder, read_json, write_json
 from images import (
     build_backbone,
     encode_images,
     load_backbone,
-    load_image,
     pick_device,
     prepare_backbone,
     release_freed_memory,
+    seen_photo,
 )
 from model import AttentionModel, find_checkpoint, load_checkpoint, model_from_checkpoint, quantized
 
@@ -44,11 +44,15 @@ def train(opt: Config):
 
 
 def list_images(pattern):
-    """A file, every image in a folder, or a glob -> sorted paths."""
+    """A file, every image file in a folder, or a glob -> sorted paths (in a folder or a glob, only
+    regular files: a FIFO named x.jpg would hang the reader)."""
     if os.path.isdir(pattern):
-        return sorted(os.path.join(pattern, name) for name in os.listdir(pattern)
-                      if name.lower().endswith(IMAGE_SUFFIXES))
-    return sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        paths = [os.path.join(pattern, name) for name in os.listdir(pattern) if name.lower().endswith(IMAGE_SUFFIXES)]
+    elif glob.has_magic(pattern):
+        paths = glob.glob(pattern)
+    else:
+        return [pattern]
+    return sorted(path for path in paths if os.path.isfile(path))
 
 
 def caption_images(paths, opt: Config):
@@ -62,7 +66,7 @@ def caption_images(paths, opt: Config):
             raise UserError("--quantize is for CPU inference; add --use-gpu=false")
         model = quantized(model)
     backbone_name, ix2word = checkpoint["feature"]["backbone"], checkpoint["ix2word"]
-    backbone = prepare_backbone(checkpoint_backbone(checkpoint), backbone_name, device)
+    backbone = prepare_backbone(checkpoint_backbone(checkpoint, checkpoint_path), backbone_name, device)
     grid = checkpoint["feature"].get("grid", 0) if isinstance(model, AttentionModel) else 0
     del checkpoint  # the model keeps its mapped weights; the rest (the optimizer state) is let go
     captions, errors = {}, {}
@@ -81,14 +85,20 @@ def caption_images(paths, opt: Config):
     return captions, errors
 
 
-def checkpoint_backbone(checkpoint):
+def checkpoint_backbone(checkpoint, path):
     """The encoder a checkpoint was trained with: its own fine-tuned one, or the features' backbone
     with its pretrained weights."""
     feature = checkpoint["feature"]
     if "encoder" not in checkpoint:
-        return load_backbone(feature["backbone"], feature["weights"])
+        try:
+            return load_backbone(feature["backbone"], feature["weights"])
+        except UserError as error:
+            raise UserError(f"{path}: its backbone cannot be loaded: {error}") from None
     trunk = build_backbone(feature["backbone"], "none")
-    trunk.load_state_dict(checkpoint["encoder"])
+    try:
+        trunk.load_state_dict(checkpoint["encoder"])
+    except (RuntimeError, TypeError, AttributeError, ValueError) as error:
+        raise UserError(f"{path}: its fine-tuned encoder is not {feature['backbone']}'s ({str(error)[:150]})") from None
     return trunk
 
 
@@ -97,6 +107,10 @@ def generate(opt: Config):
     """Print `image<TAB>caption` for every image of --img (n-best: one line each, with scores)."""
     if not opt.img:
         raise UserError("name the image(s) to caption with --img=FILE, FOLDER or GLOB")
+    if opt.output:
+        check_output_file(opt.output)
+    if opt.attention_map:
+        check_output_folder(opt.attention_map, "--attention-map folder")
     paths = list_images(opt.img)
     if not paths:
         raise UserError(f"--img={opt.img}: no images found")
@@ -120,25 +134,34 @@ def write_attention_maps(captions, folder):
     if any(beams[0][2] is None for beams in captions.values()):
         raise UserError("--attention-map: this checkpoint holds the pooled model, which has no attention to show; "
                         "train with --model=attention")
-    os.makedirs(folder, exist_ok=True)
     for path, beams in captions.items():
         target = os.path.join(folder, os.path.splitext(os.path.basename(path))[0] + ".attention.png")
-        attention_figure(load_image(path), beams[0][2]).save(target)
+        attention_figure(seen_photo(path), beams[0][2]).save(target)
         print(f"attention map: {target}", file=sys.stderr)
 
 
 def write_results(path, captions):
     """AI Challenger submission format: [{"image_id", "caption"}]."""
-    with open(path, "w", encoding="utf-8") as file:
-        json.dump([{"image_id": i, "caption": c} for i, c in captions.items()], file, ensure_ascii=False, indent=1)
+    write_json([{"image_id": i, "caption": c} for i, c in captions.items()], path)
 
 
 def read_results(path):
-    try:
-        with open(path, encoding="utf-8") as file:
-            return {entry["image_id"]: entry["caption"] for entry in json.load(file)}
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{path}: not an AI Challenger results file ({type(error).__name__}: {error})") from None
+    """An AI Challenger results file -> {image_id: caption}, checked entry by entry."""
+    entries = read_json(path, "results file")
+    if not isinstance(entries, list) or not entries:
+        raise UserError(f'{path}: not an AI Challenger results file: expected a non-empty list of '
+                        '{"image_id", "caption"}')
+    results = {}
+    for index, entry in enumerate(entries):
+        if not (isinstance(entry, dict) and isinstance(entry.get("image_id"), str)
+                and isinstance(entry.get("caption"), str)):
+            raise UserError(f"{path}: not an AI Challenger results file: entry {index}: expected an image_id and a "
+                            "caption, both text")
+        if entry["image_id"] in results:
+            raise UserError(f"{path}: not an AI Challenger results file: entry {index}: image_id "
+                            f"{entry['image_id']!r} appears twice")
+        results[entry["image_id"]] = entry["caption"]
+    return results
 
 
 @command
@@ -148,19 +171,24 @@ def evaluate(opt: Config):
     from metrics import format_table, score_captions
     if not opt.annotation_file:
         raise UserError("give the references with --annotation-file=FILE.json")
+    for output in (opt.output, opt.metrics_path):
+        if output:
+            check_output_file(output, inputs=[opt.annotation_file, opt.results])
     references = {entry["image_id"]: entry["caption"] for entry in load_annotations(opt.annotation_file)}
     results = read_results(opt.results) if opt.results else caption_references(references, opt)
     try:
         scores = score_captions(results, references)
     except ValueError as error:
         raise UserError(f"{opt.results or opt.annotation_file}: {error}") from None
-    distinct = len(set(results.values()))
+    distinct, empty = len(set(results.values())), sum(not caption.strip() for caption in results.values())
+    if empty:
+        print(f"warning: {empty} of the captions are empty (scored as such)", file=sys.stderr)
     print(f"{len(results)} images scored against {opt.annotation_file}; {distinct} distinct captions "
           "(0-1 scale; CIDEr-D is unbounded)")
     print(format_table(scores))
     if opt.metrics_path:
-        with open(opt.metrics_path, "w", encoding="utf-8") as file:
-            json.dump({**scores, "images": len(results), "distinct_captions": distinct}, file, indent=1)
+        write_json({**scores, "images": len(results), "distinct_captions": distinct, "empty_captions": empty},
+                   opt.metrics_path)
         print(f"scores written to {opt.metrics_path}")
 
 
@@ -183,16 +211,24 @@ def caption_references(references, opt: Config):
 @command
 def replay(opt: Config):
     """Post a dashboard recorded without a server (logs/<env>.visdom.log) to a running Visdom."""
+    import requests
+
     from visualize import replay as replay_log
     log = opt.log or os.path.join(opt.log_dir, f"{opt.env}.visdom.log")
     if not os.path.isfile(log):
         raise UserError(f"{log}: no such dashboard log")
-    environments = replay_log(log, opt.vis_server, opt.vis_port)
+    try:
+        environments = replay_log(log, opt.vis_server, opt.vis_port)
+    except (requests.RequestException, ConnectionError):
+        raise UserError(f"no Visdom server answers at {opt.vis_server}:{opt.vis_port}; start one with "
+                        f"`python visdom_server.py start --port={opt.vis_port}`") from None
+    except (ValueError, IndexError, AttributeError, TypeError):
+        raise UserError(f"{log}: not a Visdom dashboard log") from None
     print(f"replayed {log} into {opt.vis_server}:{opt.vis_port}, environment {', '.join(environments)}")
 
 
 def help():
-    """List every option with its default."""
+    """List every option of the toolkit with its default, valid values and what it does."""
     print(__doc__)
     print(config.describe())
 

@@ -1,11 +1,14 @@
 """Caption scores as AI Challenger 2017 computed them: jieba words, then the coco-caption metrics."""
+import contextlib
 import os
 import shutil
+import subprocess
 import sys
+import threading
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.meteor import meteor
 from pycocoevalcap.rouge.rouge import Rouge
 
 from captions import tokenize
@@ -36,10 +39,43 @@ def score_captions(results, references):
     scores["ROUGE-L"], _ = Rouge().compute_score(truths, candidates)
     scores["CIDEr-D"], _ = Cider().compute_score(truths, candidates)
     if java_available():
-        # Java must read the words as UTF-8, or every Chinese character becomes '?'.
-        os.environ["JAVA_TOOL_OPTIONS"] = "-Dfile.encoding=UTF-8"
-        scores["METEOR"], _ = Meteor().compute_score(truths, candidates)
+        scorer = None
+        try:
+            scorer = Meteor()
+            scores["METEOR"], _ = scorer.compute_score(truths, candidates)
+        except (OSError, ValueError) as error:  # Java died: a broken pipe, or b'' read as a score
+            print(f"METEOR skipped: its Java process failed ({error!r})", file=sys.stderr)
+        finally:
+            if scorer is not None:
+                scorer.close()
     return {name: float(scores[name]) for name in METRICS if name in scores}
+
+
+class Meteor(meteor.Meteor):
+    """pycocoevalcap's METEOR with its Java in a session of its own, out of reach of the Ctrl-C or SIGTERM
+    sent to the trainer's process group, reading words as UTF-8 (or every Chinese character becomes '?')."""
+
+    def __init__(self):
+        self.meteor_cmd = ["java", "-jar", "-Xmx2G", meteor.METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm"]
+        self.meteor_p = subprocess.Popen(
+            self.meteor_cmd, cwd=os.path.dirname(os.path.abspath(meteor.__file__)), start_new_session=True,
+            env={**os.environ, "JAVA_TOOL_OPTIONS": "-Dfile.encoding=UTF-8"},
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.lock = threading.Lock()
+
+    def close(self):
+        """Stop Java and reap it; without the lock, which a failed compute_score leaves held."""
+        process = getattr(self, "meteor_p", None)  # None when Popen failed
+        if process is None:
+            return
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        for pipe in (process.stdin, process.stdout):
+            with contextlib.suppress(OSError):  # unflushed bytes to a dead process
+                pipe.close()
+
+    __del__ = close
 
 
 def java_available():

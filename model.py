@@ -20,8 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from captions import EOS
-from config import MODEL_NAMES, Config, UserError, from_saved
+from captions import EOS, vocabulary_problem
+from config import BACKBONE_NAMES, MODEL_NAMES, Config, UserError, from_saved
 from files import atomic_save, load_pth
 
 CHECKPOINT_KEYS = ("model", "config", "ix2word", "end", "feature")
@@ -225,12 +225,41 @@ def save_checkpoint(path, model, opt, ix2word, feature_meta, **training_state):
 
 
 def load_checkpoint(path):
-    """A checkpoint dict, checked to be one; never runs code from the file."""
-    return load_pth(path, "checkpoint", CHECKPOINT_KEYS, mmap=True)
+    """A checkpoint dict, checked to hold what the toolkit reads from one; never runs code from the file."""
+    checkpoint = load_pth(path, "checkpoint", CHECKPOINT_KEYS, mmap=True)
+    problem = _checkpoint_problem(checkpoint)
+    if problem:
+        raise UserError(f"{path}: not a checkpoint of this toolkit: {problem}")
+    return checkpoint
+
+
+def _checkpoint_problem(checkpoint):
+    """Why a loaded checkpoint dict cannot be used, or None."""
+    feature, weights = checkpoint["feature"], checkpoint["model"]
+    if not isinstance(checkpoint["config"], dict):
+        return "its config is not a dict of options"
+    if not (isinstance(feature, dict) and feature.get("backbone") in BACKBONE_NAMES
+            and isinstance(feature.get("weights"), str) and _whole(feature.get("feature_dim"), 1)
+            and _whole(feature.get("grid", 0), 0)):
+        return "its feature description (backbone, weights, feature_dim, grid) is missing or wrong"
+    problem = vocabulary_problem(checkpoint["ix2word"])
+    if problem:
+        return problem
+    if not isinstance(weights, dict) or not all(isinstance(w, torch.Tensor) for w in weights.values()):
+        return "its model weights are not a dict of tensors"
+    if not all(w.dtype == torch.float32 for w in weights.values() if w.is_floating_point() or w.is_complex()):
+        return "its model weights are not float32"
+    if not all(bool(torch.isfinite(w).all()) for w in weights.values() if w.is_floating_point()):
+        return "its model weights hold NaN or infinite values (training diverged?)"
+    return None
+
+
+def _whole(value, low):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def model_from_checkpoint(checkpoint, path):
-    """Rebuild the model of a checkpoint; a mismatch of sizes is a clear error."""
+    """Rebuild the model of a checkpoint (load_checkpoint's); a mismatch of sizes is a clear error."""
     opt = from_saved(checkpoint["config"], path)
     model = build_model(opt, len(checkpoint["ix2word"]), checkpoint["feature"]["feature_dim"])
     try:  # the checkpoint's tensors (memory-mapped) replace the new ones: no second copy of the weights

@@ -12,11 +12,13 @@ import torch
 from torchnet.meter import AverageValueMeter
 from tqdm import tqdm
 
+import config
 import distributed
-from beam_search import caption_features
+from beam_search import caption_features, check_search
 from config import Config, UserError
 from dataset import train_val_splits
 from encoder import Encoder, TrainingImages, image_caption_batches
+from files import check_output_folder
 from images import build_backbone, encode_images, pick_device
 from metrics import HIGHER_IS_BETTER, METRICS, java_available, score_captions
 from model import build_model, load_checkpoint, save_checkpoint
@@ -45,6 +47,25 @@ class StopOnSignal:
     def __exit__(self, *_):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def _random_state():
+    """Every random number generator training draws from (dropout, sampling, augmentation), to resume
+    the same run: torch's, CUDA's and numpy's global ones (numpy's as tensors, which torch.load's
+    weights_only accepts)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
+                      "has_gauss": has_gauss, "gauss": gauss}}
+
+
+def _restore_random(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state["numpy"]
+    np.random.set_state(("MT19937", saved["keys"].numpy().astype(np.uint32), saved["position"], saved["has_gauss"],
+                         saved["gauss"]))
 
 
 class _Objective(torch.nn.Module):
@@ -80,11 +101,18 @@ def cross_entropy_loss(model, features, captions, lengths, sampling=0.0):
 
 
 def check_options(opt: Config):
-    """Refuse, in one line, training options that cannot work together (config checks each alone)."""
+    """Refuse, in one line, training options that cannot work together (config checks each alone),
+    output folders that cannot be written, and a new run over a finished one."""
     if opt.metric in METRICS and opt.eval_size <= 0:
         raise UserError(f"--metric={opt.metric} scores generated captions: it needs --eval-size > 0")
     if opt.metric == "METEOR" and not java_available():
         raise UserError("--metric=METEOR needs Java (apt-get install default-jre-headless)")
+    check_output_folder(opt.checkpoint_dir, "--checkpoint-dir")
+    check_output_folder(opt.log_dir, "--log-dir")
+    existing = [name for name in ("last.pth", "best.pth") if os.path.exists(os.path.join(opt.checkpoint_dir, name))]
+    if existing and not opt.resume and not opt.overwrite:
+        raise UserError(f"{opt.checkpoint_dir}/ holds a run ({', '.join(existing)}): continue it with --resume, "
+                        "start another with --checkpoint-dir=NEW, or replace it with --overwrite")
 
 
 class Trainer:
@@ -104,7 +132,7 @@ class Trainer:
     """
 
     def __init__(self, opt: Config):
-        check_options(opt)
+        check_options(config.check(opt))
         self.opt = opt
         torch.manual_seed(opt.seed)
         self.device = pick_device(opt.use_gpu)
@@ -112,6 +140,8 @@ class Trainer:
         self.process, self.processes = distributed.rank_and_size()
         self.train_split, self.val_split = train_val_splits(opt)
         self.vocab = self.train_split.ix2word
+        check_search(1, opt.beam_size, len(self.vocab) - 1 - len(self.train_split.banned), opt.min_len,
+                     opt.max_gen_len)
         self.model = build_model(opt, len(self.vocab), self.train_split.feature_dim).to(self.device)
         self.encoder = None  # the learning encoder of fine-tuning, from its phase on
         self.training_images = None  # and the images it reads
@@ -119,13 +149,13 @@ class Trainer:
                       "best_score": None, "epochs_without_improvement": 0, "processes": self.processes}
         self.last_path = os.path.join(opt.checkpoint_dir, "last.pth")
         self.best_path = os.path.join(opt.checkpoint_dir, "best.pth")
-        self._new_optimizer()
-        if opt.resume:
-            self._resume()
         # CUDA: bfloat16 autocast (float16 with a gradient scaler where bfloat16 is missing)
         cuda = self.device.type == "cuda"
         self.half = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler(enabled=cuda and self.half == torch.float16)
+        self._new_optimizer()
+        if opt.resume:
+            self._resume()
         self.log_path = os.path.join(opt.log_dir, f"{opt.env}.metrics.jsonl")
         if self.process == 0:
             os.makedirs(opt.log_dir, exist_ok=True)
@@ -146,7 +176,8 @@ class Trainer:
         if self.encoder is not None:
             groups.append({"params": [p for p in self.encoder.parameters() if p.requires_grad], "lr": opt.encoder_lr})
         self.optimizer = torch.optim.Adam(groups, weight_decay=opt.weight_decay, fused=True)
-        self.objective = distributed.parallel(_Objective(self.model, self.encoder), self.device)
+        self.objective = distributed.parallel(_Objective(self.model, self.encoder), self.device,
+                                              find_unused=self.state["phase"] == SELF_CRITICAL)
 
     def _set_encoder(self, state=None):
         """From fine-tuning on, the learning encoder: the features' backbone with its pretrained
@@ -175,14 +206,20 @@ class Trainer:
             if saved != now:
                 raise UserError(f"--{name}={now} but {self.last_path} was trained with --{name}={saved}; it fixes "
                                 "the validation images and the batch order: resume with the same value")
+        if not isinstance(checkpoint.get("state"), dict) or not set(self.state) <= set(checkpoint["state"]):
+            raise UserError(f"{self.last_path}: holds no training state to resume from")
         self.state.update(checkpoint["state"])
         try:
             self.model.load_state_dict(checkpoint["model"])
             self._set_encoder(checkpoint.get("encoder"))
             self._new_optimizer()
             self.optimizer.load_state_dict(checkpoint["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as error:
+            self.scaler.load_state_dict(checkpoint.get("scaler") or self.scaler.state_dict())
+            random_state = checkpoint.get("random")
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise UserError(f"{self.last_path}: built for another model configuration ({str(error)[:200]})") from None
+        if random_state:  # written by an older version without it: the run goes on from a fresh state
+            _restore_random(random_state)
         saved_processes = self.state["processes"]
         if saved_processes != self.processes and self.state["batch"]:
             self.say(f"{self.last_path} was written by {saved_processes} processes, this run has {self.processes}: "
@@ -203,7 +240,8 @@ class Trainer:
             return
         encoder = {"encoder": self.encoder.trunk.state_dict()} if self.encoder is not None else {}
         save_checkpoint(path, self.model, self.opt, self.train_split.ix2word, self.train_split.meta,
-                        optimizer=self.optimizer.state_dict(), state=self.state, **encoder)
+                        optimizer=self.optimizer.state_dict(), state=self.state, scaler=self.scaler.state_dict(),
+                        random=_random_state(), **encoder)
 
     def log(self, name, value):
         """One JSON line per value in the run's log (it survives without Visdom); from process 0."""
@@ -240,6 +278,8 @@ class Trainer:
                 return False
             if self._end_epoch():
                 break
+            if distributed.any_process(stop.requested):  # asked during validation: last.pth is saved
+                return False
         return True
 
     def _epochs(self, phase):
@@ -334,7 +374,8 @@ class Trainer:
     def _sampling_probability(self):
         """Scheduled sampling's probability this epoch: from 0 in the first cross-entropy epoch up to
         --scheduled-sampling in the last, and that in fine-tuning."""
-        rise = 1.0 if self.state["phase"] == FINE_TUNING else self.state["phase_epoch"] / max(1, self.opt.epoch - 1)
+        phase_epoch, epochs = self.state["phase_epoch"], self.opt.epoch
+        rise = 1.0 if self.state["phase"] == FINE_TUNING or epochs == 1 else phase_epoch / (epochs - 1)
         probability = self.opt.scheduled_sampling * rise
         if probability:
             self.log("scheduled_sampling", probability)

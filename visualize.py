@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.transforms.functional import to_tensor
 
 from config import UserError
-from images import IMAGE_SIZE, UNREADABLE, load_image
+from images import IMAGE_SIZE, UNREADABLE, seen_photo
 
 
 class _QueuedVisdom(visdom.Visdom):
@@ -108,7 +108,7 @@ class Dashboard:
         self.text(f"<b>{html.escape(image_id)}</b><br>人工描述: {html.escape(human)}<br>"
                   f"模型描述 (step {step}):<ol>{items}</ol>", "captions", "captions")
         try:
-            photo = load_image(image_path).resize((IMAGE_SIZE, IMAGE_SIZE))
+            photo = seen_photo(image_path)
         except UNREADABLE:
             return  # the image moved since extraction: the captions still show
         self.image(to_tensor(photo), human)  # (3, 224, 224) in 0..1

@@ -19,8 +19,12 @@ SHARED = os.path.join(ROOT, "..", "shared", "data", "flickr8k-cn")
 
 
 def mobilenet_weights():
-    """'default' when torchvision's MobileNetV2 ImageNet file is installed (install.sh), else 'none'."""
-    return "default" if os.path.isfile(weights_path("mobilenet_v2", "IMAGENET1K_V1")) else "none"
+    """'default': torchvision's MobileNetV2 ImageNet file, which install.sh installs. Without it the
+    tests that need it fail, saying so: random weights give near-zero features that hide bugs."""
+    path = weights_path("mobilenet_v2", "IMAGENET1K_V1")
+    if not os.path.isfile(path):
+        pytest.fail(f"{path}: no MobileNetV2 ImageNet weights; run `bash install.sh` first")
+    return "default"
 
 
 @pytest.fixture(scope="session")

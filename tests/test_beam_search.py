@@ -5,6 +5,7 @@ import torch
 
 from beam_search import beam_search
 from bench import bench_model, textbook_beam_search
+from config import UserError
 from model import AttentionModel, CaptionModel, quantized
 
 PAD, END, UNKNOWN = 0, 1, 2
@@ -139,14 +140,24 @@ def test_n_best_sorted_and_greedy_is_argmax():
                for beams in n_best)
     greedy = beam_search(model, features, END, [PAD, UNKNOWN], beam_size=1, max_len=6)
     log_probs, _ = model.step(*model.start(features[:1]))
-    log_probs[0, [PAD, UNKNOWN]] = -math.inf
-    first = log_probs.argmax().item()
-    assert greedy[0][0][0][:1] == [first] if first != END else greedy[0][0][0] == []
+    log_probs[0, [PAD, UNKNOWN, END]] = -math.inf  # a caption has a word before it may end
+    assert greedy[0][0][0][:1] == [log_probs.argmax().item()]
 
 
 def test_rejects_impossible_sizes():
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="need n-best <= beam size <= the 2 words"):
         beam_search(CaptionModel(5, 4, 6, 8, 1, 0), torch.randn(1, 4), END, [PAD, UNKNOWN], beam_size=3)
+
+
+@pytest.mark.parametrize("min_len", [1, 3])
+def test_no_caption_ends_before_min_len_words_even_when_the_end_is_near_certain(min_len):
+    near_end = {END: 0.98, A: 0.012, B: 0.008}
+    model = MarkovModel({START: near_end, A: near_end, B: near_end}, 7)
+    [beams] = beam_search(model, torch.zeros(1, 1), END, [PAD, UNKNOWN], beam_size=2, max_len=6, n_best=2,
+                          min_len=min_len)
+    assert [len(words) for words, _, _ in beams] == [min_len, min_len]
+    reference, score = textbook_beam_search(model, torch.zeros(1), END, [PAD, UNKNOWN], 2, 6, min_len=min_len)
+    assert reference == beams[0][0] and score == pytest.approx(beams[0][1])
 
 
 @pytest.mark.parametrize("kind", ["pooled", "attention"])

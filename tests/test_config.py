@@ -16,7 +16,7 @@ def test_every_field_settable_with_hyphens_or_underscores():
 def test_unknown_field_names_it_and_suggests_the_closest():
     with pytest.raises(UserError, match=r"--img_features_path.*did you mean --"):
         parse(img_features_path="a")
-    with pytest.raises(UserError, match="did you mean --caption_data_path"):
+    with pytest.raises(UserError, match="did you mean --caption-data-path"):
         parse(caption_data_pth="a")
 
 
@@ -31,16 +31,19 @@ def test_command_line_typo_exits_with_one_line():
     assert run.stderr.strip() == "error: unknown option --lrr (did you mean --lr?); `python main.py help` lists them"
 
 
-def test_help_lists_fields_with_defaults():
+def test_help_lists_fields_with_defaults_ranges_and_what_they_do():
     run = subprocess.run([sys.executable, "main.py", "help"], cwd=ROOT, capture_output=True, text=True)
-    assert f"--lr={Config.lr!r}" in run.stdout and "--beam_size=3" in run.stdout
+    assert f"--lr={Config.lr!r} (0, inf)\n      learning rate of the cross-entropy phases" in run.stdout
+    assert "--beam-size=3 [1, 1000]" in run.stdout and "--backbone='resnet50' resnet50|resnet101|" in run.stdout
 
 
-@pytest.mark.parametrize("command", [["main.py", "train"], ["feature_extract.py", "extract"]])
-def test_help_of_a_command(command):
+@pytest.mark.parametrize("command, own, other", [(["main.py", "train"], "--lr=", "--img="),
+                                                 (["feature_extract.py", "extract"], "--backbone=", "--lr="),
+                                                 (["main.py", "generate"], "--min-len=", "--backbone=")])
+def test_help_of_a_command_lists_its_own_options(command, own, other):
     run = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert "unknown option" not in run.stderr and f"--lr={Config.lr!r}" in run.stdout
+    assert "unknown option" not in run.stderr and own in run.stdout and other not in run.stdout
 
 
 HUGE_PAGES = "/sys/kernel/mm/transparent_hugepage/enabled"

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, command_line, mobilenet_weights, options
 
 from captions import load_caption_data
@@ -86,3 +87,18 @@ def test_sigterm_to_one_process_then_resume_sees_every_caption_once(demo, tmp_pa
     seen = [int(number) for process in (0, 1) for line in open(f"{record}.{process}") for number in line.split()]
     captions = sum(len(caption) for caption in load_caption_data(demo.caption_data_path)["caption"])
     assert sorted(seen) == list(range(captions))  # every caption once, none twice, none left out
+
+
+def test_self_critical_steps_whose_samples_all_end_at_once_train_under_two_processes(demo, tmp_path):
+    """Samples that all end at the first word never embed a word: DistributedDataParallel must not
+    wait for the embedding's gradient (it would fail at the next step)."""
+    common = {"epoch": 1, "eval_size": 0, "metric": "val_loss", "scst_samples": 2}
+    torchrun(2, "main.py", "train", *train_args(demo, tmp_path, **common))
+    for name in ("best.pth", "last.pth"):
+        path = tmp_path / "checkpoints" / name
+        checkpoint = torch.load(path, weights_only=True)
+        checkpoint["model"]["classifier.bias"][checkpoint["ix2word"].index("</EOS>")] += 100.0
+        torch.save(checkpoint, path)
+    torchrun(2, "main.py", "train", *train_args(demo, tmp_path, **common, scst_epoch=1, resume=True))
+    state = load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))["state"]
+    assert state["phase"] == "self-critical" and state["phase_epoch"] == 1

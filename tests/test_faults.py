@@ -122,7 +122,7 @@ def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(demo, tmp_
 def test_unwritable_checkpoint_folder_is_a_clear_error(demo, tmp_path):
     blocker = tmp_path / "checkpoints"
     blocker.write_text("a file where the checkpoint folder should be")
-    with pytest.raises(SystemExit, match=f"cannot write {blocker}"):
+    with pytest.raises(SystemExit, match=f"{blocker}: is a file, but the --checkpoint-dir must be a folder"):
         train(**options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss"))
 
 

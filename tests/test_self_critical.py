@@ -82,7 +82,7 @@ def test_self_critical_steps_teach_each_image_its_own_caption():
 
 
 def test_one_sample_per_image_is_refused(demo, tmp_path):
-    with pytest.raises(UserError, match="--scst-samples must be at least 2"):
+    with pytest.raises(UserError, match=r"--scst-samples=1: must be in \[2, 1024\]"):
         Trainer(dataclasses.replace(demo, scst_epoch=1, scst_samples=1, log_dir=str(tmp_path)))
 
 

@@ -85,7 +85,8 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(demo, tmp_p
         meta = file.read()
     open(features_path(str(poisoned)).replace(".npy", ".json"), "w").write(meta)
     with pytest.raises(SystemExit, match="the loss became nan .* last good checkpoint is kept"):
-        train(**options(demo, tmp_path, caption_data_path=str(poisoned), val_caption_data_path="", epoch=1))
+        train(**options(demo, tmp_path, caption_data_path=str(poisoned), val_caption_data_path="", epoch=1,
+                        overwrite=True))
     assert last.read_bytes() == before
 
 
@@ -155,9 +156,9 @@ def test_val_loss_selects_the_lowest(demo, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"metric": "CIDEr"}, "--metric=CIDEr: unknown; choose one of val_loss, perplexity"),
+    ({"metric": "CIDEr"}, "--metric=CIDEr: choose one of CIDEr-D, BLEU-1"),
     ({"metric": "BLEU-4", "eval_size": 0}, "--metric=BLEU-4 scores generated captions: it needs --eval-size > 0"),
-    ({"lr_patience": -1}, "--lr_patience cannot be negative"),
+    ({"lr_patience": -1}, "--lr-patience=-1: must be >= 0"),
 ])
 def test_impossible_selection_options_are_refused(demo, tmp_path, changes, message):
     with pytest.raises(SystemExit, match=f"^error: {message}"):
@@ -194,7 +195,8 @@ class Terminal:
 
 def test_debug_file_starts_ipdb_only_for_its_owner_on_a_terminal(demo, tmp_path, monkeypatch):
     debug_file = tmp_path / "debugc"
-    trainer = Trainer(dataclasses.replace(demo, log_dir=str(tmp_path), debug_file=str(debug_file)))
+    trainer = Trainer(dataclasses.replace(demo, log_dir=str(tmp_path), checkpoint_dir=str(tmp_path / "checkpoints"),
+                                          debug_file=str(debug_file)))
     monkeypatch.setattr("sys.stdin", Terminal())
     assert not trainer._debug_requested()  # no file
     debug_file.touch()
