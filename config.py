@@ -180,6 +180,8 @@ def _coerce(value, kind, name):
     """Fire guesses types from the text; make each value the field's type, or say why it cannot be."""
     kind = {"str": str, "int": int, "float": float, "bool": bool}.get(kind, kind)
     flag = f"--{_dashed(name)}"
+    if not isinstance(value, (str, int, float)):  # fire's lists, dicts and None; a checkpoint's anything
+        raise UserError(f"{flag}={value!r}: expected {kind.__name__}, got a {type(value).__name__}"[:300])
     if kind is bool:
         if isinstance(value, bool) or value in (0, 1):
             return bool(value)
@@ -187,11 +189,9 @@ def _coerce(value, kind, name):
             return value.lower() in ("true", "1", "yes")
         raise UserError(f"{flag} takes true or false, not {value!r}")
     if isinstance(value, bool):  # a bare `--lr` (fire: True), or --grid=True
-        raise UserError(f"{flag} needs a value: {flag}={FIELDS[name].default!r}" if value is True
-                        else f"{flag}={value}: not a {kind.__name__}")
+        what = {int: "a whole number", float: "a number", str: "text"}[kind]
+        raise UserError(f"{flag} needs {what} as its value, e.g. {flag}={FIELDS[name].default!r}")
     if kind is str:
-        if not isinstance(value, (str, int, float)):
-            raise UserError(f"{flag}={value!r}: expected text, got a {type(value).__name__}")
         if "\0" in str(value):
             raise UserError(f"{flag}={value!r}: holds a NUL character, which no file name can")
         return str(value)
@@ -200,8 +200,6 @@ def _coerce(value, kind, name):
             value = float(value) if kind is float else int(value)
         except ValueError:
             raise UserError(f"{flag}={value!r} is not a valid {kind.__name__}") from None
-    if not isinstance(value, (int, float)):
-        raise UserError(f"{flag}={value!r} is not a valid {kind.__name__}")
     if kind is float:
         return float(value)
     if isinstance(value, float) and not value.is_integer():  # nan, inf and 1.9 included

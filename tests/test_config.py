@@ -68,3 +68,22 @@ def test_importing_config_gives_large_cpu_tensors_huge_pages():
     assert huge_kb_of_a_tensor(env) >= 32 * 1024
     if "[madvise]" in open(HUGE_PAGES).read():  # only what asks for huge pages gets them
         assert huge_kb_of_a_tensor({**env, "THP_MEM_ALLOC_ENABLE": "0"}) == 0
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["generate", "stray"], "error: unexpected argument 'stray': options are given as --name=value"),
+    (["generate", "--img"], "error: --img needs text as its value, e.g. --img=''"),
+    (["train", "--lr", "--epoch=2"], "error: --lr needs a number as its value, e.g. --lr=0.001"),
+    (["train", "--epoch=1.9"], "error: --epoch=1.9: not a whole number"),
+    (["train", "--batch-size=1e309"], "error: --batch-size=inf: not a whole number"),
+    (["train", "--grid=True"], "error: --grid needs a whole number as its value, e.g. --grid=0"),
+    (["train", "--dropout=nan"], "error: --dropout=nan: must be in [0, 1)"),
+    (["generate", "--n-best=4"], "error: --n-best=4 is more than --beam-size=3"),
+])
+def test_command_lines_that_cannot_run_stop_before_any_work(arguments, message):
+    import fire
+
+    import main
+    with pytest.raises(SystemExit) as error:
+        fire.Fire({"train": main.train, "generate": main.generate}, command=arguments)
+    assert str(error.value.code).startswith(message)
