@@ -255,7 +255,7 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------
     def train(self):
         """The phases from the current one on; each ends by its epoch count or early stop."""
-        self.dashboard.configuration(self.opt)
+        self.dashboard.configuration(self.opt, self.train_split.meta)
         with StopOnSignal() as stop:
             completed = self._run_phase(stop)
             for phase in PHASES[PHASES.index(self.state["phase"]) + 1:]:

@@ -39,6 +39,9 @@ class _QueuedVisdom(visdom.Visdom):
         return ""
 
 
+FEATURE_SETTINGS = ("backbone", "weights", "grid", "img_path")  # options that extraction, not training, decided
+
+
 class Dashboard:
     """Loss, metrics, the current image with its human and generated captions, and a run log."""
 
@@ -97,8 +100,11 @@ class Dashboard:
         self.vis.text(html, win=win, append=append, opts={"title": title})
 
     # --- what training shows ---
-    def configuration(self, opt):
-        text = html.escape(json.dumps(dataclasses.asdict(opt), indent=1, ensure_ascii=False))
+    def configuration(self, opt, features):
+        """The run's options, with what the features really are (their backbone, weights, grid and
+        image folder, not the training command's defaults for them)."""
+        settings = {**dataclasses.asdict(opt), **{key: features[key] for key in FEATURE_SETTINGS}}
+        text = html.escape(json.dumps(settings, indent=1, ensure_ascii=False))
         self.text(f"<pre>{text}</pre>", "config", "configuration")
 
     def sample(self, image_id, image_path, human, generated, step):

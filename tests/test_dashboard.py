@@ -138,3 +138,12 @@ def test_hanging_or_dead_server_never_slows_training(demo, tmp_path, mode):
     # 19 dashboard updates at a 5-second timeout each would take over 90 s if training waited for them
     assert elapsed < 60
     assert os.path.getsize(tmp_path / "logs" / f"{mode}.visdom.log") > 0
+
+
+def test_the_configuration_pane_shows_what_the_features_really_are(demo, tmp_path):
+    """The demo's features are MobileNetV2 7x7 regions, whatever the training command's defaults say."""
+    assert (demo.backbone, demo.grid) == ("resnet50", 0)
+    train(**options(demo, tmp_path, vis_port=free_port(), env="config", epoch=1, eval_size=0, metric="val_loss"))
+    [pane] = [line for line in open(tmp_path / "logs" / "config.visdom.log") if '"win": "config"' in line]
+    assert "&quot;backbone&quot;: &quot;mobilenet_v2&quot;" in pane and "&quot;grid&quot;: 7" in pane
+    assert f"&quot;img_path&quot;: &quot;{os.path.abspath(demo.img_path)}&quot;" in pane
