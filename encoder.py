@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from config import UserError
-from images import image_transform, load_image, pooled, regions
+from images import encode_images, image_transform, load_image, pooled, regions
 
 MOBILENET_V2_STAGE_BLOCKS = (1, 2, 3, 4, 3, 3, 1)  # torchvision's inverted_residual_setting, n column
 SIDES = ("左", "右")  # a caption that says left or right is wrong for the mirrored image
@@ -50,7 +50,7 @@ class Encoder(nn.Module):
 
     def __init__(self, backbone, trunk, trainable, grid):
         super().__init__()
-        self.trunk, self.grid = trunk, grid
+        self.backbone, self.trunk, self.grid = backbone, trunk, grid
         all_stages = stages(backbone, trunk)
         if not 1 <= trainable <= len(all_stages):
             raise UserError(f"--finetune-encoder={trainable}: {backbone} has {len(all_stages)} stages")
@@ -67,6 +67,13 @@ class Encoder(nn.Module):
     def forward(self, images):
         feature_map = self.trunk(images.contiguous(memory_format=torch.channels_last))  # (B, F, h, w)
         return regions(feature_map, self.grid) if self.grid else pooled(feature_map)
+
+    def features_of(self, split, rows, opt, device):
+        """The features of a split's rows, encoded from their images as the encoder is now (for
+        validation and the dashboard) -> (b, F) or (b, R, F) on the device."""
+        paths = [split.image_path(row) for row in rows]
+        encoded = encode_images(self.trunk, self.backbone, paths, device, opt.batch_size, opt.num_workers, self.grid)
+        return torch.cat([pooled if regions is None else regions for pooled, regions, _ in encoded]).to(device)
 
 
 class TrainingImages(Dataset):

@@ -1,34 +1,60 @@
-"""The training loop of `main.py train`."""
+"""The training loop of `main.py train`: the phases as data, read once from the options, and a loop that
+reads top to bottom. checkpoints.py owns last.pth and best.pth, reporting.py what the run says."""
+import dataclasses
 import functools
-import json
 import math
 import os
 import signal
 import sys
-import time
 
 import numpy as np
 import torch
 from torchnet.meter import AverageValueMeter
-from tqdm import tqdm
 
 import config
 import distributed
 from beam_search import caption_features, check_search
+from checkpoints import CROSS_ENTROPY, FINE_TUNING, SELF_CRITICAL, Checkpoints, Progress, restore_random
 from config import Config, UserError
 from dataset import train_val_splits
 from encoder import Encoder, TrainingImages, image_caption_batches
 from files import check_output_folder
-from images import build_backbone, encode_images, pick_device
-from metrics import HIGHER_IS_BETTER, METRICS, java_available, score_captions
-from model import build_model, load_checkpoint, save_checkpoint
+from images import build_backbone, pick_device
+from metrics import METRICS, java_available, score_captions
+from model import build_model
+from reporting import Reporter
 from self_critical import CorpusCider, reference_corpus, self_critical_loss
-from visualize import Dashboard
 
-CROSS_ENTROPY, FINE_TUNING, SELF_CRITICAL = "cross-entropy", "fine-tuning", "self-critical"
-PHASES = (CROSS_ENTROPY, FINE_TUNING, SELF_CRITICAL)
-# Settings that fix which images validate and the order of the batches: a resumed run must keep them.
-DATA_ORDER = ("seed", "batch_size", "caption_data_path", "val_caption_data_path", "val_fraction")
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A phase of training: its epochs and learning rate, what it learns from, what it plots."""
+
+    name: str
+    epochs: int
+    lr: float
+    from_images: bool  # the backbone learns too: batches of images, encoded as they come
+    per_image: bool  # each image once with sampled captions (self-critical), else every human caption
+    measure: str  # what a step returns and the dashboard plots: loss or reward
+
+
+def phases(opt: Config):
+    """The phases in their order, each starting from the best model so far; one of 0 epochs is skipped."""
+    finetune = opt.finetune_encoder > 0
+    return [Phase(CROSS_ENTROPY, opt.epoch, opt.lr, from_images=False, per_image=False, measure="loss"),
+            Phase(FINE_TUNING, opt.finetune_epoch if finetune else 0, opt.lr, True, False, "loss"),
+            Phase(SELF_CRITICAL, opt.scst_epoch, opt.scst_lr, finetune, True, "reward")]
+
+
+@dataclasses.dataclass
+class Batch:
+    """One batch on the device: the images' rows (b,), the model's inputs (features, or images for the
+    learning encoder: see _Objective), and for cross-entropy the captions (n, T) and lengths (n,)."""
+
+    rows: np.ndarray
+    inputs: object
+    captions: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
 
 
 class StopOnSignal:
@@ -49,25 +75,6 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-def _random_state():
-    """Every random number generator training draws from (dropout, sampling, augmentation), to resume
-    the same run: torch's, CUDA's and numpy's global ones (numpy's as tensors, which torch.load's
-    weights_only accepts)."""
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
-                      "has_gauss": has_gauss, "gauss": gauss}}
-
-
-def _restore_random(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    saved = state["numpy"]
-    np.random.set_state(("MT19937", saved["keys"].numpy().astype(np.uint32), saved["position"], saved["has_gauss"],
-                         saved["gauss"]))
-
-
 class _Objective(torch.nn.Module):
     """A loss function of the model (and the learning encoder) as this module's forward: the call
     that DistributedDataParallel wraps to average the gradients of every process in backward."""
@@ -84,13 +91,6 @@ class _Objective(torch.nn.Module):
             if image_of is not None:
                 inputs = inputs[image_of]  # (n, ...): all captions of an image share its one encoding
         return loss_function(self.model, inputs, *args)
-
-
-class _NoDashboard:
-    """The dashboard of a process other than 0: draws nothing."""
-
-    def __getattr__(self, _name):
-        return lambda *args, **kwargs: None
 
 
 def cross_entropy_loss(model, features, captions, lengths, sampling=0.0):
@@ -115,20 +115,74 @@ def check_options(opt: Config):
                         "start another with --checkpoint-dir=NEW, or replace it with --overwrite")
 
 
+@torch.no_grad()
+def score_split(model, split, opt, device, process=0, processes=1):
+    """Validation loss, perplexity, top-5 word accuracy, and caption metrics on --eval-size images of a
+    split (each process takes its share; all get the same scores)."""
+    model.eval()
+    total, correct, count = 0.0, 0, 0
+    for _, features, captions, lengths in split.batches(opt.batch_size, process=process, processes=processes):
+        logits, targets, _ = model(features.to(device), captions.to(device), lengths)
+        total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        correct += (logits.topk(5, dim=1).indices == targets.unsqueeze(1)).any(1).sum().item()
+        count += len(targets)
+    total, correct, count = distributed.sums([total, correct, count])
+    scores = {"val_loss": total / count, "perplexity": math.exp(total / count), "top5_accuracy": correct / count}
+    rows = split.rows[:opt.eval_size]
+    if len(rows):
+        mine, captions = rows[process::processes], {}  # this process's share of the images
+        if len(mine):
+            beams = caption_features(model, split.features_of(mine).to(device), split.ix2word, opt, n_best=1)
+            captions = {split.image_id(row): b[0][0] for row, b in zip(mine, beams)}
+        results = distributed.merged(captions)
+        scores.update(distributed.from_process_0(lambda: score_captions(results, split.references(rows))))
+    model.train()
+    return scores
+
+
+def learning_encoder(opt: Config, meta, state, device):
+    """The encoder of fine-tuning: the features' backbone with its pretrained weights, or a saved
+    state of it, its last --finetune-encoder stages learning."""
+    trunk = build_backbone(meta["backbone"], "none" if state else meta["weights"])
+    if state:
+        trunk.load_state_dict(state)
+    grid = meta["grid"] if opt.model == "attention" else 0
+    return Encoder(meta["backbone"], trunk, opt.finetune_encoder, grid).to(device, memory_format=torch.channels_last)
+
+
+def sampling_probability(opt: Config, progress):
+    """Scheduled sampling's probability in an epoch: from 0 in the first cross-entropy epoch up to
+    --scheduled-sampling in the last (at once in a one-epoch run), and that in fine-tuning."""
+    epochs = opt.epoch
+    rise = 1.0 if progress.phase == FINE_TUNING or epochs == 1 else progress.phase_epoch / (epochs - 1)
+    return opt.scheduled_sampling * rise
+
+
+_debug_warned = set()
+
+
+def debug_requested(path):
+    """The book's hook: the file --debug-file exists -> ipdb. Only for a run on a terminal and a file
+    of this user, so that nobody else, and no missing terminal, can stop a run (warned about once)."""
+    if not path or not os.path.exists(path):
+        return False
+    if sys.stdin.isatty() and os.stat(path).st_uid == os.getuid():
+        return True
+    if path not in _debug_warned:
+        print(f"warning: {path} exists, but ipdb only starts for a run on a terminal and a file of its own "
+              "user; training goes on", file=sys.stderr)
+        _debug_warned.add(path)
+    return False
+
+
 class Trainer:
-    """Trains a caption model in up to three phases, each from the best model so far: `--epoch`
-    cross-entropy epochs over every caption (stored features); with `--finetune-encoder`,
-    `--finetune-epoch` cross-entropy epochs from the images with the backbone's last stages
-    learning too; then `--scst-epoch` self-critical epochs over every image (from the images when
-    the encoder learns).
+    """Trains a caption model through its phases (see `phases`). After each epoch it validates, keeps
+    best.pth by `--metric`, decays the lr and stops a phase early when the metric stalls. `progress`
+    says where training is and last.pth holds it, so Ctrl-C, SIGTERM or a crash lose at most a batch.
 
-    After each epoch it validates, keeps best.pth by `--metric`, decays the lr and stops a
-    phase early when the metric stalls. `state` says where training is (phase, epochs, batch):
-    last.pth holds it, so Ctrl-C, SIGTERM or a crash lose at most one batch.
-
-    Under torchrun every process trains on its share of each batch (`--batch-size` is the batch
-    of the whole run) and DistributedDataParallel averages the gradients; validation is shared out
-    and gathered; process 0 alone writes checkpoints, logs and the dashboard.
+    Under torchrun every process trains on its share of each batch (`--batch-size` is the batch of the
+    whole run) and DistributedDataParallel averages the gradients; validation is shared out and
+    gathered; process 0 alone writes checkpoints and reports.
     """
 
     def __init__(self, opt: Config):
@@ -143,138 +197,43 @@ class Trainer:
         check_search(1, opt.beam_size, len(self.vocab) - 1 - len(self.train_split.banned), opt.min_len,
                      opt.max_gen_len)
         self.model = build_model(opt, len(self.vocab), self.train_split.feature_dim).to(self.device)
-        self.encoder = None  # the learning encoder of fine-tuning, from its phase on
-        self.training_images = None  # and the images it reads
-        self.state = {"phase": CROSS_ENTROPY, "epoch": 0, "phase_epoch": 0, "batch": 0, "step": 0,
-                      "best_score": None, "epochs_without_improvement": 0, "processes": self.processes}
-        self.last_path = os.path.join(opt.checkpoint_dir, "last.pth")
-        self.best_path = os.path.join(opt.checkpoint_dir, "best.pth")
+        self.phases, self.progress = phases(opt), Progress(processes=self.processes)
+        self.checkpoints, self.report = Checkpoints(opt, self.train_split, self.process), Reporter(opt, self.process)
         # CUDA: bfloat16 autocast (float16 with a gradient scaler where bfloat16 is missing)
         cuda = self.device.type == "cuda"
         self.half = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler(enabled=cuda and self.half == torch.float16)
-        self._new_optimizer()
+        self.encoder = self.training_images = self.cider = None  # made when a phase needs them
+        self._prepare_phase()
         if opt.resume:
             self._resume()
-        self.log_path = os.path.join(opt.log_dir, f"{opt.env}.metrics.jsonl")
-        if self.process == 0:
-            os.makedirs(opt.log_dir, exist_ok=True)
-            self.dashboard = Dashboard(opt.env, opt.vis_server, opt.vis_port,
-                                       os.path.join(opt.log_dir, f"{opt.env}.visdom.log"), timeout=opt.vis_timeout)
-        else:
-            self.dashboard = _NoDashboard()
-        self.loss_meter = AverageValueMeter()
-        self.cider = None  # CIDEr-D over the training captions, built when self-critical training starts
-        self.debug_warned = False
 
-    def _new_optimizer(self):
-        """Adam for the current phase: the model at its lr, the encoder's learning stages at
-        --encoder-lr; the fused kernel (one pass over all weights) is 3x faster on CPU."""
-        opt = self.opt
-        groups = [{"params": list(self.model.parameters()),
-                   "lr": opt.scst_lr if self.state["phase"] == SELF_CRITICAL else opt.lr}]
-        if self.encoder is not None:
-            groups.append({"params": [p for p in self.encoder.parameters() if p.requires_grad], "lr": opt.encoder_lr})
-        self.optimizer = torch.optim.Adam(groups, weight_decay=opt.weight_decay, fused=True)
-        self.objective = distributed.parallel(_Objective(self.model, self.encoder), self.device,
-                                              find_unused=self.state["phase"] == SELF_CRITICAL)
-
-    def _set_encoder(self, state=None):
-        """From fine-tuning on, the learning encoder: the features' backbone with its pretrained
-        weights, or a saved state of it; None before."""
-        opt, meta = self.opt, self.train_split.meta
-        if not opt.finetune_encoder or self.state["phase"] == CROSS_ENTROPY:
-            return
-        trunk = build_backbone(meta["backbone"], "none" if state else meta["weights"])
-        if state:
-            trunk.load_state_dict(state)
-        grid = meta["grid"] if opt.model == "attention" else 0
-        self.encoder = Encoder(meta["backbone"], trunk, opt.finetune_encoder, grid).to(
-            self.device, memory_format=torch.channels_last)
-        if self.training_images is None:
-            self.training_images = TrainingImages(self.train_split, meta["backbone"], opt.augment)
-
-    def _resume(self):
-        checkpoint = distributed.from_process_0(lambda: load_checkpoint(self.last_path))
-        if checkpoint["ix2word"] != self.vocab:
-            raise UserError(f"{self.last_path}: built for another vocabulary than {self.opt.caption_data_path}")
-        if checkpoint["feature"]["feature_dim"] != self.train_split.feature_dim:
-            raise UserError(f"{self.last_path}: built for {checkpoint['feature']['feature_dim']}-d features, "
-                            f"these are {self.train_split.feature_dim}-d")
-        for name in DATA_ORDER:
-            saved, now = checkpoint["config"].get(name), getattr(self.opt, name)
-            if saved != now:
-                raise UserError(f"--{name}={now} but {self.last_path} was trained with --{name}={saved}; it fixes "
-                                "the validation images and the batch order: resume with the same value")
-        if not isinstance(checkpoint.get("state"), dict) or not set(self.state) <= set(checkpoint["state"]):
-            raise UserError(f"{self.last_path}: holds no training state to resume from")
-        self.state.update(checkpoint["state"])
-        try:
-            self.model.load_state_dict(checkpoint["model"])
-            self._set_encoder(checkpoint.get("encoder"))
-            self._new_optimizer()
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-            self.scaler.load_state_dict(checkpoint.get("scaler") or self.scaler.state_dict())
-            random_state = checkpoint.get("random")
-        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise UserError(f"{self.last_path}: built for another model configuration ({str(error)[:200]})") from None
-        if random_state:  # written by an older version without it: the run goes on from a fresh state
-            _restore_random(random_state)
-        saved_processes = self.state["processes"]
-        if saved_processes != self.processes and self.state["batch"]:
-            self.say(f"{self.last_path} was written by {saved_processes} processes, this run has {self.processes}: "
-                     f"the shares of the batches differ, so epoch {self.state['epoch'] + 1} starts again")
-            self.state["batch"] = 0
-        self.state["processes"] = self.processes
-        self.say(f"resuming from {self.last_path} at epoch {self.state['epoch']}, batch {self.state['batch']} "
-                 f"({self.state['phase']})")
-
-    def say(self, message):
-        """Print, once for the whole run (from process 0)."""
-        if self.process == 0:
-            print(message)
-
-    def save(self, path):
-        """Write a checkpoint with the training state (process 0; the others hold the same)."""
-        if self.process:
-            return
-        encoder = {"encoder": self.encoder.trunk.state_dict()} if self.encoder is not None else {}
-        save_checkpoint(path, self.model, self.opt, self.train_split.ix2word, self.train_split.meta,
-                        optimizer=self.optimizer.state_dict(), state=self.state, scaler=self.scaler.state_dict(),
-                        random=_random_state(), **encoder)
-
-    def log(self, name, value):
-        """One JSON line per value in the run's log (it survives without Visdom); from process 0."""
-        if self.process:
-            return
-        record = {"epoch": self.state["epoch"], "step": self.state["step"], "name": name, "value": value,
-                  "time": time.time()}
-        with open(self.log_path, "a", encoding="utf-8") as file:
-            file.write(json.dumps(record, ensure_ascii=False) + "\n")
+    @property
+    def phase(self) -> Phase:
+        return next(phase for phase in self.phases if phase.name == self.progress.phase)
 
     # --- the loop ---------------------------------------------------------------------------------
     def train(self):
-        """The phases from the current one on; each ends by its epoch count or early stop."""
-        self.dashboard.configuration(self.opt, self.train_split.meta)
+        """The phases from the current one on; each ends by its epoch count or an early stop."""
+        self.report.configuration(self.opt, self.train_split.meta)
         with StopOnSignal() as stop:
-            completed = self._run_phase(stop)
-            for phase in PHASES[PHASES.index(self.state["phase"]) + 1:]:
-                if completed and self._epochs(phase):
-                    self._start_phase(phase)
-                    completed = self._run_phase(stop)
-            if not completed:
-                self.save(self.last_path)
-                self.say(f"\n{stop.requested or 'stopped by another process'}: saved {self.last_path}; "
-                         "continue with --resume")
-        self.dashboard.flush()
+            for later, phase in enumerate(self.phases[self.phases.index(self.phase):]):
+                if later and not phase.epochs:
+                    continue
+                if later:
+                    self.start_phase(phase)
+                if not self._run_phase(stop):
+                    self._save(self.checkpoints.last)
+                    self.report.say(f"\n{stop.requested or 'stopped by another process'}: saved "
+                                    f"{self.checkpoints.last}; continue with --resume")
+                    break
+        self.report.flush()
         distributed.finish()
 
     def _run_phase(self, stop):
         """The remaining epochs of the current phase; False when a stop was requested."""
-        state = self.state
-        epochs = self._epochs(state["phase"])
-        while state["phase_epoch"] < epochs:
-            if not self._train_epoch(stop, epochs):
+        while self.progress.phase_epoch < self.phase.epochs:
+            if not self.train_epoch(stop):
                 return False
             if self._end_epoch():
                 break
@@ -282,131 +241,94 @@ class Trainer:
                 return False
         return True
 
-    def _epochs(self, phase):
-        opt = self.opt
-        return {CROSS_ENTROPY: opt.epoch, FINE_TUNING: opt.finetune_epoch if opt.finetune_encoder else 0,
-                SELF_CRITICAL: opt.scst_epoch}[phase]
-
-    def _start_phase(self, phase):
+    def start_phase(self, phase):
         """A phase starts from the best model so far (and its encoder), with a new optimizer."""
-        best = distributed.from_process_0(self._best_weights)
+        best = distributed.from_process_0(self.checkpoints.best_weights)
         if best:
             self.model.load_state_dict(best["model"])
-        self.state.update(phase=phase, phase_epoch=0, batch=0, epochs_without_improvement=0)
-        self._set_encoder(best.get("encoder"))
-        self._new_optimizer()
-        self.save(self.last_path)
+        self.progress = dataclasses.replace(self.progress, phase=phase.name, phase_epoch=0, batch=0,
+                                            epochs_without_improvement=0)
+        self._prepare_phase(best.get("encoder"))
+        self._save(self.checkpoints.last)
         learning = f", the last {self.opt.finetune_encoder} encoder stages learning" if self.encoder else ""
-        reward = (f"; reward: CIDEr-D + {self.opt.scst_bleu_weight} x mean BLEU-1..4"
-                  if phase == SELF_CRITICAL else "")
-        self.say(f"{phase} phase: {self._epochs(phase)} epochs from {self.best_path}{learning}{reward}")
+        reward = f"; reward: CIDEr-D + {self.opt.scst_bleu_weight} x mean BLEU-1..4" if phase.per_image else ""
+        self.report.say(f"{phase.name} phase: {phase.epochs} epochs from {self.checkpoints.best}{learning}{reward}")
 
-    def _best_weights(self):
-        """best.pth's model and encoder weights, without its optimizer state; {} before there is one."""
-        if not os.path.isfile(self.best_path):
-            return {}
-        return {key: value for key, value in load_checkpoint(self.best_path).items() if key in ("model", "encoder")}
-
-    def _train_epoch(self, stop, epochs):
-        """One pass over the training data; False when a stop was requested.
-
-        Cross-entropy epochs go over every caption, self-critical ones over every image."""
-        opt, state = self.opt, self.state
-        self_critical = state["phase"] == SELF_CRITICAL
+    def train_epoch(self, stop):
+        """One pass over the training data (every caption, or every image); False when a stop was requested."""
+        opt, phase, progress = self.opt, self.phase, self.progress
         self.model.train()
-        self.loss_meter.reset()  # the dashboard shows this epoch's running mean
-        if self_critical:
-            step, measure = self._self_critical_step, "reward"
-        else:
-            step, measure = functools.partial(self._step, sampling=self._sampling_probability()), "loss"
-        batches, total = self._batches(self_critical)
-        progress = tqdm(batches, total=total, initial=state["batch"], unit="batch", disable=self.process != 0,
-                        desc=f"{state['phase']} epoch {state['phase_epoch'] + 1}/{epochs}")
-        for batch in progress:
-            if self._debug_requested():
+        meter = AverageValueMeter()  # the dashboard shows this epoch's running mean
+        step = (self.self_critical_step if phase.per_image
+                else functools.partial(self.cross_entropy_step, sampling=self._sampling_probability()))
+        batches, total = self._batches()
+        bar = self.report.bar(batches, total, progress.batch,
+                              f"{phase.name} epoch {progress.phase_epoch + 1}/{phase.epochs}")
+        for batch in bar:
+            if debug_requested(opt.debug_file):
                 import ipdb
                 ipdb.set_trace()
-            self.loss_meter.add(step(*batch))
-            state["batch"] += 1
-            state["step"] += 1
-            if state["step"] % opt.plot_every == 0 and self.process == 0:
-                progress.set_postfix({measure: f"{self.loss_meter.value()[0]:.3f}"})
-                self._plot(batch[0][0], measure)
+            meter.add(step(batch))
+            progress.batch += 1
+            progress.step += 1
+            if progress.step % opt.plot_every == 0 and self.report.speaks:
+                bar.set_postfix({phase.measure: f"{meter.value()[0]:.3f}"})
+                self._plot(batch.rows[0], meter.value()[0])
             if distributed.any_process(stop.requested):
                 return False
         return True
 
-    def _batches(self, self_critical):
-        """This epoch's batches from the current one on, on the device, and how many it has in all:
-        cross-entropy (rows, inputs, captions, lengths), self-critical (rows, inputs). inputs are
-        features, or images for the learning encoder (see _Objective)."""
-        opt, split, device = self.opt, self.train_split, self.device
-        seed = opt.seed + self.state["epoch"]
-        share = {"skip": self.state["batch"], "process": self.process, "processes": self.processes}
-        if self.encoder is None:
-            if self_critical:
-                batches = split.image_batches(opt.batch_size, seed, **share)
-            else:
-                batches = split.batches(opt.batch_size, seed, **share)
-            batches = ((rows, features.to(device, non_blocking=True), *rest) for rows, features, *rest in batches)
-            return batches, split.num_batches(opt.batch_size, self_critical, self.processes)
-        # from images, whole images at a time: as many as give about --batch-size captions
-        images_per_batch = opt.batch_size if self_critical else max(1, round(opt.batch_size * len(split.rows)
-                                                                             / len(split.pairs)))
-        row_batches = split.row_batches(images_per_batch, seed, **share)
-        batches = image_caption_batches(self.training_images, row_batches, not self_critical, opt.num_workers, device)
-        return batches, self.state["batch"] + len(row_batches)
+    def _end_epoch(self):
+        """Validate, keep the best model, decay the lr, save; True when the phase should stop early."""
+        opt, progress = self.opt, self.progress
+        progress.epoch += 1
+        progress.phase_epoch += 1
+        progress.batch = 0
+        scores = self.validate()
+        self.report.validation(progress, scores)
+        improved = self.checkpoints.is_better(scores[opt.metric], progress.best_score)
+        if improved:
+            progress.best_score, progress.epochs_without_improvement = scores[opt.metric], 0
+            self._save(self.checkpoints.best)
+        else:
+            progress.epochs_without_improvement += 1
+            if opt.lr_patience and progress.epochs_without_improvement % opt.lr_patience == 0:
+                self._decay_lr()
+        self._save(self.checkpoints.last)
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+        self.report.say(f"epoch {progress.epoch}: {summary}" + (" (best)" if improved else ""))
+        stop = opt.early_stop_patience and progress.epochs_without_improvement >= opt.early_stop_patience
+        if stop:
+            self.report.say(f"early stop of {progress.phase} training: no improvement of {opt.metric} "
+                            f"for {opt.early_stop_patience} epochs")
+            self.report.log("early_stop", progress.epoch, progress)
+        return stop
 
-    def _debug_requested(self):
-        """The book's hook: --debug-file exists -> ipdb. Only for a terminal and a file of this user,
-        so that nobody else, and no missing terminal, can stop a run."""
-        path = self.opt.debug_file
-        if not path or not os.path.exists(path):
-            return False
-        if sys.stdin.isatty() and os.stat(path).st_uid == os.getuid():
-            return True
-        if not self.debug_warned:
-            print(f"warning: {path} exists, but ipdb only starts for a run on a terminal and a file of its own "
-                  "user; training goes on", file=sys.stderr)
-            self.debug_warned = True
-        return False
-
-    def _sampling_probability(self):
-        """Scheduled sampling's probability this epoch: from 0 in the first cross-entropy epoch up to
-        --scheduled-sampling in the last, and that in fine-tuning."""
-        phase_epoch, epochs = self.state["phase_epoch"], self.opt.epoch
-        rise = 1.0 if self.state["phase"] == FINE_TUNING or epochs == 1 else phase_epoch / (epochs - 1)
-        probability = self.opt.scheduled_sampling * rise
-        if probability:
-            self.log("scheduled_sampling", probability)
-        return probability
-
-    def _step(self, rows, inputs, captions, lengths, sampling):
+    # --- steps ------------------------------------------------------------------------------------
+    def cross_entropy_step(self, batch, sampling=0.0):
         """One cross-entropy step -> the loss."""
         with self._autocast():
-            loss = self.objective(cross_entropy_loss, inputs, captions.to(self.device), lengths, sampling)
+            loss = self.objective(cross_entropy_loss, batch.inputs, batch.captions.to(self.device), batch.lengths,
+                                  sampling)
         return self._update(loss)
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.half, enabled=self.device.type == "cuda")
-
-    def _self_critical_step(self, rows, inputs):
+    def self_critical_step(self, batch):
         """One self-critical step -> the mean reward of the sampled captions."""
-        split = self.train_split
-        if self.cider is None:
+        opt, split = self.opt, self.train_split
+        if self.cider is None:  # CIDEr-D over the training captions, built once
             self.cider = CorpusCider(reference_corpus(split.word_captions(), split.end, split.unknown))
         with self._autocast():
-            loss, reward = self.objective(self_critical_loss, inputs, rows.tolist(), self.cider, split.end,
-                                          split.banned, self.opt.scst_samples, self.opt.max_gen_len,
-                                          self.opt.scst_bleu_weight)
+            loss, reward = self.objective(self_critical_loss, batch.inputs, batch.rows.tolist(), self.cider,
+                                          split.end, split.banned, opt.scst_samples, opt.max_gen_len,
+                                          opt.scst_bleu_weight)
         self._update(loss)
         return reward
 
     def _update(self, loss):
         """Backpropagate loss and take an optimizer step -> its value; a NaN loss stops training."""
         if not torch.isfinite(loss):
-            raise UserError(f"the loss became {loss.item()} at epoch {self.state['epoch'] + 1}, step "
-                            f"{self.state['step']}; stopped. The last good checkpoint is kept; try a lower --lr")
+            raise UserError(f"the loss became {loss.item()} at epoch {self.progress.epoch + 1}, step "
+                            f"{self.progress.step}; stopped. The last good checkpoint is kept; try a lower --lr")
         self.optimizer.zero_grad()
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -416,99 +338,103 @@ class Trainer:
         self.scaler.update()
         return loss.item()
 
-    def _plot(self, row, measure):
-        """Loss (or reward) curve, one training image with its human caption and what the model now says."""
-        split, value = self.train_split, self.loss_meter.value()[0]
-        self.dashboard.line("train", self.state["step"], value, measure)
-        self.log(f"train_{measure}", value)
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.half, enabled=self.device.type == "cuda")
+
+    def validate(self):
+        """Validation scores (see score_split), with the learning encoder's features when there is one."""
+        val = self.val_split
+        if self.encoder is not None:  # features from the encoder as it is now
+            self.model.eval()
+            encoded = self._features(val, val.rows).cpu().numpy()  # (n, F) or (n, R, F)
+            features = np.zeros((max(val.rows) + 1, *encoded.shape[1:]), np.float16)
+            features[val.rows] = encoded
+            val = val.with_features(features)
+        return score_split(self.model, val, self.opt, self.device, self.process, self.processes)
+
+    # --- what a phase needs -----------------------------------------------------------------------
+    def _prepare_phase(self, encoder_state=None):
+        """The learning encoder when the phase learns from images, and a new Adam: the model at the
+        phase's lr, the encoder's learning stages at --encoder-lr (the fused kernel: 3x faster on a CPU)."""
+        opt, phase, meta = self.opt, self.phase, self.train_split.meta
+        self.encoder = learning_encoder(opt, meta, encoder_state, self.device) if phase.from_images else None
+        if phase.from_images:
+            self.training_images = self.training_images or TrainingImages(self.train_split, meta["backbone"],
+                                                                          opt.augment)
+        groups = [{"params": list(self.model.parameters()), "lr": phase.lr}]
+        if self.encoder is not None:
+            groups.append({"params": [p for p in self.encoder.parameters() if p.requires_grad], "lr": opt.encoder_lr})
+        self.optimizer = torch.optim.Adam(groups, weight_decay=opt.weight_decay, fused=True)
+        self.objective = distributed.parallel(_Objective(self.model, self.encoder), self.device,
+                                              find_unused=phase.per_image)
+
+    def _resume(self):
+        checkpoint = self.checkpoints.resume()
+        self.progress = checkpoint["progress"]
+        try:
+            self.model.load_state_dict(checkpoint["model"])
+            self._prepare_phase(checkpoint.get("encoder"))
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scaler.load_state_dict(checkpoint.get("scaler") or self.scaler.state_dict())
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise UserError(f"{self.checkpoints.last}: built for another model configuration "
+                            f"({str(error)[:200]})") from None
+        if checkpoint.get("random"):  # an older version's last.pth has none: the run goes on from a fresh state
+            restore_random(checkpoint["random"])
+        progress = self.progress
+        if progress.processes != self.processes and progress.batch:
+            self.report.say(f"{self.checkpoints.last} was written by {progress.processes} processes, this run has "
+                            f"{self.processes}: the shares of the batches differ, so epoch {progress.epoch + 1} "
+                            "starts again")
+            progress.batch = 0
+        progress.processes = self.processes
+        self.report.say(f"resuming from {self.checkpoints.last} at epoch {progress.epoch}, batch {progress.batch} "
+                        f"({progress.phase})")
+
+    def _batches(self):
+        """This epoch's Batches from the current one on, and how many it has in all."""
+        opt, split, device, per_image = self.opt, self.train_split, self.device, self.phase.per_image
+        share = {"skip": self.progress.batch, "process": self.process, "processes": self.processes}
+        seed = opt.seed + self.progress.epoch
+        if self.encoder is None:
+            batches = (split.image_batches if per_image else split.batches)(opt.batch_size, seed, **share)
+            batches = (Batch(rows, features.to(device, non_blocking=True), *rest) for rows, features, *rest in batches)
+            return batches, split.num_batches(opt.batch_size, per_image, self.processes)
+        # from images, whole images at a time: as many as give about --batch-size captions
+        images = opt.batch_size if per_image else max(1, round(opt.batch_size * len(split.rows) / len(split.pairs)))
+        row_batches = split.row_batches(images, seed, **share)
+        batches = image_caption_batches(self.training_images, row_batches, not per_image, opt.num_workers, device)
+        return (Batch(*batch) for batch in batches), self.progress.batch + len(row_batches)
+
+    def _features(self, split, rows):
+        """Features of a split's rows on the device: the stored ones, or the learning encoder's
+        -> (b, F) or (b, R, F)."""
+        if self.encoder is None:
+            return split.features_of(rows).to(self.device)
+        return self.encoder.features_of(split, rows, self.opt, self.device)
+
+    def _plot(self, row, value):
+        """The loss (or reward) curve, a training photo with its human caption and what the model now says."""
+        split = self.train_split
         self.model.eval()
-        features = self._features(split, [row])  # (1, F)
-        beams = caption_features(self.model, features, self.vocab, self.opt, n_best=self.opt.beam_size)[0]
+        beams = caption_features(self.model, self._features(split, [row]), self.vocab, self.opt,
+                                 n_best=self.opt.beam_size)[0]
         self.model.train()
-        self.dashboard.sample(split.image_id(row), split.image_path(row), split.human_caption(row), beams,
-                              self.state["step"])
+        self.report.training(self.progress, self.phase.measure, value,
+                             (split.image_id(row), split.image_path(row), split.human_caption(row), beams))
 
-    def _end_epoch(self):
-        """Validate, select the best model, decay the lr, save; True when the phase should stop early."""
-        opt, state = self.opt, self.state
-        state["epoch"] += 1
-        state["phase_epoch"] += 1
-        state["batch"] = 0
-        scores = self.validate()
-        for name, value in scores.items():
-            self.log(name, value)
-        self.dashboard.epoch(state["epoch"], state["step"], scores)
-        improved = self._is_better(scores[opt.metric])
-        if improved:
-            state["best_score"], state["epochs_without_improvement"] = scores[opt.metric], 0
-            self.save(self.best_path)
-        else:
-            state["epochs_without_improvement"] += 1
-            if opt.lr_patience and state["epochs_without_improvement"] % opt.lr_patience == 0:
-                self._decay_lr()
-        self.save(self.last_path)
-        summary = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
-        self.say(f"epoch {state['epoch']}: {summary}" + (" (best)" if improved else ""))
-        stop = opt.early_stop_patience and state["epochs_without_improvement"] >= opt.early_stop_patience
-        if stop:
-            self.say(f"early stop of {state['phase']} training: no improvement of {opt.metric} "
-                  f"for {opt.early_stop_patience} epochs")
-            self.log("early_stop", state["epoch"])
-        return stop
-
-    def _is_better(self, score):
-        best = self.state["best_score"]
-        if best is None:
-            return True
-        return score > best if HIGHER_IS_BETTER[self.opt.metric] else score < best
+    def _sampling_probability(self):
+        probability = sampling_probability(self.opt, self.progress)
+        if probability:
+            self.report.log("scheduled_sampling", probability, self.progress)
+        return probability
 
     def _decay_lr(self):
         for group in self.optimizer.param_groups:
             group["lr"] *= self.opt.lr_decay
         lr = self.optimizer.param_groups[0]["lr"]
-        self.say(f"no improvement for {self.state['epochs_without_improvement']} epochs: lr -> {lr:.2e}")
-        self.log("lr", lr)
+        self.report.say(f"no improvement for {self.progress.epochs_without_improvement} epochs: lr -> {lr:.2e}")
+        self.report.log("lr", lr, self.progress)
 
-    @torch.no_grad()
-    def validate(self):
-        """Validation loss, perplexity, top-5 word accuracy, and caption metrics on eval_size images
-        (each process takes its share; all get the same scores)."""
-        self.model.eval()
-        val = self.val_split
-        if self.encoder is not None:  # features from the encoder as it is now
-            encoded = self._features(val, val.rows).cpu().numpy()  # (n, F) or (n, R, F)
-            features = np.zeros((max(val.rows) + 1, *encoded.shape[1:]), np.float16)
-            features[val.rows] = encoded
-            val = val.with_features(features)
-        total, correct, count = 0.0, 0, 0
-        for _, features, captions, lengths in val.batches(self.opt.batch_size, process=self.process,
-                                                          processes=self.processes):
-            logits, targets, _ = self.model(features.to(self.device), captions.to(self.device), lengths)
-            total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-            correct += (logits.topk(5, dim=1).indices == targets.unsqueeze(1)).any(1).sum().item()
-            count += len(targets)
-        total, correct, count = distributed.sums([total, correct, count])
-        scores = {"val_loss": total / count, "perplexity": math.exp(total / count), "top5_accuracy": correct / count}
-        rows = val.rows[:self.opt.eval_size]
-        if len(rows):
-            results = distributed.merged(self._caption(val, rows[self.process::self.processes]))
-            scores.update(distributed.from_process_0(lambda: score_captions(results, val.references(rows))))
-        self.model.train()
-        return scores
-
-    def _caption(self, split, rows):
-        """{image_id: best caption} of a split's rows."""
-        if not len(rows):
-            return {}
-        beams = caption_features(self.model, split.features_of(rows).to(self.device), self.vocab, self.opt, n_best=1)
-        return {split.image_id(row): b[0][0] for row, b in zip(rows, beams)}
-
-    def _features(self, split, rows):
-        """Features of a split's rows on the device: the stored ones, or the learning encoder's of the
-        images -> (b, F) or (b, R, F)."""
-        if self.encoder is None:
-            return split.features_of(rows).to(self.device)
-        paths = [split.image_path(row) for row in rows]
-        encoded = encode_images(self.encoder.trunk, self.train_split.meta["backbone"], paths, self.device,
-                                self.opt.batch_size, self.opt.num_workers, self.encoder.grid)
-        return torch.cat([pooled if regions is None else regions for pooled, regions, _ in encoded]).to(self.device)
+    def _save(self, path):
+        self.checkpoints.save(path, self.progress, self.model, self.optimizer, self.scaler, self.encoder)

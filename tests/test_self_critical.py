@@ -94,11 +94,11 @@ def test_self_critical_phase_starts_from_the_best_model_and_logs_rewards(demo, t
 
     def start_and_record(self, phase):
         start_phase(self, phase)
-        best = load_checkpoint(self.best_path)["model"]
+        best = load_checkpoint(self.checkpoints.best)["model"]
         starts.append(all(torch.equal(value, best[key]) for key, value in self.model.state_dict().items()))
 
-    start_phase = Trainer._start_phase
-    monkeypatch.setattr(Trainer, "_start_phase", start_and_record)
+    start_phase = Trainer.start_phase
+    monkeypatch.setattr(Trainer, "start_phase", start_and_record)
     train(**options(demo, tmp_path, epoch=2, scst_epoch=2, scst_lr=1e-4, plot_every=1))
     assert starts == [True]
     log = [json.loads(line) for line in open(tmp_path / "logs" / "caption.metrics.jsonl")]
@@ -115,15 +115,15 @@ def test_self_critical_phase_starts_from_the_best_model_and_logs_rewards(demo, t
 def test_ctrl_c_in_self_critical_training_resumes_there(demo, tmp_path, monkeypatch):
     """Ctrl-C in the second self-critical batch; --resume runs the rest of that epoch, every image once."""
     batch_sizes = []
-    self_critical_step = Trainer._self_critical_step
+    self_critical_step = Trainer.self_critical_step
 
-    def step_then_interrupt(self, rows, features):
-        batch_sizes.append(len(rows))
+    def step_then_interrupt(self, batch):
+        batch_sizes.append(len(batch.rows))
         if len(batch_sizes) == 2:
             os.kill(os.getpid(), signal.SIGINT)
-        return self_critical_step(self, rows, features)
+        return self_critical_step(self, batch)
 
-    monkeypatch.setattr(Trainer, "_self_critical_step", step_then_interrupt)
+    monkeypatch.setattr(Trainer, "self_critical_step", step_then_interrupt)
     run = options(demo, tmp_path, epoch=1, scst_epoch=1, scst_lr=1e-4, eval_size=0, metric="val_loss")
     train(**run)
     saved = load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))

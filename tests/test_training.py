@@ -1,5 +1,4 @@
 """Model selection, interruption, resume and failure handling of `main.py train`."""
-import dataclasses
 import json
 import os
 import pickle
@@ -16,7 +15,7 @@ from conftest import ROOT, command_line, options
 from images import features_path
 from main import train
 from model import load_checkpoint
-from trainer import Trainer
+from trainer import Trainer, debug_requested
 
 
 def test_best_checkpoint_lr_decay_and_early_stop(demo, tmp_path, monkeypatch):
@@ -195,14 +194,12 @@ class Terminal:
 
 def test_debug_file_starts_ipdb_only_for_its_owner_on_a_terminal(demo, tmp_path, monkeypatch):
     debug_file = tmp_path / "debugc"
-    trainer = Trainer(dataclasses.replace(demo, log_dir=str(tmp_path), checkpoint_dir=str(tmp_path / "checkpoints"),
-                                          debug_file=str(debug_file)))
     monkeypatch.setattr("sys.stdin", Terminal())
-    assert not trainer._debug_requested()  # no file
+    assert not debug_requested(str(debug_file))  # no file
     debug_file.touch()
-    assert trainer._debug_requested()
+    assert debug_requested(str(debug_file))
     monkeypatch.setattr("os.getuid", lambda: os.stat(debug_file).st_uid + 1)
-    assert not trainer._debug_requested()  # another user's file
+    assert not debug_requested(str(debug_file))  # another user's file
 
 
 def test_scheduled_sampling_rises_from_exactly_todays_training(demo, tmp_path):

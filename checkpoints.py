@@ -1,0 +1,99 @@
+"""Where a training run is, and the one owner of its checkpoints: last.pth (resumable) and best.pth
+(the best model by --metric), written by process 0, checked when a run resumes."""
+import dataclasses
+import os
+
+import numpy as np
+import torch
+
+import distributed
+from config import Config, UserError
+from metrics import HIGHER_IS_BETTER
+from model import load_checkpoint, save_checkpoint
+
+CROSS_ENTROPY, FINE_TUNING, SELF_CRITICAL = PHASES = "cross-entropy", "fine-tuning", "self-critical"
+# Settings that fix which images validate and the order of the batches: a resumed run must keep them.
+DATA_ORDER = ("seed", "batch_size", "caption_data_path", "val_caption_data_path", "val_fraction")
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where training is. last.pth holds it (as the dict `state`), so a stop loses at most one batch."""
+
+    phase: str = CROSS_ENTROPY
+    epoch: int = 0  # epochs done in all phases
+    phase_epoch: int = 0  # epochs done in this phase
+    batch: int = 0  # batches done in this epoch
+    step: int = 0  # optimizer steps in all
+    best_score: float | None = None
+    epochs_without_improvement: int = 0
+    processes: int = 1  # of the launch that wrote it (their shares of a batch differ with another count)
+
+
+class Checkpoints:
+    """last.pth and best.pth of `--checkpoint-dir`: what goes in them, the better-than rule, and the
+    checks that a resumed run is the same run. Only process 0 writes; every process reads."""
+
+    def __init__(self, opt: Config, split, process):
+        self.opt, self.split, self.writer = opt, split, process == 0
+        self.last = os.path.join(opt.checkpoint_dir, "last.pth")
+        self.best = os.path.join(opt.checkpoint_dir, "best.pth")
+
+    def is_better(self, score, best):
+        if best is None:
+            return True
+        return score > best if HIGHER_IS_BETTER[self.opt.metric] else score < best
+
+    def save(self, path, progress, model, optimizer, scaler, encoder=None):
+        """The model, everything generate needs, and what resuming needs: optimizer, gradient scaler,
+        progress and random number generators (with the fine-tuned backbone, when there is one)."""
+        if not self.writer:
+            return
+        trunk = {"encoder": encoder.trunk.state_dict()} if encoder is not None else {}
+        save_checkpoint(path, model, self.opt, self.split.ix2word, self.split.meta, optimizer=optimizer.state_dict(),
+                        state=dataclasses.asdict(progress), scaler=scaler.state_dict(), random=random_state(), **trunk)
+
+    def resume(self):
+        """last.pth, checked to continue this run: its vocabulary, features, data order and progress."""
+        checkpoint = distributed.from_process_0(lambda: load_checkpoint(self.last))
+        if checkpoint["ix2word"] != self.split.ix2word:
+            raise UserError(f"{self.last}: built for another vocabulary than {self.opt.caption_data_path}")
+        if checkpoint["feature"]["feature_dim"] != self.split.feature_dim:
+            raise UserError(f"{self.last}: built for {checkpoint['feature']['feature_dim']}-d features, "
+                            f"these are {self.split.feature_dim}-d")
+        for name in DATA_ORDER:
+            saved, now = checkpoint["config"].get(name), getattr(self.opt, name)
+            if saved != now:
+                raise UserError(f"--{name}={now} but {self.last} was trained with --{name}={saved}; it fixes "
+                                "the validation images and the batch order: resume with the same value")
+        names = {field.name for field in dataclasses.fields(Progress)}
+        state = checkpoint.get("state")
+        if not isinstance(state, dict) or not names <= set(state) or state["phase"] not in PHASES:
+            raise UserError(f"{self.last}: holds no training state to resume from")
+        checkpoint["progress"] = Progress(**{name: checkpoint["state"][name] for name in names})
+        return checkpoint
+
+    def best_weights(self):
+        """best.pth's model and encoder weights, without its optimizer state; {} before there is one."""
+        if not os.path.isfile(self.best):
+            return {}
+        return {key: value for key, value in load_checkpoint(self.best).items() if key in ("model", "encoder")}
+
+
+def random_state():
+    """Every random number generator training draws from (dropout, sampling, augmentation), to resume
+    the same run: torch's, CUDA's and numpy's global ones (numpy's as tensors, which torch.load's
+    weights_only accepts)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
+                      "has_gauss": has_gauss, "gauss": gauss}}
+
+
+def restore_random(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state["numpy"]
+    np.random.set_state(("MT19937", saved["keys"].numpy().astype(np.uint32), saved["position"], saved["has_gauss"],
+                         saved["gauss"]))
