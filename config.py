@@ -24,7 +24,7 @@ class UserError(Exception):
 
 
 BACKBONE_NAMES = ("resnet50", "resnet101", "resnet152", "mobilenet_v2", "efficientnet_lite2")
-MODEL_NAMES = ("pooled", "attention")
+MODEL_NAMES = ("pooled", "attention", "transformer")
 METRIC_NAMES = ("CIDEr-D", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L",
                 "val_loss", "perplexity", "top5_accuracy")
 NAME = re.compile(r"[\w-][\w.-]*")  # a file-name-safe word: letters, digits, _ . - (not starting with .)
@@ -59,13 +59,16 @@ class Config:
 
     # --- model (model.py) ---
     model: str = option("pooled", MODEL_NAMES, "pooled (one image vector) | attention (Show-Attend-Tell over "
-                                               "--grid regions)")
+                                               "--grid regions) | transformer (over --grid regions)")
     embedding_dim: int = option(256, "[1, 65536]", "size of the word embeddings")
     hidden_size: int = option(512, "[1, 65536]", "size of the LSTM state")
     num_layers: int = option(2, "[1, 64]", "pooled model: LSTM layers")
     dropout: float = option(0.3, "[0, 1)", "dropout probability")
     attention_dim: int = option(512, "[1, 65536]", "attention model: size of the additive attention layer")
     alpha_c: float = option(1.0, "[0, inf)", "attention model: weight of the doubly stochastic attention penalty")
+    d_model: int = option(256, "[8, 4096]", "transformer: width of its layers (and of its tied word embedding)")
+    heads: int = option(4, "[1, 64]", "transformer: attention heads (they must divide --d-model)")
+    transformer_layers: int = option(3, "[1, 24]", "transformer: encoder layers over the regions, and decoder layers")
 
     # --- training (main.py train) ---
     val_caption_data_path: str = option("", None, "encoded val split; empty: hold out --val-fraction of the images")
@@ -135,8 +138,9 @@ COMMAND_OPTIONS = {
     "process": "annotation_file caption_data_path vocab_from max_words min_appear max_caption_len",
     "extract": "caption_data_path img_path backbone weights batch_size num_workers grid use_gpu",
     "train": "caption_data_path val_caption_data_path val_fraction model embedding_dim hidden_size num_layers "
-             "dropout attention_dim alpha_c lr weight_decay epoch grad_clip scheduled_sampling finetune_encoder "
-             "finetune_epoch encoder_lr augment seed use_gpu checkpoint_dir resume overwrite metric eval_size "
+             "dropout attention_dim alpha_c d_model heads transformer_layers lr weight_decay epoch grad_clip "
+             "scheduled_sampling finetune_encoder finetune_epoch encoder_lr augment seed use_gpu checkpoint_dir resume "
+             "overwrite metric eval_size "
              "lr_decay lr_patience early_stop_patience scst_epoch scst_lr scst_samples scst_bleu_weight "
              "debug_file env vis_server vis_port vis_timeout plot_every log_dir batch_size num_workers "
              "beam_size max_gen_len min_len length_norm",
@@ -222,6 +226,8 @@ def check(opt: Config) -> Config:
     if opt.n_best > opt.beam_size:
         raise UserError(f"--n-best={opt.n_best} is more than --beam-size={opt.beam_size}: a search keeps "
                         "--beam-size captions")
+    if opt.d_model % opt.heads:
+        raise UserError(f"--heads={opt.heads} does not divide --d-model={opt.d_model}")
     if opt.min_len > opt.max_gen_len:
         raise UserError(f"--min-len={opt.min_len} is more than --max-gen-len={opt.max_gen_len}")
     return opt

@@ -7,6 +7,7 @@ import torch
 from captions import load_caption_data, special_indices
 from config import Config, UserError
 from images import load_features
+from model import READS_REGIONS
 
 
 class CaptionSplit:
@@ -143,7 +144,7 @@ def _encoder(meta, grid):
 def train_val_splits(opt: Config):
     """(train, val) CaptionSplits: the val file when given, else a seeded fraction of the images.
     The attention model reads region features, the pooled one pooled features."""
-    grid = opt.model == "attention"
+    grid = opt.model in READS_REGIONS
     data, features, meta, usable = load_split(opt.caption_data_path, grid=grid)
     if opt.val_caption_data_path:
         val_data, val_features, val_meta, val_usable = load_split(opt.val_caption_data_path, data["ix2word"], grid)

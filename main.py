@@ -28,7 +28,7 @@ from images import (
     release_freed_memory,
     seen_photo,
 )
-from model import AttentionModel, find_checkpoint, load_checkpoint, model_from_checkpoint, quantized
+from model import CaptionModel, TransformerModel, find_checkpoint, load_checkpoint, model_from_checkpoint, quantized
 
 # Each command imports what only it needs (training, metrics, drawing) when it runs: `generate`
 # starts fast.
@@ -64,10 +64,12 @@ def caption_images(paths, opt: Config):
     if opt.quantize:
         if device.type != "cpu":
             raise UserError("--quantize is for CPU inference; add --use-gpu=false")
+        if isinstance(model, TransformerModel):
+            raise UserError("--quantize is for the LSTM models (pooled, attention), not the transformer")
         model = quantized(model)
     backbone_name, ix2word = checkpoint["feature"]["backbone"], checkpoint["ix2word"]
     backbone = prepare_backbone(checkpoint_backbone(checkpoint, checkpoint_path), backbone_name, device)
-    grid = checkpoint["feature"].get("grid", 0) if isinstance(model, AttentionModel) else 0
+    grid = checkpoint["feature"].get("grid", 0) if not isinstance(model, CaptionModel) else 0
     del checkpoint  # the model keeps its mapped weights; the rest (the optimizer state) is let go
     captions, errors = {}, {}
     done = 0

@@ -2,8 +2,9 @@
 
 pooled (CaptionModel): the pytorch-book model, one pooled image feature -> LSTM -> words.
 attention (AttentionModel): Show, Attend and Tell soft attention over the image's regions.
+transformer (TransformerModel): a Transformer encoder over the regions, a cached Transformer decoder.
 
-Both decode through the same interface, which beam search and self-critical sampling use:
+All decode through the same interface, which beam search and self-critical sampling use:
 start(features) -> (inputs, state); step(inputs, state, banned) -> (log-probabilities (B, V) with the
 banned words at 0 probability, state);
 embed(words) -> inputs; select(state, rows) -> the state of those rows: a slice (one row per image)
@@ -194,6 +195,136 @@ class AttentionModel(Decoder):
         return state[-1]
 
 
+class TransformerModel(Decoder):
+    """A Transformer captioner (Vaswani et al., 2017, over image regions as captioning uses it): the
+    regions, projected to d_model, pass `layers` encoder layers of self-attention (PyTorch's own); each
+    word passes `layers` decoder layers of causal self-attention, cross-attention over the encoded
+    regions and a feed-forward block, with learned positions and the word embedding tied to the
+    classifier. Decoding runs one new position at a time against a key/value cache of the positions
+    before; the encoded regions are kept once per image, whatever its number of beams."""
+
+    def __init__(self, vocab_size, feature_dim, d_model, heads, layers, dropout, positions=128):
+        super().__init__()
+        self.region_projection = nn.Sequential(nn.Linear(feature_dim, d_model), nn.LayerNorm(d_model))
+        encoder_layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout, batch_first=True,
+                                                   norm_first=True)
+        self.encoder = nn.TransformerEncoder(encoder_layer, layers, enable_nested_tensor=False)
+        self.layers = nn.ModuleList(CachedDecoderLayer(d_model, heads, dropout) for _ in range(layers))
+        self.positions = nn.Parameter(torch.randn(positions, d_model) * 0.02)  # a longer caption reuses the last
+        self.start_input = nn.Parameter(torch.zeros(d_model))  # read at the first position, before any word
+        self.embedding = nn.Embedding(vocab_size, d_model)
+        self.norm, self.dropout = nn.LayerNorm(d_model), nn.Dropout(dropout)
+        self.classifier = nn.Linear(d_model, vocab_size)
+        self.classifier.weight = self.embedding.weight  # tied input and output embeddings
+
+    def forward(self, regions, captions, lengths, sampling=0.0):
+        """All positions at once (causal): regions (B, R, F); captions (B, T) ending in </EOS>, padded;
+        lengths (B,) -> logits (N, V), targets (N,) packed as pack_padded_sequence packs, penalty 0."""
+        if sampling:
+            logits, targets, _ = self.unrolled(regions, captions, lengths, sampling)
+            return logits, targets, regions.new_zeros(())
+        first, (memory, *_) = self.start(regions)
+        inputs = torch.cat([first.unsqueeze(1), self.embed(captions[:, :-1])], 1)  # (B, T, D)
+        x = self.dropout(inputs + self.positions[:inputs.size(1)])
+        for layer in self.layers:
+            x = layer(x, memory)  # (B, T, D)
+        logits = self.classifier(self.dropout(self.norm(x)))  # (B, T, V)
+        lengths = lengths.cpu()
+        packed = pack_padded_sequence(logits, lengths, batch_first=True, enforce_sorted=False).data  # (N, V)
+        targets = pack_padded_sequence(captions, lengths, batch_first=True, enforce_sorted=False).data
+        return packed, targets, logits.new_zeros(())
+
+    def start(self, regions):
+        """regions (B, R, F) -> first input (B, D); state: encoded regions (M, R, D), each layer's
+        self-attention cache (keys, values (N, heads, t, D/heads)), the position t, the last cross-
+        attention weights (N, R). N = M * beams rows, image by image; the regions are kept once per image."""
+        memory = self.encoder(self.region_projection(regions))  # (B, R, D)
+        caches = [layer.empty_cache(len(regions), regions) for layer in self.layers]
+        weights = regions.new_zeros(regions.shape[:2])
+        return self.start_input.expand(len(regions), -1), (memory, caches, 0, weights)
+
+    def _advance(self, inputs, state):
+        """One new position for every row: inputs (N, D) -> hidden (N, D), the state with its caches grown."""
+        memory, caches, t, _ = state
+        x = self.dropout(inputs + self.positions[min(t, len(self.positions) - 1)]).unsqueeze(1)  # (N, 1, D)
+        grown = []
+        for layer, cache in zip(self.layers, caches):
+            x, cache, weights = layer.step(x, memory, cache)
+            grown.append(cache)
+        return self.norm(x.squeeze(1)), (memory, grown, t + 1, weights)
+
+    @staticmethod
+    def select(state, rows):
+        memory, caches, t, weights = state
+        if isinstance(rows, slice):  # one row per image
+            return memory[rows], [(k[rows], v[rows]) for k, v in caches], t, weights[rows]
+        images = rows[:, 0] // (len(weights) // len(memory))  # (M',) the image of each line of rows
+        rows = rows.reshape(-1)  # (N',)
+        return memory[images], [(k[rows], v[rows]) for k, v in caches], t, weights[rows]
+
+    @staticmethod
+    def attention(state):
+        return state[-1]
+
+
+class CachedDecoderLayer(nn.Module):
+    """A pre-norm Transformer decoder layer (causal self-attention, cross-attention, feed-forward) on
+    F.scaled_dot_product_attention, run over a whole caption at once or one position at a time
+    against a cache of the keys and values of the positions before."""
+
+    def __init__(self, d_model, heads, dropout):
+        super().__init__()
+        self.heads, self.dropout_p = heads, dropout
+        self.self_qkv, self.self_out = nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model)
+        self.cross_q, self.cross_kv = nn.Linear(d_model, d_model), nn.Linear(d_model, 2 * d_model)
+        self.cross_out = nn.Linear(d_model, d_model)
+        self.feed_forward = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Dropout(dropout),
+                                          nn.Linear(4 * d_model, d_model))
+        self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(3))
+        self.dropout = nn.Dropout(dropout)
+
+    def _split(self, x):
+        """(B, T, D) -> (B, heads, T, D/heads)."""
+        return x.view(*x.shape[:2], self.heads, -1).transpose(1, 2)
+
+    @staticmethod
+    def _merge(x):
+        """(B, heads, T, D/heads) -> (B, T, D)."""
+        return x.transpose(1, 2).flatten(2)
+
+    def empty_cache(self, rows, like):
+        d = self.self_out.in_features // self.heads
+        empty = like.new_zeros(rows, self.heads, 0, d)
+        return empty, empty
+
+    def forward(self, x, memory):
+        """x (B, T, D) attends causally to itself and to memory (B, R, D) -> (B, T, D)."""
+        p = self.dropout_p if self.training else 0.0
+        q, k, v = (self._split(part) for part in self.self_qkv(self.norms[0](x)).chunk(3, -1))
+        x = x + self.dropout(self.self_out(self._merge(F.scaled_dot_product_attention(q, k, v, dropout_p=p,
+                                                                                      is_causal=True))))
+        q = self._split(self.cross_q(self.norms[1](x)))
+        k, v = (self._split(part) for part in self.cross_kv(memory).chunk(2, -1))
+        x = x + self.dropout(self.cross_out(self._merge(F.scaled_dot_product_attention(q, k, v, dropout_p=p))))
+        return x + self.dropout(self.feed_forward(self.norms[2](x)))
+
+    def step(self, x, memory, cache):
+        """One new position: x (N, 1, D), memory (M, R, D) with N = M * beams, cache of keys and values
+        (N, heads, t, D/heads) -> (N, 1, D), the cache with position t, cross-attention weights (N, R)
+        (mean over heads)."""
+        q, k, v = (self._split(part) for part in self.self_qkv(self.norms[0](x)).chunk(3, -1))
+        k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)  # (N, heads, t+1, D/heads)
+        x = x + self.self_out(self._merge(F.scaled_dot_product_attention(q, k, v)))
+        beams = len(x) // len(memory)
+        q = self.cross_q(self.norms[1](x)).view(len(memory), beams, self.heads, -1).transpose(1, 2)  # (M, h, b, d)
+        memory_k, memory_v = (self._split(part) for part in self.cross_kv(memory).chunk(2, -1))  # (M, h, R, d)
+        weights = (q @ memory_k.transpose(-1, -2) / q.size(-1) ** 0.5).softmax(-1)  # (M, h, beams, R)
+        looked = (weights @ memory_v).transpose(1, 2).reshape(len(x), 1, -1)  # (N, 1, D)
+        x = x + self.cross_out(looked)
+        x = x + self.feed_forward(self.norms[2](x))
+        return x, (k, v), weights.mean(1).reshape(len(x), -1)
+
+
 def quantized(model):
     """The model with dynamic int8 quantisation of its LSTM and Linear layers (CPU inference)."""
     with warnings.catch_warnings():  # torch.ao's eager quantisation is deprecated for torchao; 2.14 has it
@@ -202,10 +333,16 @@ def quantized(model):
         return torch.ao.quantization.quantize_dynamic(model, {nn.LSTM, nn.LSTMCell, nn.Linear}, dtype=torch.qint8)
 
 
+READS_REGIONS = ("attention", "transformer")  # the models that read region features, not pooled ones
+
+
 def build_model(opt: Config, vocab_size, feature_dim):
     if opt.model == "attention":
         return AttentionModel(vocab_size, feature_dim, opt.embedding_dim, opt.hidden_size, opt.attention_dim,
                               opt.dropout, opt.alpha_c)
+    if opt.model == "transformer":
+        return TransformerModel(vocab_size, feature_dim, opt.d_model, opt.heads, opt.transformer_layers, opt.dropout,
+                                max(128, opt.max_caption_len + 1))
     if opt.model == "pooled":
         return CaptionModel(vocab_size, feature_dim, opt.embedding_dim, opt.hidden_size, opt.num_layers, opt.dropout)
     raise UserError(f"--model={opt.model}: choose one of {', '.join(MODEL_NAMES)}")

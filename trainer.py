@@ -21,7 +21,7 @@ from encoder import Encoder, TrainingImages, image_caption_batches
 from files import check_output_folder
 from images import build_backbone, pick_device
 from metrics import METRICS, java_available, score_captions
-from model import build_model
+from model import READS_REGIONS, build_model
 from reporting import Reporter
 from self_critical import CorpusCider, reference_corpus, self_critical_loss
 
@@ -146,7 +146,7 @@ def learning_encoder(opt: Config, meta, state, device):
     trunk = build_backbone(meta["backbone"], "none" if state else meta["weights"])
     if state:
         trunk.load_state_dict(state)
-    grid = meta["grid"] if opt.model == "attention" else 0
+    grid = meta["grid"] if opt.model in READS_REGIONS else 0
     return Encoder(meta["backbone"], trunk, opt.finetune_encoder, grid).to(device, memory_format=torch.channels_last)
 
 

@@ -95,5 +95,5 @@ def test_pooled_checkpoint_has_no_attention_to_draw(demo, tmp_path):
 
 
 def test_unknown_model_is_refused(demo, tmp_path):
-    with pytest.raises(SystemExit, match="--model=transformer: choose one of pooled, attention"):
-        train(**options(demo, tmp_path, model="transformer"))
+    with pytest.raises(SystemExit, match="--model=lstm: choose one of pooled, attention, transformer"):
+        train(**options(demo, tmp_path, model="lstm"))
