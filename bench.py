@@ -323,8 +323,8 @@ def _checkpoint(opt, work):
     path = os.path.join(folder, "best.pth")
     if not os.path.isfile(path):
         subprocess.run([sys.executable, "main.py", "train", *_data_flags(opt), "--epoch=1", "--scst-epoch=0",
-                        "--eval-size=0", "--metric=val_loss", f"--checkpoint-dir={folder}", f"--log-dir={folder}",
-                        "--vis-port=1", "--vis-timeout=0.1"], check=True, capture_output=True,
+                        "--overwrite", "--eval-size=0", "--metric=val_loss", f"--checkpoint-dir={folder}",
+                        f"--log-dir={folder}", "--vis-port=1", "--vis-timeout=0.1"], check=True, capture_output=True,
                        cwd=os.path.dirname(os.path.abspath(__file__)))
     return os.path.abspath(path)
 

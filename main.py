@@ -110,7 +110,7 @@ def generate(opt: Config):
     if not opt.img:
         raise UserError("name the image(s) to caption with --img=FILE, FOLDER or GLOB")
     if opt.output:
-        check_output_file(opt.output)
+        check_output_file(opt.output, inputs=[opt.img, find_checkpoint(opt)])
     if opt.attention_map:
         check_output_folder(opt.attention_map, "--attention-map folder")
     paths = list_images(opt.img)
@@ -173,9 +173,12 @@ def evaluate(opt: Config):
     from metrics import format_table, score_captions
     if not opt.annotation_file:
         raise UserError("give the references with --annotation-file=FILE.json")
+    if opt.output and opt.output == opt.metrics_path:
+        raise UserError(f"--output and --metrics-path are both {opt.output}; give them two files")
     for output in (opt.output, opt.metrics_path):
         if output:
-            check_output_file(output, inputs=[opt.annotation_file, opt.results])
+            check_output_file(output, inputs=[opt.annotation_file, opt.results, "" if opt.results else
+                                              find_checkpoint(opt)])
     references = {entry["image_id"]: entry["caption"] for entry in load_annotations(opt.annotation_file)}
     results = read_results(opt.results) if opt.results else caption_references(references, opt)
     try:

@@ -17,9 +17,9 @@ from beam_search import caption_features, check_search
 from checkpoints import CROSS_ENTROPY, FINE_TUNING, SELF_CRITICAL, Checkpoints, Progress, restore_random
 from config import Config, UserError
 from dataset import train_val_splits
-from encoder import Encoder, TrainingImages, image_caption_batches
+from encoder import STAGE_COUNTS, Encoder, TrainingImages, image_caption_batches
 from files import check_output_folder
-from images import build_backbone, pick_device
+from images import build_backbone, pick_device, weights_file
 from metrics import METRICS, java_available, score_captions
 from model import READS_REGIONS, build_model
 from reporting import Reporter
@@ -140,6 +140,17 @@ def score_split(model, split, opt, device, process=0, processes=1):
     return scores
 
 
+def check_finetuning(opt: Config, meta):
+    """Before any work: what fine-tuning will need, hours later, from the features' description."""
+    stages = STAGE_COUNTS.get(meta["backbone"], 0)
+    if opt.finetune_encoder > stages:
+        raise UserError(f"--finetune-encoder={opt.finetune_encoder}: {meta['backbone']} has {stages} stages")
+    if meta["weights"] != "none":
+        weights_file(meta["backbone"], meta["weights"])  # there (or downloadable), its sha256 checked
+    if not os.path.isdir(meta["img_path"]):
+        raise UserError(f"{meta['img_path']}: the features' image folder is gone; fine-tuning reads the images")
+
+
 def learning_encoder(opt: Config, meta, state, device):
     """The encoder of fine-tuning: the features' backbone with its pretrained weights, or a saved
     state of it, its last --finetune-encoder stages learning."""
@@ -197,6 +208,8 @@ class Trainer:
         check_search(1, opt.beam_size, len(self.vocab) - 1 - len(self.train_split.banned), opt.min_len,
                      opt.max_gen_len)
         self.model = build_model(opt, len(self.vocab), self.train_split.feature_dim).to(self.device)
+        if opt.finetune_encoder and opt.finetune_epoch + opt.scst_epoch:
+            check_finetuning(opt, self.train_split.meta)
         self.phases, self.progress = phases(opt), Progress(processes=self.processes)
         self.checkpoints, self.report = Checkpoints(opt, self.train_split, self.process), Reporter(opt, self.process)
         # CUDA: bfloat16 autocast (float16 with a gradient scaler where bfloat16 is missing)
@@ -243,7 +256,8 @@ class Trainer:
 
     def start_phase(self, phase):
         """A phase starts from the best model so far (and its encoder), with a new optimizer."""
-        best = distributed.from_process_0(self.checkpoints.best_weights)
+        # best.pth is this run's once it has a best score (with --overwrite it may still be the old run's)
+        best = distributed.from_process_0(self.checkpoints.best_weights) if self.progress.best_score is not None else {}
         if best:
             self.model.load_state_dict(best["model"])
         self.progress = dataclasses.replace(self.progress, phase=phase.name, phase_epoch=0, batch=0,
@@ -286,6 +300,10 @@ class Trainer:
         progress.batch = 0
         scores = self.validate()
         self.report.validation(progress, scores)
+        if opt.metric not in scores:
+            self._save(self.checkpoints.last)
+            raise UserError(f"--metric={opt.metric} could not be computed this epoch (see above); saved "
+                            f"{self.checkpoints.last}: continue with --resume, or choose another --metric")
         improved = self.checkpoints.is_better(scores[opt.metric], progress.best_score)
         if improved:
             progress.best_score, progress.epochs_without_improvement = scores[opt.metric], 0
@@ -376,11 +394,11 @@ class Trainer:
             self._prepare_phase(checkpoint.get("encoder"))
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.scaler.load_state_dict(checkpoint.get("scaler") or self.scaler.state_dict())
+            if checkpoint.get("random"):  # an older version's last.pth has none: the run goes on from a fresh state
+                restore_random(checkpoint["random"])
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise UserError(f"{self.checkpoints.last}: built for another model configuration "
                             f"({str(error)[:200]})") from None
-        if checkpoint.get("random"):  # an older version's last.pth has none: the run goes on from a fresh state
-            restore_random(checkpoint["random"])
         progress = self.progress
         if progress.processes != self.processes and progress.batch:
             self.report.say(f"{self.checkpoints.last} was written by {progress.processes} processes, this run has "

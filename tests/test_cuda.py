@@ -62,6 +62,7 @@ def test_fine_tuning_steps_on_cuda(demo, tmp_path):
     assert last["state"]["phase"] == "fine-tuning" and "encoder" in last
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="one GPU: NCCL needs a process on each of two GPUs")
 def test_torchrun_with_nccl_trains_one_process_per_gpu(demo, tmp_path):
     processes = torch.cuda.device_count()
     args = [a for a in command_line(options(demo, tmp_path, epoch=1, eval_size=8, use_gpu=True))

@@ -248,6 +248,13 @@ def test_a_beam_wider_than_the_vocabulary_is_refused_before_training(demo, tmp_p
     assert not (tmp_path / "checkpoints" / "last.pth").exists()
 
 
+def test_fine_tuning_beyond_the_backbones_stages_is_refused_before_training(demo, tmp_path):
+    with pytest.raises(SystemExit) as error:
+        train(**options(demo, tmp_path, finetune_encoder=8))
+    one_line_error(error, "--finetune-encoder=8", "mobilenet_v2 has 7 stages")
+    assert not (tmp_path / "checkpoints" / "last.pth").exists()
+
+
 # --- 7. outputs checked before work; inputs and finished runs never written over ---
 def test_outputs_that_cannot_be_written_are_refused_before_work(demo, trained, tmp_path, capsys):
     image = os.path.join(demo.img_path, "val_0001.jpg")
