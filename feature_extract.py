@@ -155,9 +155,9 @@ def _save_progress(path, arrays, meta, done):
 def _finish(path, arrays, meta):
     """Process 0, once all are done: the arrays under their names, the description, the bad images."""
     states = [_state_path(path, rank) for rank in range(distributed.rank_and_size()[1])]
-    for state in map(_read_state, states):
-        meta["bad"].update((state or {}).get("bad", {}))
-        meta["largest"] = max(meta.get("largest", 0.0), (state or {}).get("largest", 0.0))
+    for state in filter(None, map(_read_state, states)):
+        meta["bad"].update(state.get("bad", {}))
+        meta["largest"] = max(meta.get("largest", 0.0), state.get("largest", 0.0))
     if len(meta["bad"]) > MOST_UNREADABLE * meta["num_images"]:
         for array_path in arrays:
             os.remove(array_path + ".partial")

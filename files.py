@@ -58,16 +58,9 @@ def read_json(path, what):
 
 
 def write_json(obj, path):
-    """Write JSON to a temporary file beside `path`, then rename: a failure leaves the old file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(obj, file, ensure_ascii=False, indent=1)
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror}") from None
+    """JSON (UTF-8, readable Chinese) written as atomic_save writes: a failure leaves the old file."""
+    atomic_save(obj, path, save=lambda value, file: file.write(json.dumps(value, ensure_ascii=False,
+                                                                          indent=1).encode("utf-8")))
 
 
 def check_output_file(path, inputs=()):

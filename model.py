@@ -223,11 +223,11 @@ class TransformerModel(Decoder):
         if sampling:
             logits, targets, _ = self.unrolled(regions, captions, lengths, sampling)
             return logits, targets, regions.new_zeros(())
-        first, (memory, *_) = self.start(regions)
+        first, (looked_at, *_) = self.start(regions)
         inputs = torch.cat([first.unsqueeze(1), self.embed(captions[:, :-1])], 1)  # (B, T, D)
         x = self.dropout(inputs + self.positions[:inputs.size(1)])
-        for layer in self.layers:
-            x = layer(x, memory)  # (B, T, D)
+        for layer, regions_kv in zip(self.layers, looked_at):
+            x = layer(x, regions_kv)  # (B, T, D)
         logits = self.classifier(self.dropout(self.norm(x)))  # (B, T, V)
         lengths = lengths.cpu()
         packed = pack_padded_sequence(logits, lengths, batch_first=True, enforce_sorted=False).data  # (N, V)
@@ -235,32 +235,36 @@ class TransformerModel(Decoder):
         return packed, targets, logits.new_zeros(())
 
     def start(self, regions):
-        """regions (B, R, F) -> first input (B, D); state: encoded regions (M, R, D), each layer's
-        self-attention cache (keys, values (N, heads, t, D/heads)), the position t, the last cross-
-        attention weights (N, R). N = M * beams rows, image by image; the regions are kept once per image."""
+        """regions (B, R, F) -> first input (B, D); state: each layer's keys and values of the encoded
+        regions (M, heads, R, D/heads), kept once per image, each layer's self-attention cache (keys,
+        values (N, heads, t, D/heads)), the position t, the last cross-attention weights (N, R).
+        N = M * beams rows, image by image."""
         memory = self.encoder(self.region_projection(regions))  # (B, R, D)
+        looked_at = [layer.regions_kv(memory) for layer in self.layers]
         caches = [layer.empty_cache(len(regions), regions) for layer in self.layers]
         weights = regions.new_zeros(regions.shape[:2])
-        return self.start_input.expand(len(regions), -1), (memory, caches, 0, weights)
+        return self.start_input.expand(len(regions), -1), (looked_at, caches, 0, weights)
 
     def _advance(self, inputs, state):
         """One new position for every row: inputs (N, D) -> hidden (N, D), the state with its caches grown."""
-        memory, caches, t, _ = state
+        looked_at, caches, t, _ = state
         x = self.dropout(inputs + self.positions[min(t, len(self.positions) - 1)]).unsqueeze(1)  # (N, 1, D)
         grown = []
-        for layer, cache in zip(self.layers, caches):
-            x, cache, weights = layer.step(x, memory, cache)
+        for layer, regions_kv, cache in zip(self.layers, looked_at, caches):
+            x, cache, weights = layer.step(x, regions_kv, cache)
             grown.append(cache)
-        return self.norm(x.squeeze(1)), (memory, grown, t + 1, weights)
+        return self.norm(x.squeeze(1)), (looked_at, grown, t + 1, weights)
 
     @staticmethod
     def select(state, rows):
-        memory, caches, t, weights = state
+        looked_at, caches, t, weights = state
         if isinstance(rows, slice):  # one row per image
-            return memory[rows], [(k[rows], v[rows]) for k, v in caches], t, weights[rows]
-        images = rows[:, 0] // (len(weights) // len(memory))  # (M',) the image of each line of rows
-        rows = rows.reshape(-1)  # (N',)
-        return memory[images], [(k[rows], v[rows]) for k, v in caches], t, weights[rows]
+            images = rows
+        else:
+            images = rows[:, 0] // (len(weights) // len(looked_at[0][0]))  # (M',) the image of each line of rows
+            rows = rows.reshape(-1)  # (N',)
+        return ([(k[images], v[images]) for k, v in looked_at], [(k[rows], v[rows]) for k, v in caches], t,
+                weights[rows])
 
     @staticmethod
     def attention(state):
@@ -297,31 +301,36 @@ class CachedDecoderLayer(nn.Module):
         empty = like.new_zeros(rows, self.heads, 0, d)
         return empty, empty
 
-    def forward(self, x, memory):
-        """x (B, T, D) attends causally to itself and to memory (B, R, D) -> (B, T, D)."""
+    def regions_kv(self, memory):
+        """The encoded regions (M, R, D) -> this layer's keys and values of them, each (M, heads, R, D/heads)."""
+        return tuple(self._split(part) for part in self.cross_kv(memory).chunk(2, -1))
+
+    def forward(self, x, regions_kv):
+        """x (B, T, D) attends causally to itself and to its image's regions (regions_kv) -> (B, T, D)."""
         p = self.dropout_p if self.training else 0.0
         q, k, v = (self._split(part) for part in self.self_qkv(self.norms[0](x)).chunk(3, -1))
         x = x + self.dropout(self.self_out(self._merge(F.scaled_dot_product_attention(q, k, v, dropout_p=p,
                                                                                       is_causal=True))))
         q = self._split(self.cross_q(self.norms[1](x)))
-        k, v = (self._split(part) for part in self.cross_kv(memory).chunk(2, -1))
-        x = x + self.dropout(self.cross_out(self._merge(F.scaled_dot_product_attention(q, k, v, dropout_p=p))))
+        looked = F.scaled_dot_product_attention(q, *regions_kv, dropout_p=p)  # (B, heads, T, D/heads)
+        x = x + self.dropout(self.cross_out(self._merge(looked)))
         return x + self.dropout(self.feed_forward(self.norms[2](x)))
 
-    def step(self, x, memory, cache):
-        """One new position: x (N, 1, D), memory (M, R, D) with N = M * beams, cache of keys and values
-        (N, heads, t, D/heads) -> (N, 1, D), the cache with position t, cross-attention weights (N, R)
-        (mean over heads)."""
+    def step(self, x, regions_kv, cache):
+        """One new position: x (N, 1, D), the regions' keys and values (M, heads, R, D/heads) with
+        N = M * beams, cache of keys and values (N, heads, t, D/heads) -> (N, 1, D), the cache with
+        position t, cross-attention weights (N, R) (mean over heads)."""
         q, k, v = (self._split(part) for part in self.self_qkv(self.norms[0](x)).chunk(3, -1))
         k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)  # (N, heads, t+1, D/heads)
-        x = x + self.self_out(self._merge(F.scaled_dot_product_attention(q, k, v)))
-        beams = len(x) // len(memory)
-        q = self.cross_q(self.norms[1](x)).view(len(memory), beams, self.heads, -1).transpose(1, 2)  # (M, h, b, d)
-        memory_k, memory_v = (self._split(part) for part in self.cross_kv(memory).chunk(2, -1))  # (M, h, R, d)
-        weights = (q @ memory_k.transpose(-1, -2) / q.size(-1) ** 0.5).softmax(-1)  # (M, h, beams, R)
-        looked = (weights @ memory_v).transpose(1, 2).reshape(len(x), 1, -1)  # (N, 1, D)
-        x = x + self.cross_out(looked)
-        x = x + self.feed_forward(self.norms[2](x))
+        x = x + self.dropout(self.self_out(self._merge(F.scaled_dot_product_attention(q, k, v))))
+        regions_k, regions_v = regions_kv
+        images = len(regions_k)
+        q = self.cross_q(self.norms[1](x)).view(images, -1, self.heads, regions_k.size(-1))  # (M, beams, h, d)
+        q = q.transpose(1, 2)  # (M, h, beams, d)
+        weights = (q @ regions_k.transpose(-1, -2) / q.size(-1) ** 0.5).softmax(-1)  # (M, h, beams, R)
+        looked = (weights @ regions_v).transpose(1, 2).reshape(len(x), 1, -1)  # (N, 1, D)
+        x = x + self.dropout(self.cross_out(looked))
+        x = x + self.dropout(self.feed_forward(self.norms[2](x)))
         return x, (k, v), weights.mean(1).reshape(len(x), -1)
 
 
