@@ -5,6 +5,7 @@ import ctypes
 import dataclasses
 import hashlib
 import importlib
+import json
 import os
 import re
 import sys
@@ -201,24 +202,27 @@ def load_backbone(backbone, weights="default"):
     weights = resolve_weights(backbone, weights)
     if weights == "none":  # random weights (seeded): nothing worth keeping
         return build_backbone(backbone, weights)
-    path = traced_path(backbone, weights_file(backbone, weights)[1])
+    path = traced_path(backbone, weights)
     with _torchscript():
-        if os.path.isfile(path) and _traced_intact(path):
+        if _traced_intact(path):
             return torch.jit.load(path, map_location="cpu").eval()
         print(f"preparing the {backbone} backbone once (kept in {path})...", file=sys.stderr)
+        source, source_sha256 = weights_file(backbone, weights)
         traced = _traced(build_backbone(backbone, weights), backbone)
         atomic_save(traced, path, save=torch.jit.save)
-        with open(path + ".sha256", "w", encoding="utf-8") as file:
-            file.write(sha256(path))
+        record = {"weights": os.path.abspath(source), "weights_sha256": source_sha256, "sha256": sha256(path)}
+        atomic_save(record, path + ".json", save=lambda value, file: file.write(json.dumps(value).encode()))
     return traced
 
 
 def _traced_intact(path):
-    """Is the traced trunk the file this toolkit wrote (its sha256 as recorded then)?"""
+    """Is the traced trunk the file this toolkit wrote, from the weights as they are now? Its record
+    names the weights and both files' sha256 (reading it needs no torchvision)."""
     try:
-        with open(path + ".sha256", encoding="utf-8") as file:
-            return file.read().strip() == sha256(path)
-    except OSError:
+        with open(path + ".json", encoding="utf-8") as file:
+            record = json.load(file)
+        return sha256(record["weights"]) == record["weights_sha256"] and sha256(path) == record["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
@@ -240,9 +244,10 @@ def _traced(trunk, backbone):
         return torch.jit.trace(trunk, torch.zeros(1, 3, size, size, device=next(trunk.parameters()).device))
 
 
-def traced_path(backbone, weights_sha256):
-    """Where the TorchScript trunk of a backbone with the weights of that sha256 is kept."""
-    digest = hashlib.sha1(f"{backbone}|{weights_sha256}|{torch.__version__}".encode()).hexdigest()[:12]
+def traced_path(backbone, weights):
+    """Where the TorchScript trunk of a backbone and its weights (a name, or a file) is kept; its record
+    (.json beside it) ties it to the sha256 of the weights it was traced from."""
+    digest = hashlib.sha1(f"{backbone}|{weights}|{torch.__version__}".encode()).hexdigest()[:12]
     return os.path.join(torch.hub.get_dir(), "traced", f"{backbone}-{digest}.pt")
 
 

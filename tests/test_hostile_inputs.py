@@ -335,10 +335,15 @@ def test_a_changed_traced_backbone_is_never_used(monkeypatch, tmp_path):
     image = torch.rand(1, 3, 224, 224)
     with torch.no_grad():
         expected = images.load_backbone("mobilenet_v2", weights)(image)
-        traced = images.traced_path("mobilenet_v2", images.sha256(weights))
+        traced = images.traced_path("mobilenet_v2", weights)
         planted = torch.jit.trace(torch.nn.Sequential(torch.nn.Conv2d(3, 1280, 32, 32)), image)
         torch.jit.save(planted, traced)  # another module where the traced trunk was
         torch.testing.assert_close(images.load_backbone("mobilenet_v2", weights)(image), expected)
+        torch.manual_seed(4)
+        torch.save(images.BACKBONES["mobilenet_v2"].build().state_dict(), weights)  # the weights change
+        changed = images.load_backbone("mobilenet_v2", weights)(image)
+        torch.testing.assert_close(changed, images.build_backbone("mobilenet_v2", weights)(image))
+        assert (changed - expected).abs().max() > 0.1 * expected.abs().max()  # not the stale trace
 
 
 def test_attention_maps_are_drawn_over_what_the_model_saw(tmp_path):
