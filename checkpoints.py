@@ -12,6 +12,7 @@ from metrics import HIGHER_IS_BETTER
 from model import load_checkpoint, save_checkpoint
 
 CROSS_ENTROPY, FINE_TUNING, SELF_CRITICAL = PHASES = "cross-entropy", "fine-tuning", "self-critical"
+ADDED_LATER = {"phase_step": 0}  # Progress fields an older last.pth lacks, with the value they resume at
 # Settings that fix which images validate and the order of the batches: a resumed run must keep them.
 DATA_ORDER = ("seed", "batch_size", "caption_data_path", "val_caption_data_path", "val_fraction")
 
@@ -25,6 +26,7 @@ class Progress:
     phase_epoch: int = 0  # epochs done in this phase
     batch: int = 0  # batches done in this epoch
     step: int = 0  # optimizer steps in all
+    phase_step: int = 0  # optimizer steps in this phase (the lr warm-up counts them)
     best_score: float | None = None
     epochs_without_improvement: int = 0
     processes: int = 1  # of the launch that wrote it (their shares of a batch differ with another count)
@@ -68,6 +70,7 @@ class Checkpoints:
                                 "the validation images and the batch order: resume with the same value")
         names = {field.name for field in dataclasses.fields(Progress)}
         state = checkpoint.get("state")
+        state = {**ADDED_LATER, **state} if isinstance(state, dict) else state
         if not isinstance(state, dict) or not names <= set(state) or state["phase"] not in PHASES:
             raise UserError(f"{self.last}: holds no training state to resume from")
         progress = Progress(**{name: state[name] for name in names})

@@ -74,6 +74,10 @@ class Config:
     val_caption_data_path: str = option("", None, "encoded val split; empty: hold out --val-fraction of the images")
     val_fraction: float = option(0.05, "(0, 1)", "share of the training images held out when there is no val split")
     lr: float = option(1e-3, "(0, inf)", "learning rate of the cross-entropy phases")
+    warmup_steps: int = option(0, "[0, inf)", "each phase's lr rises linearly over its first N optimizer steps, "
+                                              "then falls as 1/sqrt(step) (Vaswani et al.; 0: constant)")
+    label_smoothing: float = option(0.0, "[0, 1)", "cross-entropy phases: the target word keeps 1 - this, the "
+                                                   "rest is spread over the vocabulary")
     weight_decay: float = option(0.0, "[0, inf)", "Adam's L2 penalty")
     epoch: int = option(10, "[0, 100000]", "cross-entropy epochs")
     grad_clip: float = option(5.0, "(0, inf)", "gradients are clipped to this norm")
@@ -138,7 +142,8 @@ COMMAND_OPTIONS = {
     "process": "annotation_file caption_data_path vocab_from max_words min_appear max_caption_len",
     "extract": "caption_data_path img_path backbone weights batch_size num_workers grid use_gpu",
     "train": "caption_data_path val_caption_data_path val_fraction model embedding_dim hidden_size num_layers "
-             "dropout attention_dim alpha_c d_model heads transformer_layers lr weight_decay epoch grad_clip "
+             "dropout attention_dim alpha_c d_model heads transformer_layers lr warmup_steps label_smoothing "
+             "weight_decay epoch grad_clip "
              "scheduled_sampling finetune_encoder finetune_epoch encoder_lr augment seed use_gpu checkpoint_dir resume "
              "overwrite metric eval_size "
              "lr_decay lr_patience early_stop_patience scst_epoch scst_lr scst_samples scst_bleu_weight "

@@ -93,11 +93,20 @@ class _Objective(torch.nn.Module):
         return loss_function(self.model, inputs, *args)
 
 
-def cross_entropy_loss(model, features, captions, lengths, sampling=0.0):
+def cross_entropy_loss(model, features, captions, lengths, sampling=0.0, smoothing=0.0):
     """Cross-entropy of the captions, teacher-forced (scheduled sampling with probability `sampling`),
-    with the model's own penalty, if any."""
+    label-smoothed by `smoothing`, with the model's own penalty, if any."""
     logits, targets, penalty = model(features, captions, lengths, sampling)  # (N, V), (N,)
-    return torch.nn.functional.cross_entropy(logits, targets) + penalty
+    return torch.nn.functional.cross_entropy(logits, targets, label_smoothing=smoothing) + penalty
+
+
+def warmup_factor(step, warmup_steps):
+    """The lr of a phase's step (from 0) over the phase's lr: a linear rise over the first warmup_steps,
+    then the inverse square root decay of Vaswani et al. (2017); 1 throughout when warmup_steps is 0."""
+    if not warmup_steps:
+        return 1.0
+    step += 1
+    return min(step / warmup_steps, math.sqrt(warmup_steps / step))
 
 
 def check_options(opt: Config):
@@ -260,7 +269,7 @@ class Trainer:
         best = distributed.from_process_0(self.checkpoints.best_weights) if self.progress.best_score is not None else {}
         if best:
             self.model.load_state_dict(best["model"])
-        self.progress = dataclasses.replace(self.progress, phase=phase.name, phase_epoch=0, batch=0,
+        self.progress = dataclasses.replace(self.progress, phase=phase.name, phase_epoch=0, batch=0, phase_step=0,
                                             epochs_without_improvement=0)
         self._prepare_phase(best.get("encoder"))
         self._save(self.checkpoints.last)
@@ -282,9 +291,11 @@ class Trainer:
             if debug_requested(opt.debug_file):
                 import ipdb
                 ipdb.set_trace()
+            self._schedule_lr()
             meter.add(step(batch))
             progress.batch += 1
             progress.step += 1
+            progress.phase_step += 1
             if progress.step % opt.plot_every == 0 and self.report.speaks:
                 bar.set_postfix({phase.measure: f"{meter.value()[0]:.3f}"})
                 self._plot(batch.rows[0], meter.value()[0])
@@ -327,7 +338,7 @@ class Trainer:
         """One cross-entropy step -> the loss."""
         with self._autocast():
             loss = self.objective(cross_entropy_loss, batch.inputs, batch.captions.to(self.device), batch.lengths,
-                                  sampling)
+                                  sampling, self.opt.label_smoothing)
         return self._update(loss)
 
     def self_critical_step(self, batch):
@@ -373,15 +384,17 @@ class Trainer:
     # --- what a phase needs -----------------------------------------------------------------------
     def _prepare_phase(self, encoder_state=None):
         """The learning encoder when the phase learns from images, and a new Adam: the model at the
-        phase's lr, the encoder's learning stages at --encoder-lr (the fused kernel: 3x faster on a CPU)."""
+        phase's lr, the encoder's learning stages at --encoder-lr (the fused kernel: 3x faster on a CPU);
+        each group's base_lr is its lr before the warm-up (see _schedule_lr)."""
         opt, phase, meta = self.opt, self.phase, self.train_split.meta
         self.encoder = learning_encoder(opt, meta, encoder_state, self.device) if phase.from_images else None
         if phase.from_images:
             self.training_images = self.training_images or TrainingImages(self.train_split, meta["backbone"],
                                                                           opt.augment)
-        groups = [{"params": list(self.model.parameters()), "lr": phase.lr}]
+        groups = [{"params": list(self.model.parameters()), "lr": phase.lr, "base_lr": phase.lr}]
         if self.encoder is not None:
-            groups.append({"params": [p for p in self.encoder.parameters() if p.requires_grad], "lr": opt.encoder_lr})
+            groups.append({"params": [p for p in self.encoder.parameters() if p.requires_grad], "lr": opt.encoder_lr,
+                           "base_lr": opt.encoder_lr})
         self.optimizer = torch.optim.Adam(groups, weight_decay=opt.weight_decay, fused=True)
         self.objective = distributed.parallel(_Objective(self.model, self.encoder), self.device,
                                               find_unused=phase.per_image)
@@ -393,6 +406,8 @@ class Trainer:
             self.model.load_state_dict(checkpoint["model"])
             self._prepare_phase(checkpoint.get("encoder"))
             self.optimizer.load_state_dict(checkpoint["optimizer"])
+            for group in self.optimizer.param_groups:  # an older version's last.pth: no warm-up, no base_lr
+                group.setdefault("base_lr", group["lr"])
             self.scaler.load_state_dict(checkpoint.get("scaler") or self.scaler.state_dict())
             if checkpoint.get("random"):  # an older version's last.pth has none: the run goes on from a fresh state
                 restore_random(checkpoint["random"])
@@ -447,9 +462,16 @@ class Trainer:
             self.report.log("scheduled_sampling", probability, self.progress)
         return probability
 
+    def _schedule_lr(self):
+        """Each group's lr at this step of the phase: its base_lr (decayed on plateaus) times the warm-up."""
+        factor = warmup_factor(self.progress.phase_step, self.opt.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+
     def _decay_lr(self):
         for group in self.optimizer.param_groups:
-            group["lr"] *= self.opt.lr_decay
+            group["base_lr"] *= self.opt.lr_decay
+        self._schedule_lr()
         lr = self.optimizer.param_groups[0]["lr"]
         self.report.say(f"no improvement for {self.progress.epochs_without_improvement} epochs: lr -> {lr:.2e}")
         self.report.log("lr", lr, self.progress)

@@ -361,8 +361,10 @@ def test_scheduled_sampling_samples_in_a_one_epoch_run(demo, tmp_path):
     assert [r["value"] for r in log if r["name"] == "scheduled_sampling"] == [0.25]
 
 
-def test_an_interrupted_run_with_dropout_resumes_as_if_never_stopped(demo, tmp_path):
-    common = {"eval_size": 0, "metric": "val_loss", "dropout": 0.5}
+@pytest.mark.parametrize("schedule", [{}, {"warmup_steps": 7, "label_smoothing": 0.1}])
+def test_an_interrupted_run_with_dropout_resumes_as_if_never_stopped(demo, tmp_path, schedule):
+    """Bit for bit, with the warm-up of the lr (its step count and base lr saved) and label smoothing too."""
+    common = {"eval_size": 0, "metric": "val_loss", "dropout": 0.5, **schedule}
     train(**options(demo, tmp_path / "straight", epoch=2, **common))
     train(**options(demo, tmp_path / "resumed", epoch=1, **common))
     train(**options(demo, tmp_path / "resumed", epoch=2, resume=True, **common))

@@ -15,7 +15,7 @@ from conftest import ROOT, command_line, options
 from images import features_path
 from main import train
 from model import load_checkpoint
-from trainer import Trainer, debug_requested
+from trainer import Trainer, cross_entropy_loss, debug_requested, warmup_factor
 
 
 def test_best_checkpoint_lr_decay_and_early_stop(demo, tmp_path, monkeypatch):
@@ -231,3 +231,37 @@ def test_resume_with_another_number_of_processes_starts_the_epoch_again(demo, tm
     done = load_checkpoint(str(last))["state"]
     assert (done["epoch"], done["processes"]) == (1, 1)
     assert done["step"] == 5 + 120 * 5 // demo.batch_size + 1  # the whole epoch after the 5 steps taken
+
+
+def test_the_warm_up_rises_linearly_then_falls_as_one_over_the_square_root():
+    assert [warmup_factor(step, 4) for step in (0, 1, 3, 15, 63)] == [0.25, 0.5, 1.0, 0.5, 0.25]
+    assert {warmup_factor(step, 0) for step in (0, 10, 10_000)} == {1.0}
+
+
+def test_training_warms_the_lr_up_step_by_step_and_decays_the_warmed_lr(demo, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(Trainer, "cross_entropy_step",
+                        lambda self, batch, sampling=0.0: seen.append(self.optimizer.param_groups[0]["lr"]) or 1.0)
+    monkeypatch.setattr(Trainer, "validate", lambda self: {"val_loss": 1.0, "CIDEr-D": 0.1})  # never improves after 1
+    train(**options(demo, tmp_path, epoch=3, lr=1e-2, warmup_steps=10_000, lr_patience=1, lr_decay=0.5,
+                    early_stop_patience=0))
+    per_epoch = len(seen) // 3
+    expected = [1e-2 * (step + 1) / 10_000 * (0.5 if step >= 2 * per_epoch else 1) for step in range(len(seen))]
+    assert seen == pytest.approx(expected)  # decayed once: after epoch 2, the first without improvement
+    last = load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))
+    assert last["state"]["phase_step"] == len(seen)
+    assert last["optimizer"]["param_groups"][0]["base_lr"] == pytest.approx(2.5e-3)  # and after epoch 3
+
+
+def test_label_smoothing_is_the_mix_of_the_target_loss_and_the_mean_over_the_vocabulary():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(6, 9), torch.randint(0, 9, (6,))
+
+    def model(features, captions, lengths, sampling):
+        return logits, targets, torch.tensor(0.0)
+
+    log_probs = logits.log_softmax(-1)
+    nll, uniform = -log_probs[torch.arange(6), targets].mean(), -log_probs.mean()
+    assert cross_entropy_loss(model, None, None, None, smoothing=0.2).item() == pytest.approx(
+        (0.8 * nll + 0.2 * uniform).item(), rel=1e-6)
+    assert cross_entropy_loss(model, None, None, None).item() == pytest.approx(nll.item(), rel=1e-6)
