@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import images
-from config import Config, UserError, parse
+from config import MODEL_NAMES, Config, UserError, parse
 
 WORK = "data/bench"  # the demo data, checkpoints and bench.json
 BEAM_BATCHES, BEAM_SIZES, VOCAB, MAX_LEN = (1, 16, 64, 256), (1, 3, 5), 5000, 30
@@ -51,10 +51,9 @@ def textbook_beam_search(model, feature, end, banned, beam_size, max_len, length
     for t in range(max_len + 1):
         candidates = []
         for words, score, inputs, state in live:
-            log_probs, new_state = model.step(inputs, state)
-            log_probs = log_probs[0].clone()
-            log_probs[list(banned) + ([end] if t < min_len else [])] = -math.inf
-            log_probs = log_probs.log_softmax(-1)
+            not_now = list(banned) + ([end] if t < min_len else [])
+            log_probs, new_state = model.step(inputs, state, feature.new_tensor(not_now, dtype=torch.long))
+            log_probs = log_probs[0]
             if t >= min_len:
                 pool.append((words, (score + log_probs[end].item()) / (t + 1) ** length_norm))
             log_probs[end] = -math.inf  # the best continuations by other words
@@ -230,7 +229,7 @@ def train(batches=20, work=WORK, **options):
     each in a fresh process over `batches` batches, then one validation (on --eval-size images)."""
     opt = _bench_data(parse(**{"eval_size": 100, **options}), work)
     rows = []
-    for model in ("pooled", "attention"):
+    for model in MODEL_NAMES:
         folder = os.path.join(work, "train", model)
         shutil.rmtree(folder, ignore_errors=True)
         for phase in ("cross-entropy", "self-critical"):
@@ -253,6 +252,7 @@ def _own_peak_mb():
 
 def train_phase(phase, batches, **options):
     """(Used by `train`.) One phase, profiled; prints its numbers as a JSON line."""
+    from model import ENCODES_REGIONS
     from trainer import Trainer
     opt = parse(**options)
     self_critical = phase == "self-critical"
@@ -260,8 +260,11 @@ def train_phase(phase, batches, **options):
                               vis_timeout=0.1, plot_every=10 ** 9)
     trainer = Trainer(run)
     split = trainer.train_split
-    split.pairs = split.pairs[:batches * run.batch_size]  # a shorter epoch: the same work per batch
-    split.rows = split.rows[:batches * run.batch_size]
+    # a shorter epoch, the same work per batch: `batches` batches of images, or of about as many captions
+    images = batches * run.batch_size if self_critical else batches * split.images_per_batch(run.batch_size)
+    split.rows = split.rows[:images]
+    split.pairs = split.pairs_of(split.rows) if self_critical or opt.model in ENCODES_REGIONS else \
+        split.pairs[:batches * run.batch_size]
     profile = cProfile.Profile()
     start = time.perf_counter()
     profile.runcall(trainer.train)

@@ -68,7 +68,7 @@ class Config:
     alpha_c: float = option(1.0, "[0, inf)", "attention model: weight of the doubly stochastic attention penalty")
     d_model: int = option(256, "[8, 4096]", "transformer: width of its layers (and of its tied word embedding)")
     heads: int = option(4, "[1, 64]", "transformer: attention heads (they must divide --d-model)")
-    transformer_layers: int = option(3, "[1, 24]", "transformer: encoder layers over the regions, and decoder layers")
+    transformer_layers: int = option(2, "[1, 24]", "transformer: encoder layers over the regions, and decoder layers")
 
     # --- training (main.py train) ---
     val_caption_data_path: str = option("", None, "encoded val split; empty: hold out --val-fraction of the images")

@@ -91,6 +91,22 @@ class CaptionSplit:
         rows = np.array([row for row, _ in pairs])
         return rows, self.features_of(rows), *self.captions_of(pairs)
 
+    def captions_of_images(self, rows):
+        """rows (b,) -> all their captions (n, T), lengths (n,) (see captions_of), the image of each (n,)."""
+        pairs = self.pairs_of(rows)
+        index = {row: k for k, row in enumerate(rows)}
+        return *self.captions_of(pairs), torch.tensor([index[row] for row, _ in pairs])
+
+    def grouped_batches(self, images, seed, skip=0, process=0, processes=1):
+        """Yield (rows (b,), features (b, ...), captions (n, T), lengths (n,), image of each caption (n,)):
+        batches of `images` whole images with all their captions, shuffled and shared as row_batches."""
+        for rows in self.row_batches(images, seed, skip, process, processes):
+            yield rows, self.features_of(rows), *self.captions_of_images(rows)
+
+    def images_per_batch(self, captions):
+        """Whole images to a batch of about `captions` captions."""
+        return max(1, round(captions * len(self.rows) / len(self.pairs)))
+
     def captions_of(self, pairs):
         """(row, caption number) pairs -> captions (B, T) ending in </EOS>, padded with </PAD> (0),
         and lengths (B,) counting the </EOS>."""

@@ -118,19 +118,16 @@ def image_batches(images, row_batches, num_workers, device):
 
 
 def image_caption_batches(images, row_batches, with_captions, num_workers, device):
-    """Yield training batches from images: (rows (b,), (images (b, 3, S, S), the image of each
-    caption (n,))) + (captions (n, T), lengths (n,)) with_captions; (rows, (images, None)) without."""
+    """Yield training batches from images: (rows (b,), images (b, 3, S, S)) + (captions (n, T),
+    lengths (n,), the image of each caption (n,)) with_captions."""
     split = images.split
     for rows, pixels in image_batches(images, row_batches, num_workers, device):
         pixels = pixels.to(device, memory_format=torch.channels_last, non_blocking=True)
         if not with_captions:
-            yield rows, (pixels, None)
+            yield rows, pixels
             continue
-        pairs = split.pairs_of(rows)
-        index = {row: k for k, row in enumerate(rows)}
-        image_of = torch.tensor([index[row] for row, _ in pairs], device=device)
-        captions, lengths = split.captions_of(pairs)
-        yield rows, (pixels, image_of), captions, lengths
+        captions, lengths, image_of = split.captions_of_images(rows)
+        yield rows, pixels, captions, lengths, image_of.to(device)
 
 
 def _seed_worker(_worker):

@@ -5,15 +5,17 @@
 # 10 minutes of feature extraction).
 # best.pth is chosen on the first 500 val images (--eval-size): the scores that count are those
 # of the other 500 (val_heldout), printed last; all 1000 are scored too.
-# Usage: [MODEL=pooled|attention] [BACKBONE=efficientnet_lite2|mobilenet_v2] bash flickr8k_cn.sh [DATA_DIR] [WORK_DIR]
+# Usage: [MODEL=pooled|attention|transformer] [BACKBONE=efficientnet_lite2|mobilenet_v2] bash flickr8k_cn.sh [DATA_DIR] [WORK_DIR]
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA=${1:-../shared/data/flickr8k-cn}
 WORK=${2:-data/flickr8k-cn}
 MODEL=${MODEL:-attention}
 BACKBONE=${BACKBONE:-efficientnet_lite2}
-GRID=$([ "$MODEL" = attention ] && echo 7 || echo 0)  # region features only for the attention model
-BLEU_WEIGHT=$([ "$MODEL" = attention ] && echo 0 || echo 4)  # self-critical reward: CIDEr-D alone for attention
+GRID=$([ "$MODEL" = pooled ] && echo 0 || echo 7)  # region features for the attention models
+BLEU_WEIGHT=$([ "$MODEL" = pooled ] && echo 4 || echo 0)  # self-critical reward: CIDEr-D alone for them
+# the transformer: its lr warmed up over about an epoch, fewer epochs (each takes longer)
+EXTRA=$([ "$MODEL" = transformer ] && echo "--warmup-steps=500 --epoch=8 --scst-epoch=4" || echo "")
 mkdir -p "$WORK"
 python data_preprocess.py process --annotation-file="$DATA/annotations/flickr8kcn_train_zhc.json" \
     --caption-data-path="$WORK/train.pth"
@@ -25,7 +27,7 @@ for split in train val; do
 done
 start=$(date +%s)
 python main.py train --caption-data-path="$WORK/train.pth" --val-caption-data-path="$WORK/val.pth" \
-    --checkpoint-dir="$WORK/checkpoints" --overwrite --log-dir="$WORK/logs" --env=flickr8k-cn --model="$MODEL" --scst-bleu-weight="$BLEU_WEIGHT"
+    --checkpoint-dir="$WORK/checkpoints" --overwrite --log-dir="$WORK/logs" --env=flickr8k-cn --model="$MODEL" --scst-bleu-weight="$BLEU_WEIGHT" $EXTRA
 echo "training took $(( $(date +%s) - start )) s"
 python - "$DATA/annotations/flickr8kcn_val_zhc.json" "$WORK/val_heldout.json" <<'PY'
 import json, sys

@@ -374,16 +374,17 @@ def encode_images(network, backbone, paths, device, batch_size, num_workers, gri
     on_cpu = device.type == "cpu"
     loader = DataLoader(files, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
                         worker_init_fn=_lowest_priority if on_cpu else None)
-    # TorchScript's optimizing executor profiles and rewrites the graph in the first calls: on a CPU,
-    # where it fuses nothing, that costs generate 90 ms and a few MB for no gain.
-    with torch.autocast(device.type, enabled=not on_cpu), torch.jit.optimized_execution(not on_cpu):
-        for pixels, errors in loader:  # pixels: (B, S, S, 3) uint8
-            pixels = pixels.to(device, non_blocking=True)
+    for pixels, errors in loader:  # pixels: (B, S, S, 3) uint8
+        pixels = pixels.to(device, non_blocking=True)
+        # TorchScript's optimizing executor profiles and rewrites the graph in the first calls: on a CPU,
+        # where it fuses nothing, that costs generate 90 ms and a few MB for no gain. (Entered around
+        # each batch, never across a yield: an ensemble's streams of images interleave.)
+        with torch.autocast(device.type, enabled=not on_cpu), torch.jit.optimized_execution(not on_cpu):
             feature_map = network(files.transform.normalize(pixels)).float()  # (B, F, S/32, S/32)
-            grid_features = regions(feature_map, grid).half().float().cpu() if grid else None
-            features = pooled(feature_map).half().float().cpu()
-            del pixels, feature_map  # (B, F, h, w) and the image pixels, freed before the caller works
-            yield features, grid_features, list(errors)
+        grid_features = regions(feature_map, grid).half().float().cpu() if grid else None
+        features = pooled(feature_map).half().float().cpu()
+        del pixels, feature_map  # (B, F, h, w) and the image pixels, freed before the caller works
+        yield features, grid_features, list(errors)
 
 
 def _lowest_priority(_worker):

@@ -14,6 +14,7 @@ import os
 import sys
 
 import fire
+import torch
 
 import config
 from beam_search import caption_features
@@ -28,7 +29,15 @@ from images import (
     release_freed_memory,
     seen_photo,
 )
-from model import CaptionModel, TransformerModel, find_checkpoint, load_checkpoint, model_from_checkpoint, quantized
+from model import (
+    CaptionModel,
+    Ensemble,
+    TransformerModel,
+    find_checkpoints,
+    load_checkpoint,
+    model_from_checkpoint,
+    quantized,
+)
 
 # Each command imports what only it needs (training, metrics, drawing) when it runs: `generate`
 # starts fast.
@@ -55,36 +64,85 @@ def list_images(pattern):
     return sorted(path for path in paths if os.path.isfile(path))
 
 
-def caption_images(paths, opt: Config):
-    """paths -> ({path: n-best [(caption, score)]}, {path: error}) with the checkpoint's model."""
-    checkpoint_path = find_checkpoint(opt)
-    checkpoint = load_checkpoint(checkpoint_path)
-    device = pick_device(opt.use_gpu)
-    model = model_from_checkpoint(checkpoint, checkpoint_path).to(device)
+@dataclasses.dataclass
+class Captioner:
+    """A checkpoint's model, ready to caption, with what its features are: `encoding` (backbone, its
+    weights or the checkpoint of its fine-tuned one, grid) runs once for all models that share it, and
+    `shape` is the features of one image, (F,) pooled or (R, F) regions."""
+
+    model: object
+    ix2word: list
+    encoding: tuple
+    shape: tuple
+
+
+def load_captioner(path, opt: Config, device):
+    """A checkpoint -> its Captioner, and the checkpoint (for its backbone)."""
+    checkpoint = load_checkpoint(path)
+    model = model_from_checkpoint(checkpoint, path).to(device)
     if opt.quantize:
         if device.type != "cpu":
             raise UserError("--quantize is for CPU inference; add --use-gpu=false")
         if isinstance(model, TransformerModel):
-            raise UserError("--quantize is for the LSTM models (pooled, attention), not the transformer")
+            raise UserError(f"{path}: --quantize is for the LSTM models (pooled, attention), not the transformer")
         model = quantized(model)
-    backbone_name, ix2word = checkpoint["feature"]["backbone"], checkpoint["ix2word"]
-    backbone = prepare_backbone(checkpoint_backbone(checkpoint, checkpoint_path), backbone_name, device)
-    grid = checkpoint["feature"].get("grid", 0) if not isinstance(model, CaptionModel) else 0
-    del checkpoint  # the model keeps its mapped weights; the rest (the optimizer state) is let go
+    feature = checkpoint["feature"]
+    grid = feature.get("grid", 0) if not isinstance(model, CaptionModel) else 0
+    encoding = (feature["backbone"], path if "encoder" in checkpoint else feature["weights"], grid)
+    shape = (grid * grid, feature["feature_dim"]) if grid else (feature["feature_dim"],)
+    return Captioner(model, checkpoint["ix2word"], encoding, shape), checkpoint
+
+
+def load_captioners(opt: Config, device):
+    """The model of --model-ckpt (an Ensemble of several), its vocabulary, its Captioners and the
+    prepared backbones, by (backbone, weights)."""
+    captioners, backbones = [], {}
+    paths = find_checkpoints(opt)
+    for path in paths:
+        captioner, checkpoint = load_captioner(path, opt, device)
+        if captioners and captioner.ix2word != captioners[0].ix2word:
+            raise UserError(f"{path} and {paths[0]}: their vocabularies differ ({len(captioner.ix2word)} and "
+                            f"{len(captioners[0].ix2word)} words); an ensemble's models must share one (train them "
+                            "on the same caption .pth)")
+        network = captioner.encoding[:2]  # backbone and weights: prepared once, whatever the grids
+        if network not in backbones:
+            backbones[network] = prepare_backbone(checkpoint_backbone(checkpoint, path), network[0], device)
+        captioners.append(captioner)
+        del checkpoint  # the model keeps its mapped weights; the rest (the optimizer state) is let go
+    models = [captioner.model for captioner in captioners]
+    model = models[0] if len(models) == 1 else Ensemble(models, [captioner.shape for captioner in captioners])
+    return model, captioners[0].ix2word, captioners, backbones
+
+
+def caption_images(paths, opt: Config):
+    """paths -> ({path: n-best [(caption, score)]}, {path: error}) with the checkpoint's model (or
+    the ensemble of several)."""
+    device = pick_device(opt.use_gpu)
+    model, ix2word, captioners, backbones = load_captioners(opt, device)
+    encodings = list(dict.fromkeys(captioner.encoding for captioner in captioners))
+    streams = [encode_images(backbones[encoding[:2]], encoding[0], paths, device, opt.batch_size, opt.num_workers,
+                             encoding[2]) for encoding in encodings]
     captions, errors = {}, {}
     done = 0
-    for pooled, regions, batch_errors in encode_images(backbone, backbone_name, paths, device, opt.batch_size,
-                                                       opt.num_workers, grid):
+    for encoded in zip(*streams):  # per encoding, the same images: (pooled, regions or None, errors)
+        batch_errors = [next(filter(None, image_errors), "") for image_errors in zip(*(e for *_, e in encoded))]
         batch_paths, done = paths[done:done + len(batch_errors)], done + len(batch_errors)
         errors.update((path, error) for path, error in zip(batch_paths, batch_errors) if error)
         readable = [i for i, error in enumerate(batch_errors) if not error]
         if readable:
-            features = (pooled if regions is None else regions)[readable].to(device)  # (B', F) or (B', R, F)
+            features = [_features(encoded[encodings.index(c.encoding)], readable, device) for c in captioners]
+            features = features[0] if len(features) == 1 else torch.cat([f.flatten(1) for f in features], 1)
             if not captions:  # the first search is about to map the decoder's weights in
                 release_freed_memory()
             beams = caption_features(model, features, ix2word, opt)
             captions.update(zip([batch_paths[i] for i in readable], beams))
     return captions, errors
+
+
+def _features(encoded, rows, device):
+    """One encoding's batch (pooled, regions or None, errors) -> the features of those rows, (B', F) or (B', R, F)."""
+    pooled, regions, _ = encoded
+    return (pooled if regions is None else regions)[rows].to(device)
 
 
 def checkpoint_backbone(checkpoint, path):
@@ -110,7 +168,7 @@ def generate(opt: Config):
     if not opt.img:
         raise UserError("name the image(s) to caption with --img=FILE, FOLDER or GLOB")
     if opt.output:
-        check_output_file(opt.output, inputs=[opt.img, find_checkpoint(opt)])
+        check_output_file(opt.output, inputs=[opt.img, *find_checkpoints(opt)])
     if opt.attention_map:
         check_output_folder(opt.attention_map, "--attention-map folder")
     paths = list_images(opt.img)
@@ -134,8 +192,8 @@ def write_attention_maps(captions, folder):
     """One PNG per image: where the best caption looked, word by word."""
     from visualize import attention_figure
     if any(beams[0][2] is None for beams in captions.values()):
-        raise UserError("--attention-map: this checkpoint holds the pooled model, which has no attention to show; "
-                        "train with --model=attention")
+        raise UserError("--attention-map: the pooled model has no attention to show; train with --model=attention "
+                        "or --model=transformer")
     for path, beams in captions.items():
         target = os.path.join(folder, os.path.splitext(os.path.basename(path))[0] + ".attention.png")
         attention_figure(seen_photo(path), beams[0][2]).save(target)
@@ -177,8 +235,8 @@ def evaluate(opt: Config):
         raise UserError(f"--output and --metrics-path are both {opt.output}; give them two files")
     for output in (opt.output, opt.metrics_path):
         if output:
-            check_output_file(output, inputs=[opt.annotation_file, opt.results, "" if opt.results else
-                                              find_checkpoint(opt)])
+            check_output_file(output, inputs=[opt.annotation_file, opt.results,
+                                              *([] if opt.results else find_checkpoints(opt))])
     references = {entry["image_id"]: entry["caption"] for entry in load_annotations(opt.annotation_file)}
     results = read_results(opt.results) if opt.results else caption_references(references, opt)
     try:

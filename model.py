@@ -10,9 +10,11 @@ banned words at 0 probability, state);
 embed(words) -> inputs; select(state, rows) -> the state of those rows: a slice (one row per image)
 or an (images, beams) tensor of row indices, each line one image's rows;
 attention(state) -> the region weights of the last step (B, R), or None.
+Ensemble decodes several of them as one, by the mean of their word probabilities.
 """
 import dataclasses
 import glob
+import math
 import os
 import warnings
 
@@ -47,6 +49,11 @@ class Decoder(nn.Module):
         if banned is not None:
             logits = logits.index_fill(-1, banned, float("-inf"))
         return logits.log_softmax(-1), state
+
+    @staticmethod
+    def per_caption(features, image_of):
+        """features (b, ...) of images -> (n, ...) those of each caption; image_of (n,) or None (n = b)."""
+        return features if image_of is None else features[image_of.to(features.device)]
 
     def unrolled(self, features, captions, lengths, sampling=0.0):
         """Teacher forcing step by step, like a packed LSTM: step t runs only the captions still
@@ -95,13 +102,15 @@ class CaptionModel(Decoder):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, vocab_size)
 
-    def forward(self, features, captions, lengths, sampling=0.0):
+    def forward(self, features, captions, lengths, sampling=0.0, image_of=None):
         """Logits and targets of every real (unpadded) position, packed, and a regularising loss (0 here).
 
-        features (B, F); captions (B, T) word indices ending in </EOS>, padded; lengths (B,)
-        -> logits (N, V), targets (N,) with N = lengths.sum(), penalty ()
+        features (B, F), or (b, F) of images with image_of (B,) the image of each caption; captions (B, T)
+        word indices ending in </EOS>, padded; lengths (B,) -> logits (N, V), targets (N,) with
+        N = lengths.sum(), penalty ()
         Teacher forcing runs the LSTM once over the packed captions; scheduled sampling step by step.
         """
+        features = self.per_caption(features, image_of)
         if sampling:
             logits, targets, _ = self.unrolled(features, captions, lengths, sampling)
             return logits, targets, logits.new_zeros(())
@@ -154,9 +163,11 @@ class AttentionModel(Decoder):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, vocab_size)
 
-    def forward(self, regions, captions, lengths, sampling=0.0):
-        """regions (B, R, F); captions (B, T) ending in </EOS>, padded; lengths (B,)
-        -> logits (N, V), targets (N,) of the real positions, packed, doubly stochastic penalty ()."""
+    def forward(self, regions, captions, lengths, sampling=0.0, image_of=None):
+        """regions (B, R, F) (or (b, R, F) of images, image_of: see CaptionModel); captions (B, T) ending in
+        </EOS>, padded; lengths (B,) -> logits (N, V), targets (N,) of the real positions, packed,
+        doubly stochastic penalty ()."""
+        regions = self.per_caption(regions, image_of)
         logits, targets, looked = self.unrolled(regions, captions, lengths, sampling)
         looked = [F.pad(weights, (0, 0, 0, len(regions) - len(weights))) for weights in looked]  # (B, R) each
         penalty = self.alpha_c * ((1.0 - torch.stack(looked).sum(0)) ** 2).mean()
@@ -217,13 +228,16 @@ class TransformerModel(Decoder):
         self.classifier = nn.Linear(d_model, vocab_size)
         self.classifier.weight = self.embedding.weight  # tied input and output embeddings
 
-    def forward(self, regions, captions, lengths, sampling=0.0):
-        """All positions at once (causal): regions (B, R, F); captions (B, T) ending in </EOS>, padded;
+    def forward(self, regions, captions, lengths, sampling=0.0, image_of=None):
+        """All positions at once (causal): regions (B, R, F), or (b, R, F) of images with image_of (B,) the
+        image of each caption: each image is encoded once; captions (B, T) ending in </EOS>, padded;
         lengths (B,) -> logits (N, V), targets (N,) packed as pack_padded_sequence packs, penalty 0."""
         if sampling:
-            logits, targets, _ = self.unrolled(regions, captions, lengths, sampling)
+            logits, targets, _ = self.unrolled(self.per_caption(regions, image_of), captions, lengths, sampling)
             return logits, targets, regions.new_zeros(())
-        first, (looked_at, *_) = self.start(regions)
+        _, (looked_at, *_) = self.start(regions)
+        looked_at = [(self.per_caption(k, image_of), self.per_caption(v, image_of)) for k, v in looked_at]
+        first = self.start_input.expand(len(captions), -1)
         inputs = torch.cat([first.unsqueeze(1), self.embed(captions[:, :-1])], 1)  # (B, T, D)
         x = self.dropout(inputs + self.positions[:inputs.size(1)])
         for layer, regions_kv in zip(self.layers, looked_at):
@@ -334,6 +348,41 @@ class CachedDecoderLayer(nn.Module):
         return x, (k, v), weights.mean(1).reshape(len(x), -1)
 
 
+class Ensemble(nn.Module):
+    """Several caption models decoding as one: each step's word probabilities are the mean of theirs
+    (returned as its log, which beam search ranks by). Its features are the members' own side by side,
+    each flattened: (B, F1 + F2 + ...), member i reading its part as shapes[i], (F,) pooled or (R, F)
+    regions. Its attention is that of its first member that attends."""
+
+    def __init__(self, members, shapes):
+        super().__init__()
+        self.members, self.shapes = nn.ModuleList(members), shapes
+        self.vocab_size = members[0].vocab_size
+
+    def start(self, features):
+        """features (B, F1 + F2 + ...) -> each member's first inputs and state."""
+        parts = features.split([math.prod(shape) for shape in self.shapes], dim=1)
+        starts = [member.start(part.reshape(-1, *shape))  # (B, F) or (B, R, F)
+                  for member, part, shape in zip(self.members, parts, self.shapes)]
+        inputs, states = zip(*starts)
+        return inputs, states
+
+    def step(self, inputs, state, banned=None):
+        steps = [member.step(*member_parts, banned) for member, member_parts in zip(self.members, zip(inputs, state))]
+        log_probs = torch.stack([log_probs for log_probs, _ in steps])  # (members, B, V)
+        return log_probs.logsumexp(0) - math.log(len(self.members)), tuple(state for _, state in steps)
+
+    def embed(self, words):
+        return tuple(member.embed(words) for member in self.members)
+
+    def select(self, state, rows):
+        return tuple(member.select(member_state, rows) for member, member_state in zip(self.members, state))
+
+    def attention(self, state):
+        weights = (member.attention(member_state) for member, member_state in zip(self.members, state))
+        return next((w for w in weights if w is not None), None)
+
+
 def quantized(model):
     """The model with dynamic int8 quantisation of its LSTM and Linear layers (CPU inference)."""
     with warnings.catch_warnings():  # torch.ao's eager quantisation is deprecated for torchao; 2.14 has it
@@ -343,6 +392,7 @@ def quantized(model):
 
 
 READS_REGIONS = ("attention", "transformer")  # the models that read region features, not pooled ones
+ENCODES_REGIONS = ("transformer",)  # the models whose encoding of an image is work: once per image in training
 
 
 def build_model(opt: Config, vocab_size, feature_dim):
@@ -415,14 +465,22 @@ def model_from_checkpoint(checkpoint, path):
     return model.eval()
 
 
-def find_checkpoint(opt: Config):
-    """opt.model_ckpt, else checkpoint_dir/best.pth, else the newest checkpoint there."""
+def find_checkpoints(opt: Config):
+    """The checkpoints of --model-ckpt (several, comma-separated: an ensemble), else checkpoint_dir/best.pth,
+    else the newest checkpoint there -> a list of paths."""
     if opt.model_ckpt:
-        return opt.model_ckpt
-    best = os.path.join(opt.checkpoint_dir, "best.pth")
+        paths = [path.strip() for path in opt.model_ckpt.split(",")]
+        if not all(paths):
+            raise UserError(f"--model-ckpt={opt.model_ckpt}: an empty checkpoint name; give PATH or PATH,PATH,...")
+        return paths
+    return [_newest_checkpoint(opt.checkpoint_dir)]
+
+
+def _newest_checkpoint(folder):
+    best = os.path.join(folder, "best.pth")
     if os.path.isfile(best):
         return best
-    candidates = glob.glob(os.path.join(opt.checkpoint_dir, "*.pth"))
+    candidates = glob.glob(os.path.join(folder, "*.pth"))
     if not candidates:
-        raise UserError(f"no checkpoint in {opt.checkpoint_dir}/; train first or pass --model-ckpt=PATH")
+        raise UserError(f"no checkpoint in {folder}/; train first or pass --model-ckpt=PATH")
     return max(candidates, key=os.path.getmtime)

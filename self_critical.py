@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
+from torch.nn.utils.rnn import pack_padded_sequence
 
 
 class CorpusCider(CiderScorer):
@@ -65,27 +66,54 @@ def rewards(cider, keys, candidates, bleu_weight):
     return reward
 
 
-def sample(model, features, end, banned, max_len):
-    """Sample one caption per row: features (B, F) -> words (B, T), log-probs (B, T), mask (B, T).
+@torch.no_grad()
+def sample(model, features, end, banned, max_len, samples=1):
+    """Sample `samples` captions per image, image by image: features (B, F) or (B, R, F) -> words (N, T),
+    mask (N, T), N = B * samples. Each image is encoded once (model.start), its state repeated for its
+    samples as beam search repeats it for beams.
 
     mask marks the real steps of each caption, up to and including its </EOS>; `banned` words
     (</PAD>, </UNKNOWN>) are never sampled.
     """
-    banned = torch.as_tensor(banned, dtype=torch.long, device=features.device)
+    device = features.device
+    banned = torch.as_tensor(banned, dtype=torch.long, device=device)
     inputs, state = model.start(features)
-    words, log_probs, masks = [], [], []
-    alive = torch.ones(features.size(0), dtype=torch.bool, device=features.device)
+    rows = torch.arange(len(features), device=device).unsqueeze(1).expand(-1, samples)  # (B, samples)
+    inputs, state = inputs[rows.reshape(-1)], model.select(state, rows)  # (N, E), N rows
+    words, masks = [], []
+    alive = torch.ones(rows.numel(), dtype=torch.bool, device=device)
     for _ in range(max_len):
-        step_log_probs, state = model.step(inputs, state, banned)  # (B, V)
-        word = torch.multinomial(step_log_probs.exp(), 1).squeeze(1)  # (B,)
+        step_log_probs, state = model.step(inputs, state, banned)  # (N, V)
+        word = draw(step_log_probs.exp())  # (N,)
         words.append(word)
-        log_probs.append(step_log_probs.gather(1, word.unsqueeze(1)).squeeze(1))
         masks.append(alive)
         alive = alive & (word != end)
         if not alive.any():
             break
-        inputs = model.embed(word)  # (B, E)
-    return torch.stack(words, 1), torch.stack(log_probs, 1), torch.stack(masks, 1)
+        inputs = model.embed(word)  # (N, E)
+    return torch.stack(words, 1), torch.stack(masks, 1)
+
+
+def draw(probabilities):
+    """One word per row of probabilities (N, V), by inverse transform sampling: the first word whose
+    cumulative probability passes a uniform draw (a word of probability 0 never does). The same
+    distribution as torch.multinomial, 10x faster on a CPU (320 x 2811: 39 -> 4 ms)."""
+    cumulative = probabilities.cumsum(-1)  # (N, V)
+    threshold = torch.rand(len(cumulative), 1, device=cumulative.device) * cumulative[:, -1:]  # (N, 1)
+    word = torch.searchsorted(cumulative, threshold, right=True).squeeze(1)  # (N,)
+    return word.clamp_max(cumulative.size(1) - 1)  # a threshold rounded up to the total
+
+
+def log_probabilities(model, features, words, lengths, banned, samples):
+    """The log-probability of each sampled word, with gradients, all positions at once: the model's
+    teacher-forced pass over the samples (for the transformer one parallel pass, not T cached steps).
+    features (B, ...); words (N, T), lengths (N,), N = B * samples -> (K,) packed as
+    pack_padded_sequence packs words, K = lengths.sum()."""
+    image_of = torch.arange(len(features), device=features.device).repeat_interleave(samples)  # (N,)
+    logits, targets, _ = model(features, words, lengths, 0.0, image_of)  # (K, V), (K,)
+    banned = torch.as_tensor(banned, dtype=torch.long, device=logits.device)
+    log_probs = logits.float().index_fill(-1, banned, float("-inf")).log_softmax(-1)
+    return log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
 
 
 def sentence(indices, end):
@@ -95,12 +123,14 @@ def sentence(indices, end):
 
 def self_critical_loss(model, features, keys, cider, end, banned, samples, max_len, bleu_weight=0.0):
     """features (B, F), keys: the B images' keys in `cider` -> loss, mean reward of the samples."""
-    features = features.repeat_interleave(samples, 0)  # (B*S, F)
-    words, log_probs, mask = sample(model, features, end, banned, max_len)  # (B*S, T) each
+    words, mask = sample(model, features, end, banned, max_len, samples)  # (B*S, T) each
     candidates = [sentence(row, end) for row in words.tolist()]
     reward = rewards(cider, [key for key in keys for _ in range(samples)], candidates, bleu_weight)
     reward = reward.reshape(-1, samples)  # (B, S)
     baseline = (reward.sum(1, keepdims=True) - reward) / (samples - 1)  # mean of the other samples
-    advantage = torch.as_tensor(reward - baseline, dtype=log_probs.dtype, device=log_probs.device).view(-1, 1)
-    loss = -(advantage * log_probs * mask).sum() / mask.sum()
+    lengths = mask.sum(1).cpu()  # (B*S,): up to and including </EOS>
+    log_probs = log_probabilities(model, features, words, lengths, banned, samples)  # (K,)
+    advantage = torch.as_tensor(reward - baseline, dtype=log_probs.dtype, device=words.device).view(-1, 1)
+    advantage = pack_padded_sequence(advantage.expand_as(words), lengths, batch_first=True, enforce_sorted=False)
+    loss = -(advantage.data * log_probs).sum() / len(log_probs)  # each word's log-probability, its caption's advantage
     return loss, float(reward.mean())

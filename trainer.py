@@ -21,7 +21,7 @@ from encoder import STAGE_COUNTS, Encoder, TrainingImages, image_caption_batches
 from files import check_output_folder
 from images import build_backbone, pick_device, weights_file
 from metrics import METRICS, java_available, score_captions
-from model import READS_REGIONS, build_model
+from model import ENCODES_REGIONS, READS_REGIONS, build_model
 from reporting import Reporter
 from self_critical import CorpusCider, reference_corpus, self_critical_loss
 
@@ -48,13 +48,16 @@ def phases(opt: Config):
 
 @dataclasses.dataclass
 class Batch:
-    """One batch on the device: the images' rows (b,), the model's inputs (features, or images for the
-    learning encoder: see _Objective), and for cross-entropy the captions (n, T) and lengths (n,)."""
+    """One batch on the device: the images' rows (b,), the model's inputs (features (b, ...), or
+    images (b, 3, S, S) for the learning encoder), and for cross-entropy the captions (n, T), lengths
+    (n,) and, when the batch holds whole images with all their captions, the image of each (n,)
+    (else one input per caption: n = b)."""
 
     rows: np.ndarray
-    inputs: object
+    inputs: torch.Tensor
     captions: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
+    image_of: torch.Tensor | None = None
 
 
 class StopOnSignal:
@@ -84,19 +87,16 @@ class _Objective(torch.nn.Module):
         self.model, self.encoder = model, encoder
 
     def forward(self, loss_function, inputs, *args):
-        """inputs: features; with an encoder (images (b, 3, S, S), the image of each caption (n,) or None)."""
+        """inputs: features, or with an encoder images (b, 3, S, S)."""
         if self.encoder is not None:
-            images, image_of = inputs
-            inputs = self.encoder(images)  # (b, F) or (b, R, F)
-            if image_of is not None:
-                inputs = inputs[image_of]  # (n, ...): all captions of an image share its one encoding
+            inputs = self.encoder(inputs)  # (b, F) or (b, R, F)
         return loss_function(self.model, inputs, *args)
 
 
-def cross_entropy_loss(model, features, captions, lengths, sampling=0.0, smoothing=0.0):
+def cross_entropy_loss(model, features, captions, lengths, sampling=0.0, smoothing=0.0, image_of=None):
     """Cross-entropy of the captions, teacher-forced (scheduled sampling with probability `sampling`),
-    label-smoothed by `smoothing`, with the model's own penalty, if any."""
-    logits, targets, penalty = model(features, captions, lengths, sampling)  # (N, V), (N,)
+    label-smoothed by `smoothing`, with the model's own penalty, if any (image_of: see Batch)."""
+    logits, targets, penalty = model(features, captions, lengths, sampling, image_of)  # (N, V), (N,)
     return torch.nn.functional.cross_entropy(logits, targets, label_smoothing=smoothing) + penalty
 
 
@@ -338,7 +338,7 @@ class Trainer:
         """One cross-entropy step -> the loss."""
         with self._autocast():
             loss = self.objective(cross_entropy_loss, batch.inputs, batch.captions.to(self.device), batch.lengths,
-                                  sampling, self.opt.label_smoothing)
+                                  sampling, self.opt.label_smoothing, batch.image_of)
         return self._update(loss)
 
     def self_critical_step(self, batch):
@@ -425,19 +425,24 @@ class Trainer:
                         f"({progress.phase})")
 
     def _batches(self):
-        """This epoch's Batches from the current one on, and how many it has in all."""
+        """This epoch's Batches from the current one on, and how many it has in all. Where encoding an
+        image is work (a learning encoder, the transformer's), a cross-entropy batch holds whole images
+        with all their captions, as many as give about --batch-size captions."""
         opt, split, device, per_image = self.opt, self.train_split, self.device, self.phase.per_image
         share = {"skip": self.progress.batch, "process": self.process, "processes": self.processes}
         seed = opt.seed + self.progress.epoch
-        if self.encoder is None:
-            batches = (split.image_batches if per_image else split.batches)(opt.batch_size, seed, **share)
-            batches = (Batch(rows, features.to(device, non_blocking=True), *rest) for rows, features, *rest in batches)
-            return batches, split.num_batches(opt.batch_size, per_image, self.processes)
-        # from images, whole images at a time: as many as give about --batch-size captions
-        images = opt.batch_size if per_image else max(1, round(opt.batch_size * len(split.rows) / len(split.pairs)))
-        row_batches = split.row_batches(images, seed, **share)
-        batches = image_caption_batches(self.training_images, row_batches, not per_image, opt.num_workers, device)
-        return (Batch(*batch) for batch in batches), self.progress.batch + len(row_batches)
+        images = opt.batch_size if per_image else split.images_per_batch(opt.batch_size)
+        if self.encoder is not None:
+            row_batches = split.row_batches(images, seed, **share)
+            batches = image_caption_batches(self.training_images, row_batches, not per_image, opt.num_workers, device)
+            return (Batch(*batch) for batch in batches), self.progress.batch + len(row_batches)
+        by_image = per_image or opt.model in ENCODES_REGIONS
+        if by_image:
+            batches = (split.image_batches if per_image else split.grouped_batches)(images, seed, **share)
+        else:
+            batches = split.batches(opt.batch_size, seed, **share)
+        batches = (Batch(rows, features.to(device, non_blocking=True), *rest) for rows, features, *rest in batches)
+        return batches, split.num_batches(images if by_image else opt.batch_size, by_image, self.processes)
 
     def _features(self, split, rows):
         """Features of a split's rows on the device: the stored ones, or the learning encoder's

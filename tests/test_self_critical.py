@@ -9,12 +9,23 @@ import pytest
 import torch
 from conftest import options
 from pycocoevalcap.cider.cider import Cider
+from test_ensemble import three_models
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from beam_search import beam_search
 from config import UserError
 from main import train
 from model import CaptionModel, load_checkpoint
-from self_critical import CorpusCider, reference_corpus, rewards, sample, self_critical_loss, sentence
+from self_critical import (
+    CorpusCider,
+    draw,
+    log_probabilities,
+    reference_corpus,
+    rewards,
+    sample,
+    self_critical_loss,
+    sentence,
+)
 from trainer import Trainer
 
 REFERENCES = {
@@ -139,7 +150,36 @@ def test_sampling_never_emits_padding_or_unknown():
     torch.manual_seed(0)
     model = CaptionModel(vocab_size=8, feature_dim=4, embedding_dim=6, hidden_size=8, num_layers=1, dropout=0.0)
     model.classifier.bias[[0, 2]] += 5.0  # </PAD> and </UNKNOWN> are the model's favourite words
-    words, log_probs, mask = sample(model, torch.randn(200, 4), end=1, banned=[0, 2], max_len=8)
+    words, mask = sample(model, torch.randn(200, 4), end=1, banned=[0, 2], max_len=8)
     emitted = words[mask]
     assert len(emitted) >= 200 and not ((emitted == 0) | (emitted == 2)).any()
-    assert torch.isfinite(log_probs[mask]).all()
+
+
+@pytest.mark.parametrize("kind", ["pooled", "attention", "transformer"])
+def test_the_parallel_log_probabilities_of_the_samples_are_those_of_their_steps(kind):
+    """What the loss differentiates, in one teacher-forced pass, is what the model said step by step."""
+    members, _, _ = three_models()
+    model, features = {"pooled": members[0], "attention": members[1], "transformer": members[2]}[kind]
+    torch.manual_seed(0)
+    words, mask = sample(model, features, end=1, banned=[0, 2], max_len=6, samples=3)  # (9, T)
+    lengths = mask.sum(1)
+    parallel = log_probabilities(model, features, words, lengths, [0, 2], samples=3)  # (K,) packed
+    inputs, state = model.start(features.repeat_interleave(3, 0))
+    stepped = []
+    for t in range(words.size(1)):
+        log_probs, state = model.step(inputs, state, torch.tensor([0, 2]))
+        stepped.append(log_probs.gather(1, words[:, t:t + 1]).squeeze(1))
+        inputs = model.embed(words[:, t])
+    stepped = pack_padded_sequence(torch.stack(stepped, 1), lengths, batch_first=True, enforce_sorted=False).data
+    assert len(parallel) == int(lengths.sum()) > 9
+    torch.testing.assert_close(parallel, stepped, atol=1e-5, rtol=0)
+
+
+def test_drawn_words_follow_their_probabilities_and_never_one_of_probability_zero():
+    torch.manual_seed(0)
+    probabilities = torch.tensor([[0.0, 0.1, 0.6, 0.0, 0.3], [0.5, 0.0, 0.0, 0.5, 0.0]]).repeat(50_000, 1)
+    words = draw(probabilities).view(-1, 2)
+    for row, expected in enumerate(probabilities[:2]):
+        share = torch.bincount(words[:, row], minlength=5) / len(words)
+        torch.testing.assert_close(share, expected, atol=0.01, rtol=0)
+        assert (share[expected == 0] == 0).all()
