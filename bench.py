@@ -2,6 +2,7 @@
 
     python bench.py all                 # every part (under 5 minutes on 2 CPU cores)
     python bench.py beam                # batched beam search against a one-image-at-a-time loop
+    python bench.py cache               # the transformer's key/value cache against re-running the prefix
     python bench.py extract             # feature_extract.py's pipeline against the bare backbone
     python bench.py train               # captions/s, memory and where the time goes
     python bench.py generate            # `main.py generate` for one photo (cold) and for a folder
@@ -78,9 +79,10 @@ def bench_model(kind):
     torch.manual_seed(0)
     feature_dim, regions = 1280, 49  # MobileNetV2's 7 x 7 map
     model = build_model(Config(model=kind), VOCAB, feature_dim).eval()
-    with torch.no_grad():
-        model.classifier.weight.mul_(1000.0)
-        _count_words(model, kind)
+    if kind != "transformer":  # (the transformer's captions run as its random weights say, mostly max_len words)
+        with torch.no_grad():
+            model.classifier.weight.mul_(1000.0)
+            _count_words(model, kind)
     shape = (256, feature_dim) if kind == "pooled" else (256, regions, feature_dim)
     return model, torch.randn(shape).relu()
 
@@ -146,7 +148,7 @@ def beam(textbook_images=8, work=WORK, **options):
 def _beam_models(opt: Config):
     """(name, model, features of 256 images, </EOS>, banned words): the two bench models, then the
     --model-ckpt model with the first 256 images of --val-caption-data-path's features."""
-    for kind in ("pooled", "attention"):
+    for kind in MODEL_NAMES:
         yield (kind, *bench_model(kind), END, (PAD, UNKNOWN))
     if opt.model_ckpt:
         from captions import special_indices
@@ -160,6 +162,68 @@ def _beam_models(opt: Config):
         name = f"trained {checkpoint['config'].get('model', 'pooled')}"
         yield (name, model_from_checkpoint(checkpoint, opt.model_ckpt), features,
                *special_indices(checkpoint["ix2word"]))
+
+
+class PrefixRerun(torch.nn.Module):
+    """A transformer decoding without its key/value cache, bench's baseline for the cache: every step
+    runs its decoder over the whole prefix again (as a captioner without a cache does)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.vocab_size = model, model.vocab_size
+
+    def start(self, regions):
+        """-> first input (M, D); state: each layer's keys and values of the regions (once per image),
+        the prefix's inputs so far (N, t, D)."""
+        first, (looked_at, *_) = self.model.start(regions)
+        return first, (looked_at, first.new_zeros(len(regions), 0, first.size(-1)))
+
+    def embed(self, words):
+        return self.model.embed(words)
+
+    def step(self, inputs, state, banned=None):
+        model, (looked_at, prefix) = self.model, state
+        prefix = torch.cat([prefix, inputs.unsqueeze(1)], 1)  # (N, t+1, D)
+        beams = len(prefix) // len(looked_at[0][0])
+        x = prefix + model.positions[:prefix.size(1)]
+        for layer, (keys, values) in zip(model.layers, looked_at):
+            x = layer(x, (keys.repeat_interleave(beams, 0), values.repeat_interleave(beams, 0)))  # (N, t+1, D)
+        logits = model.classifier(model.norm(x[:, -1]))  # (N, V)
+        if banned is not None:
+            logits = logits.index_fill(-1, banned, float("-inf"))
+        return logits.log_softmax(-1), (looked_at, prefix)
+
+    @staticmethod
+    def select(state, rows):
+        looked_at, prefix = state
+        images = rows[:, 0] // (len(prefix) // len(looked_at[0][0]))  # (M',)
+        return [(keys[images], values[images]) for keys, values in looked_at], prefix[rows.reshape(-1)]
+
+    @staticmethod
+    def attention(_state):
+        return None
+
+
+def cache(count=64, beam_size=3, work=WORK, **options):
+    """Images/s of the transformer's search with its key/value cache against re-running the whole
+    prefix at every step (PrefixRerun), same images and captions: on --model-ckpt's transformer when it
+    is one, else the bench's. (`work` as in beam.)"""
+    del work
+    from beam_search import beam_search
+    device = images.pick_device()
+    kind, model, features, end, banned = [m for m in _beam_models(parse(**options)) if "transformer" in m[0]][-1]
+    model, features = model.to(device), features[:count].to(device)
+    speeds, found = {}, {}
+    for name, searcher in (("cache", model), ("prefix re-run", PrefixRerun(model))):
+        start = time.perf_counter()
+        found[name] = [b[0][0] for b in beam_search(searcher, features, end, banned, beam_size, MAX_LEN)]
+        speeds[name] = count / (time.perf_counter() - start)
+    row = {"model": kind, "images": count, "beam": beam_size, "cache_images_per_s": speeds["cache"],
+           "prefix_rerun_images_per_s": speeds["prefix re-run"], "speed_up": speeds["cache"] / speeds["prefix re-run"],
+           "same_captions": sum(a == b for a, b in zip(found["cache"], found["prefix re-run"])) / count,
+           "mean_words": sum(map(len, found["cache"])) / count}
+    _table("transformer search: key/value cache against re-running the prefix", [row])
+    return row
 
 
 # --- extraction -----------------------------------------------------------------------------------
@@ -387,7 +451,8 @@ def run_all(work=WORK, **options):
     """Every part, each timed; the numbers also go to work/bench.json."""
     results = {"date": time.strftime("%Y-%m-%d"), "device": "cuda" if torch.cuda.is_available() else "cpu",
                "threads": torch.get_num_threads(), "torch": torch.__version__, "seconds": {}}
-    for name, part in (("beam", beam), ("extract", extract), ("train", train), ("generate", generate)):
+    for name, part in (("beam", beam), ("cache", cache), ("extract", extract), ("train", train),
+                       ("generate", generate)):
         start = time.perf_counter()
         results[name] = part(work=work, **options)
         results["seconds"][name] = time.perf_counter() - start
@@ -412,7 +477,7 @@ def _printing_only(function):
 if __name__ == "__main__":
     try:
         fire.Fire({name: _printing_only(function) for name, function in [
-            ("all", run_all), ("beam", beam), ("extract", extract), ("train", train), ("generate", generate),
-            ("train_phase", train_phase)]})
+            ("all", run_all), ("beam", beam), ("cache", cache), ("extract", extract), ("train", train),
+            ("generate", generate), ("train_phase", train_phase)]})
     except UserError as error:
         sys.exit(f"error: {error}")

@@ -55,17 +55,21 @@ def validation_losses(folder):
     return [record["value"] for record in log if record["name"] == "val_loss"]
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch(demo, tmp_path):
+@pytest.mark.parametrize("model", ["pooled", "transformer"])
+def test_two_processes_train_like_one_with_the_same_global_batch(demo, tmp_path, model):
     """--batch-size is the batch of the whole run: 2 processes x 16 captions take the steps that one
-    process takes with 32, and reach about the same loss; validation is shared out and gathered."""
-    states = {}
+    process takes with 32, and reach about the same loss; validation is shared out and gathered. The
+    transformer's batches are whole images with all their captions (about 32 captions: 6 images)."""
+    states, sizes = {}, {"d_model": 32, "heads": 4} if model == "transformer" else {}
     for processes in (1, 2):
         folder = tmp_path / str(processes)
-        torchrun(processes, "main.py", "train", *train_args(demo, folder, epoch=2, eval_size=12))
+        torchrun(processes, "main.py", "train", *train_args(demo, folder, epoch=2, eval_size=12, model=model,
+                                                            **sizes))
         model_from_checkpoint(load_checkpoint(str(folder / "checkpoints" / "best.pth")), "best.pth")  # as generate
         states[processes] = load_checkpoint(str(folder / "checkpoints" / "last.pth"))["state"]
         assert len(validation_losses(folder)) == 2
-    assert states[2]["step"] == states[1]["step"] == 2 * (120 * 5 // demo.batch_size + 1)
+    batches = 120 // round(demo.batch_size / 5) if model == "transformer" else 120 * 5 // demo.batch_size + 1
+    assert states[2]["step"] == states[1]["step"] == 2 * batches
     assert states[2]["processes"] == 2
     one, two = validation_losses(tmp_path / "1"), validation_losses(tmp_path / "2")
     assert one[1] < 0.8 * one[0] and two[1] < 0.8 * two[0]  # both learn

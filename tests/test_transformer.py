@@ -8,7 +8,7 @@ import torch
 from conftest import options
 
 from beam_search import beam_search
-from bench import textbook_beam_search
+from bench import PrefixRerun, cache, textbook_beam_search
 from main import generate, train
 from model import TransformerModel, load_checkpoint
 from visualize import cjk_font
@@ -89,3 +89,14 @@ def test_the_transformer_trains_through_its_phases_and_draws_its_attention(demo,
                        attention_map=str(tmp_path / "maps")))
     assert capsys.readouterr().out.strip().split("\t")[1]
     assert os.path.getsize(tmp_path / "maps" / "val_0002.attention.png") > 1000
+
+
+def test_the_bench_baseline_that_reruns_the_prefix_finds_what_the_cache_finds():
+    model, regions = small_transformer(seed=2)
+    cached = beam_search(model, regions, END, [PAD, UNKNOWN], beam_size=3, max_len=8, n_best=3)
+    rerun = beam_search(PrefixRerun(model), regions, END, [PAD, UNKNOWN], beam_size=3, max_len=8, n_best=3)
+    for mine, theirs in zip(cached, rerun):
+        assert [words for words, _, _ in mine] == [words for words, _, _ in theirs]
+        assert [score for _, score, _ in mine] == pytest.approx([score for _, score, _ in theirs], abs=1e-4)
+    row = cache(count=4, beam_size=2)
+    assert row["same_captions"] == 1.0 and row["cache_images_per_s"] > 0 and row["mean_words"] > 0
