@@ -74,8 +74,8 @@ class Config:
     val_caption_data_path: str = option("", None, "encoded val split; empty: hold out --val-fraction of the images")
     val_fraction: float = option(0.05, "(0, 1)", "share of the training images held out when there is no val split")
     lr: float = option(1e-3, "(0, inf)", "learning rate of the cross-entropy phases")
-    warmup_steps: int = option(0, "[0, inf)", "each phase's lr rises linearly over its first N optimizer steps, "
-                                              "then falls as 1/sqrt(step) (Vaswani et al.; 0: constant)")
+    warmup_steps: int = option(0, "[0, inf)", "the cross-entropy lr rises linearly over the first N optimizer "
+                                              "steps, then falls as 1/sqrt(step) (Vaswani et al.; 0: constant)")
     label_smoothing: float = option(0.0, "[0, 1)", "cross-entropy phases: the target word keeps 1 - this, the "
                                                    "rest is spread over the vocabulary")
     weight_decay: float = option(0.0, "[0, inf)", "Adam's L2 penalty")

@@ -36,12 +36,14 @@ class Phase:
     from_images: bool  # the backbone learns too: batches of images, encoded as they come
     per_image: bool  # each image once with sampled captions (self-critical), else every human caption
     measure: str  # what a step returns and the dashboard plots: loss or reward
+    warmup_steps: int = 0  # of the lr (see warmup_factor): for the phase that starts from random weights
 
 
 def phases(opt: Config):
     """The phases in their order, each starting from the best model so far; one of 0 epochs is skipped."""
     finetune = opt.finetune_encoder > 0
-    return [Phase(CROSS_ENTROPY, opt.epoch, opt.lr, from_images=False, per_image=False, measure="loss"),
+    return [Phase(CROSS_ENTROPY, opt.epoch, opt.lr, from_images=False, per_image=False, measure="loss",
+                  warmup_steps=opt.warmup_steps),
             Phase(FINE_TUNING, opt.finetune_epoch if finetune else 0, opt.lr, True, False, "loss"),
             Phase(SELF_CRITICAL, opt.scst_epoch, opt.scst_lr, finetune, True, "reward")]
 
@@ -469,7 +471,7 @@ class Trainer:
 
     def _schedule_lr(self):
         """Each group's lr at this step of the phase: its base_lr (decayed on plateaus) times the warm-up."""
-        factor = warmup_factor(self.progress.phase_step, self.opt.warmup_steps)
+        factor = warmup_factor(self.progress.phase_step, self.phase.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
 

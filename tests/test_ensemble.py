@@ -103,3 +103,11 @@ def test_checkpoints_of_different_vocabularies_are_refused_in_one_line(demo, two
         generate(**options(demo, img=os.path.join(demo.img_path, "val_0001.jpg"),
                            model_ckpt=f"{two_checkpoints[0]},{other}"))
     one_line_error(error, other, two_checkpoints[0], "vocabularies differ")
+
+
+@pytest.mark.parametrize("names", ["{0},", "{0},,{0}", "{0},{1}/missing.pth"])
+def test_an_ensemble_with_an_empty_or_missing_checkpoint_name_is_one_line(demo, two_checkpoints, tmp_path, names):
+    with pytest.raises(SystemExit) as error:
+        generate(**options(demo, img=os.path.join(demo.img_path, "val_0001.jpg"),
+                           model_ckpt=names.format(two_checkpoints[0], tmp_path)))
+    one_line_error(error, "missing.pth" if "missing" in names else "empty checkpoint name")

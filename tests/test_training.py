@@ -239,25 +239,29 @@ def test_the_warm_up_rises_linearly_then_falls_as_one_over_the_square_root():
 
 
 def test_training_warms_the_lr_up_step_by_step_and_decays_the_warmed_lr(demo, tmp_path, monkeypatch):
-    seen = []
+    """Cross-entropy from random weights warms up; self-critical training, from a trained model, does not."""
+    seen, self_critical = [], []
     monkeypatch.setattr(Trainer, "cross_entropy_step",
                         lambda self, batch, sampling=0.0: seen.append(self.optimizer.param_groups[0]["lr"]) or 1.0)
+    monkeypatch.setattr(Trainer, "self_critical_step",
+                        lambda self, batch: self_critical.append(self.optimizer.param_groups[0]["lr"]) or 1.0)
     monkeypatch.setattr(Trainer, "validate", lambda self: {"val_loss": 1.0, "CIDEr-D": 0.1})  # never improves after 1
     train(**options(demo, tmp_path, epoch=3, lr=1e-2, warmup_steps=10_000, lr_patience=1, lr_decay=0.5,
-                    early_stop_patience=0))
+                    early_stop_patience=0, scst_epoch=1, scst_lr=3e-4))
+    assert self_critical and set(self_critical) == {3e-4}
     per_epoch = len(seen) // 3
     expected = [1e-2 * (step + 1) / 10_000 * (0.5 if step >= 2 * per_epoch else 1) for step in range(len(seen))]
     assert seen == pytest.approx(expected)  # decayed once: after epoch 2, the first without improvement
     last = load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))
-    assert last["state"]["phase_step"] == len(seen)
-    assert last["optimizer"]["param_groups"][0]["base_lr"] == pytest.approx(2.5e-3)  # and after epoch 3
+    assert last["state"]["phase_step"] == len(self_critical)
+    assert last["optimizer"]["param_groups"][0]["base_lr"] == pytest.approx(3e-4 * 0.5)  # decayed after its epoch
 
 
 def test_label_smoothing_is_the_mix_of_the_target_loss_and_the_mean_over_the_vocabulary():
     torch.manual_seed(0)
     logits, targets = torch.randn(6, 9), torch.randint(0, 9, (6,))
 
-    def model(features, captions, lengths, sampling):
+    def model(features, captions, lengths, sampling, image_of):
         return logits, targets, torch.tensor(0.0)
 
     log_probs = logits.log_softmax(-1)
