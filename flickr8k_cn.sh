@@ -14,8 +14,8 @@ MODEL=${MODEL:-attention}
 BACKBONE=${BACKBONE:-efficientnet_lite2}
 GRID=$([ "$MODEL" = pooled ] && echo 0 || echo 7)  # region features for the attention models
 BLEU_WEIGHT=$([ "$MODEL" = pooled ] && echo 4 || echo 0)  # self-critical reward: CIDEr-D alone for them
-# the transformer: its lr warmed up over about an epoch, fewer epochs (each takes longer)
-EXTRA=$([ "$MODEL" = transformer ] && echo "--warmup-steps=500 --epoch=8 --scst-epoch=4" || echo "")
+# the transformer: its cross-entropy lr warmed up over about an epoch (462 steps), 8 epochs of it
+EXTRA=$([ "$MODEL" = transformer ] && echo "--warmup-steps=500 --epoch=8" || echo "")
 mkdir -p "$WORK"
 python data_preprocess.py process --annotation-file="$DATA/annotations/flickr8kcn_train_zhc.json" \
     --caption-data-path="$WORK/train.pth"
