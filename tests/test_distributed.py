@@ -60,7 +60,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(demo, tmp_path,
     """--batch-size is the batch of the whole run: 2 processes x 16 captions take the steps that one
     process takes with 32, and reach about the same loss; validation is shared out and gathered. The
     transformer's batches are whole images with all their captions (about 32 captions: 6 images)."""
-    states, sizes = {}, {"d_model": 32, "heads": 4} if model == "transformer" else {}
+    states, sizes = {}, {"d_model": 32, "heads": 4, "lr": 3e-3} if model == "transformer" else {}
     for processes in (1, 2):
         folder = tmp_path / str(processes)
         torchrun(processes, "main.py", "train", *train_args(demo, folder, epoch=2, eval_size=12, model=model,
@@ -73,7 +73,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(demo, tmp_path,
     assert states[2]["processes"] == 2
     one, two = validation_losses(tmp_path / "1"), validation_losses(tmp_path / "2")
     assert one[1] < 0.8 * one[0] and two[1] < 0.8 * two[0]  # both learn
-    np.testing.assert_allclose(two, one, rtol=0.05)  # different dropout draws, per-process loss means
+    # different dropout draws, per-process loss means (more apart at the transformer's higher lr)
+    np.testing.assert_allclose(two, one, rtol=0.1 if model == "transformer" else 0.05)
 
 
 def test_sigterm_to_one_process_then_resume_sees_every_caption_once(demo, tmp_path):
