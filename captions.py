@@ -88,6 +88,9 @@ def load_caption_data(path):
     if not problem and not (isinstance(data["ix2id"], list) and isinstance(data["caption"], list)
                             and len(data["caption"]) == len(data["ix2id"])):
         problem = "its image list and captions do not match"
+    elif not problem and not (isinstance(data.get("extra_caption", data["caption"]), list)
+                              and len(data.get("extra_caption", data["caption"])) == len(data["caption"])):
+        problem = "its extra training text and captions do not match"
     elif not problem and not data["ix2id"]:
         problem = "it holds no images"
     if problem:

@@ -42,6 +42,9 @@ class Config:
     # --- data (data_preprocess.py) ---
     annotation_file: str = option("", None, "AI Challenger caption JSON: [{image_id, caption: [sentences]}]")
     caption_data_path: str = option("caption.pth", None, "encoded captions + vocabulary")
+    extra_annotation_file: str = option("", None, "more training text for the same images (e.g. machine "
+                                        "translations; comma-separated files): cross-entropy learns from it "
+                                        "too, the references stay --annotation-file's")
     vocab_from: str = option("", None, "reuse the vocabulary of this caption .pth (for the val split)")
     max_words: int = option(10000, "[1, inf)", "vocabulary size, most frequent words first")
     min_appear: int = option(2, "[1, inf)", "a word seen fewer times becomes </UNKNOWN>")
@@ -139,7 +142,8 @@ _GENERATION = ("model_ckpt checkpoint_dir beam_size max_gen_len min_len length_n
                "use_gpu")
 # The options each command reads (for its --help); every other field is still accepted and checked.
 COMMAND_OPTIONS = {
-    "process": "annotation_file caption_data_path vocab_from max_words min_appear max_caption_len",
+    "process": "annotation_file extra_annotation_file caption_data_path vocab_from max_words min_appear "
+               "max_caption_len",
     "extract": "caption_data_path img_path backbone weights batch_size num_workers grid use_gpu",
     "train": "caption_data_path val_caption_data_path val_fraction model embedding_dim hidden_size num_layers "
              "dropout attention_dim alpha_c d_model heads transformer_layers lr warmup_steps label_smoothing "

@@ -18,6 +18,7 @@ from files import atomic_save, check_output_file
 README = """word2ix: word -> index; ix2word: index -> word (a list)
 id2ix: image_id -> row; ix2id: row -> image_id (row i of the features file is image ix2id[i])
 caption[row]: the captions of that image, each a list of word indices (no </EOS>)
+extra_caption[row]: more training text of that image (--extra-annotation-file), encoded as caption
 sentences[row]: the same captions as text, cleaned (the references for scoring)
 padding, end, unknown: the special tokens; dropped: annotation entries with no usable caption"""
 
@@ -62,46 +63,72 @@ def _warn_unknown_words(encoded, unknown, opt):
         print(f"warning: {share:.0%} of the words are </UNKNOWN> ({cause})", file=sys.stderr)
 
 
-@command
-def process(opt: Config):
-    """Encode opt.annotation_file into opt.caption_data_path."""
-    if not opt.annotation_file:
-        raise UserError("give the captions to encode with --annotation-file=FILE.json")
-    check_output_file(opt.caption_data_path, inputs=[opt.annotation_file])  # --vocab-from is read first
-    entries = load_annotations(opt.annotation_file)
-    vocabulary = load_caption_data(opt.vocab_from)["ix2word"] if opt.vocab_from else None
+def tokenize_entries(entries, description):
+    """Each entry's captions as jieba word lists (empty captions left out) -> (lists, empty captions)."""
     tokenized, empty = [], 0
-    for entry in tqdm(entries, desc="jieba", unit="image"):
+    for entry in tqdm(entries, desc=f"jieba {description}", unit="image"):
         words = [tokenize(sentence) for sentence in entry["caption"]]
         empty += sum(not w for w in words)
         tokenized.append([w for w in words if w])
+    return tokenized, empty
+
+
+def extra_text(files, image_ids):
+    """The word lists of the --extra-annotation-file(s) (comma-separated) for each of image_ids, in that
+    order ([] for an image they lack); a file that captions none of these images is refused."""
+    paths = files.split(",")
+    if any(not path.strip() for path in paths):
+        raise UserError(f"--extra-annotation-file={files}: an empty file name in the list")
+    extra = {image_id: [] for image_id in image_ids}
+    for path in (path.strip() for path in paths):
+        entries = load_annotations(path)
+        if not any(entry["image_id"] in extra for entry in entries):
+            raise UserError(f"{path}: captions none of the images of --annotation-file; the extra text must be "
+                            "about the same images")
+        for entry, words in zip(entries, tokenize_entries(entries, os.path.basename(path))[0]):
+            extra.get(entry["image_id"], []).extend(words)
+    return [extra[image_id] for image_id in image_ids]
+
+
+@command
+def process(opt: Config):
+    """Encode opt.annotation_file (and opt.extra_annotation_file) into opt.caption_data_path."""
+    if not opt.annotation_file:
+        raise UserError("give the captions to encode with --annotation-file=FILE.json")
+    check_output_file(opt.caption_data_path, inputs=[opt.annotation_file, *opt.extra_annotation_file.split(",")])
+    entries = load_annotations(opt.annotation_file)
+    vocabulary = load_caption_data(opt.vocab_from)["ix2word"] if opt.vocab_from else None  # read first
+    tokenized, empty = tokenize_entries(entries, os.path.basename(opt.annotation_file))
     kept = [i for i, captions in enumerate(tokenized) if captions]
     dropped = len(entries) - len(kept)
     entries, tokenized = [entries[i] for i in kept], [tokenized[i] for i in kept]
     if not entries:
         raise UserError(f"{opt.annotation_file}: no caption has a word left once 。 and spaces are removed; "
                         "nothing to encode")
-    ix2word = vocabulary or build_vocabulary(tokenized, opt.max_words, opt.min_appear)
+    ix2id = [entry["image_id"] for entry in entries]
+    extra = extra_text(opt.extra_annotation_file, ix2id) if opt.extra_annotation_file else [[] for _ in ix2id]
+    ix2word = vocabulary or build_vocabulary(tokenized + extra, opt.max_words, opt.min_appear)
     if len(ix2word) == len(SPECIAL):
         raise UserError(f"{opt.annotation_file}: no word appears --min-appear={opt.min_appear} times; "
                         "lower --min-appear")
     word2ix = {word: ix for ix, word in enumerate(ix2word)}
     encoded = encode(tokenized, word2ix, opt.max_caption_len)
-    ix2id = [entry["image_id"] for entry in entries]
     sentences = [[clean(s) for s in entry["caption"] if clean(s)] for entry in entries]
     checked = check_round_trip(ix2id, sentences, encoded, ix2word, opt.max_caption_len)
     data = {
         "word2ix": word2ix, "ix2word": ix2word,
         "id2ix": {image_id: ix for ix, image_id in enumerate(ix2id)}, "ix2id": ix2id,
-        "caption": encoded, "sentences": sentences,
+        "caption": encoded, "sentences": sentences, "extra_caption": encode(extra, word2ix, opt.max_caption_len),
         "padding": PAD, "end": EOS, "unknown": UNKNOWN, "readme": README,
         "annotation_file": os.path.abspath(opt.annotation_file),
     }
     atomic_save(data, opt.caption_data_path)
     truncated = sum(len(words) > opt.max_caption_len for captions in tokenized for words in captions)
     total = sum(map(len, encoded))
-    print(f"{opt.caption_data_path}: {len(ix2id)} images, {total} captions, "
-          f"vocabulary {len(ix2word)} words; skipped {empty} empty captions and "
+    extra_total = sum(map(len, extra))
+    more = f" (and {extra_total} of extra training text for {sum(map(bool, extra))})" if extra_total else ""
+    print(f"{opt.caption_data_path}: {len(ix2id)} images, {total} captions{more}, vocabulary {len(ix2word)} words; "
+          f"skipped {empty} empty captions and "
           f"{dropped} images left with none; truncated {truncated}; round trip checked on {checked} of "
           f"{total} captions (the others hold </UNKNOWN> words or were truncated)")
     _warn_unknown_words(encoded, word2ix[UNKNOWN], opt)

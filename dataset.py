@@ -22,6 +22,9 @@ class CaptionSplit:
         self.end, self.banned = special_indices(self.ix2word)  # </EOS>; </PAD> and </UNKNOWN>
         self.unknown = caption_data["word2ix"][caption_data["unknown"]]
         self.feature_dim = features.shape[-1]
+        extra = caption_data.get("extra_caption") or [[] for _ in caption_data["caption"]]
+        # what cross-entropy learns from: the captions, then any extra text (the references stay the captions)
+        self._training_captions = [own + more for own, more in zip(caption_data["caption"], extra)]
         self.pairs = self.pairs_of(self.rows)  # one (row, caption number) pair per caption
 
     def with_features(self, features):
@@ -48,11 +51,11 @@ class CaptionSplit:
         return {self.image_id(row): self.sentences(row) for row in rows}
 
     def pairs_of(self, rows):
-        """(row, caption number) of every caption of rows."""
-        return [(row, i) for row in rows for i in range(len(self._data["caption"][row]))]
+        """(row, caption number) of every training caption of rows."""
+        return [(row, i) for row in rows for i in range(len(self._training_captions[row]))]
 
     def word_captions(self):
-        """{row: its captions as word-index lists} for every row of the split."""
+        """{row: its captions (the references, no extra text) as word-index lists} for every row of the split."""
         return {int(row): self._data["caption"][row] for row in self.rows}
 
     def features_of(self, rows):
@@ -110,7 +113,7 @@ class CaptionSplit:
     def captions_of(self, pairs):
         """(row, caption number) pairs -> captions (B, T) ending in </EOS>, padded with </PAD> (0),
         and lengths (B,) counting the </EOS>."""
-        sentences = [self._data["caption"][row][i] + [self.end] for row, i in pairs]
+        sentences = [self._training_captions[row][i] + [self.end] for row, i in pairs]
         lengths = torch.tensor([len(s) for s in sentences])
         captions = torch.zeros(len(pairs), int(lengths.max()), dtype=torch.long)  # (B, T)
         for b, sentence in enumerate(sentences):

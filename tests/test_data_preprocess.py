@@ -2,11 +2,13 @@ import json
 import os
 import stat
 
+import numpy as np
 import pytest
 import torch
 
 from captions import EOS, PAD, UNKNOWN, tokenize
 from data_preprocess import process
+from dataset import CaptionSplit
 
 ENTRIES = [
     {"image_id": "a.jpg", "caption": ["一个男人在草地上跑步。", "男人在跑步", " 草地上的男人\n", "。", "跑步的男人"]},
@@ -112,3 +114,39 @@ def test_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE(os.stat(tmp_path / "c.pth").st_mode) == 0o644
+
+
+EXTRA = [{"image_id": "b.jpg", "caption": ["两条小狗在绿色的草坪上奔跑。"]},
+         {"image_id": "z.jpg", "caption": ["不在主文件里的图片"]}]
+
+
+def test_extra_text_is_learned_from_but_never_a_reference(tmp_path):
+    out = str(tmp_path / "c.pth")
+    process(annotation_file=write(tmp_path / "a.json", ENTRIES),
+            extra_annotation_file=write(tmp_path / "x.json", EXTRA), caption_data_path=out, min_appear=1)
+    data = torch.load(out, weights_only=True)
+    assert data["extra_caption"][0] == []  # a.jpg has no extra text; z.jpg is not an image of the file
+    [extra] = data["extra_caption"][1]
+    assert "".join(data["ix2word"][i] for i in extra) == "两条小狗在绿色的草坪上奔跑"  # its words are in the vocabulary
+    assert data["sentences"][1] == [s.rstrip("。") for s in ENTRIES[1]["caption"]]
+    split = CaptionSplit(data, np.zeros((2, 4), np.float16), {"img_path": str(tmp_path)}, [0, 1])
+    assert split.pairs == [(0, i) for i in range(4)] + [(1, i) for i in range(6)]  # cross-entropy reads it
+    captions, lengths = split.captions_of([(1, 5)])
+    assert captions[0, :lengths[0] - 1].tolist() == extra and captions[0, lengths[0] - 1] == data["word2ix"][EOS]
+    assert split.word_captions()[1] == data["caption"][1]  # the self-critical reward's references: no extra text
+    assert split.references([1]) == {"b.jpg": data["sentences"][1]}
+
+
+@pytest.mark.parametrize("files, problem", [
+    ("{x},", "an empty file name in the list"),
+    ("{other}", "captions none of the images of --annotation-file"),
+    ("{x},{missing}", "missing.json"),
+])
+def test_unusable_extra_text_is_one_line_and_writes_nothing(tmp_path, files, problem):
+    names = {"x": write(tmp_path / "x.json", EXTRA), "missing": str(tmp_path / "missing.json"),
+             "other": write(tmp_path / "other.json", [{"image_id": "q.jpg", "caption": ["猫"]}])}
+    annotations, out = write(tmp_path / "a.json", ENTRIES), tmp_path / "c.pth"
+    with pytest.raises(SystemExit) as exit_info:
+        process(annotation_file=annotations, extra_annotation_file=files.format(**names), caption_data_path=str(out))
+    assert problem in str(exit_info.value) and "\n" not in str(exit_info.value)
+    assert not out.exists()

@@ -87,14 +87,21 @@ def test_any_option_value_is_accepted_within_its_range_or_refused_in_one_line(na
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                                 max_size=4), max_leaves=12)
-ENTRY = st.fixed_dictionaries({"image_id": st.text(max_size=10) | st.sampled_from(["a.jpg", "../x.jpg", "/etc/p"]),
-                               "caption": st.lists(st.text(max_size=12) | st.sampled_from(["一个男人在骑马。", "。"]),
-                                                   max_size=5) | JSON})
-ANNOTATIONS = st.one_of(
-    st.lists(ENTRY, max_size=5).map(lambda entries: json.dumps(entries, ensure_ascii=False).encode("utf-8")),
-    JSON.map(lambda value: json.dumps(value).encode()),
-    st.binary(max_size=200),
-)
+CAPTIONS = st.lists(st.text(max_size=12) | st.sampled_from(["一个男人在骑马。", "。"]), max_size=5) | JSON
+
+
+def annotation_files(image_ids):
+    """Annotation file contents: entries with these image ids (or any text), any JSON, any bytes."""
+    entry = st.fixed_dictionaries({"image_id": st.text(max_size=10) | st.sampled_from(image_ids),
+                                   "caption": CAPTIONS})
+    return st.one_of(
+        st.lists(entry, max_size=5).map(lambda entries: json.dumps(entries, ensure_ascii=False).encode("utf-8")),
+        JSON.map(lambda value: json.dumps(value).encode()),
+        st.binary(max_size=200),
+    )
+
+
+ANNOTATIONS = annotation_files(["a.jpg", "../x.jpg", "/etc/p"])
 
 
 @given(content=ANNOTATIONS, bom=st.booleans())
@@ -113,6 +120,27 @@ def test_any_annotation_file_is_encoded_or_refused_without_touching_the_output(d
         data = torch.load(output, weights_only=True)
         assert data["ix2id"] and all(captions for captions in data["caption"])
 
+
+
+@given(content=annotation_files(["val_0000.jpg", "val_0001.jpg", "train_0000.jpg"]))
+def test_any_extra_text_is_added_or_refused_and_never_changes_the_references(demo, tmp_path_factory, content):
+    folder = tmp_path_factory.mktemp("extra")
+    annotations = os.path.join(os.path.dirname(demo.caption_data_path), "val.json")
+    extra, output = str(folder / "x.json"), str(folder / "caption.pth")
+    open(extra, "wb").write(content)
+    shutil.copy(demo.caption_data_path, output)
+    before = snapshot(output)
+    error = run("process", f"--annotation-file={annotations}", f"--extra-annotation-file={extra}",
+                f"--caption-data-path={output}", "--min-appear=1")
+    if error:
+        assert "x.json" in error, error
+        assert snapshot(output) == before
+    else:
+        data = torch.load(output, weights_only=True)
+        entries = json.load(open(annotations, encoding="utf-8"))
+        assert data["ix2id"] == [entry["image_id"] for entry in entries]
+        assert data["sentences"] == [[sentence.replace("。", "") for sentence in entry["caption"]] for entry in entries]
+        assert len(data["extra_caption"]) == len(entries)
 
 # --- images --------------------------------------------------------------------------------------
 @st.composite
