@@ -77,6 +77,13 @@ class Encoder(nn.Module):
         encoded = encode_images(self.trunk, self.backbone, paths, device, opt.batch_size, opt.num_workers, self.grid)
         return torch.cat([pooled if regions is None else regions for pooled, regions, _ in encoded]).to(device)
 
+    def encoded_split(self, split, opt, device):
+        """The split with its features encoded from its images as the encoder is now (for validation)."""
+        encoded = self.features_of(split, split.rows, opt, device).cpu().numpy()  # (n, F) or (n, R, F)
+        features = np.zeros((max(split.rows) + 1, *encoded.shape[1:]), np.float16)
+        features[split.rows] = encoded
+        return split.with_features(features)
+
 
 class TrainingImages(Dataset):
     """A split's images by row, prepared for the backbone -> ((3, S, S), row). With augment: a random

@@ -151,8 +151,16 @@ def score_split(model, split, opt, device, process=0, processes=1):
     return scores
 
 
+def check_training_data(opt: Config, split):
+    """Before any work: that captions can be searched for in this vocabulary, and what fine-tuning will
+    need, hours later, from the features' description."""
+    check_search(1, opt.beam_size, len(split.ix2word) - 1 - len(split.banned), opt.min_len, opt.max_gen_len)
+    if opt.finetune_encoder and opt.finetune_epoch + opt.scst_epoch:
+        check_finetuning(opt, split.meta)
+
+
 def check_finetuning(opt: Config, meta):
-    """Before any work: what fine-tuning will need, hours later, from the features' description."""
+    """What fine-tuning needs: as many stages as asked for, the weights, the images."""
     stages = STAGE_COUNTS.get(meta["backbone"], 0)
     if opt.finetune_encoder > stages:
         raise UserError(f"--finetune-encoder={opt.finetune_encoder}: {meta['backbone']} has {stages} stages")
@@ -197,6 +205,56 @@ def debug_requested(path):
     return False
 
 
+class Optimization:
+    """How the weights learn in a phase: Adam over the model at the phase's lr and over the learning
+    encoder's stages at --encoder-lr (the fused kernel: 3x faster on a CPU), gradients clipped to
+    --grad-clip, float16 losses scaled. Each group's lr is its base_lr (decayed on plateaus) times the
+    phase's warm-up at the step (see warmup_factor)."""
+
+    def __init__(self, opt: Config, phase, model, encoder=None, float16=False):
+        groups = [{"params": list(model.parameters()), "lr": phase.lr, "base_lr": phase.lr}]
+        if encoder is not None:
+            groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "lr": opt.encoder_lr,
+                           "base_lr": opt.encoder_lr})
+        self.optimizer = torch.optim.Adam(groups, weight_decay=opt.weight_decay, fused=True)
+        self.scaler = torch.amp.GradScaler(enabled=float16)
+        self.grad_clip, self.warmup_steps = opt.grad_clip, phase.warmup_steps
+
+    def schedule(self, phase_step):
+        """Set each group's lr for the phase's step phase_step -> the model's lr."""
+        factor = warmup_factor(phase_step, self.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        return self.optimizer.param_groups[0]["lr"]
+
+    def decay(self, factor, phase_step):
+        """Multiply every base_lr by factor -> the model's lr at phase_step."""
+        for group in self.optimizer.param_groups:
+            group["base_lr"] *= factor
+        return self.schedule(phase_step)
+
+    def step(self, loss, progress):
+        """Backpropagate loss and update the weights -> the loss's value; a NaN loss stops training."""
+        if not torch.isfinite(loss):
+            raise UserError(f"the loss became {loss.item()} at epoch {progress.epoch + 1}, step {progress.step}; "
+                            "stopped. The last good checkpoint is kept; try a lower --lr")
+        self.optimizer.zero_grad()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_([p for group in self.optimizer.param_groups for p in group["params"]],
+                                       self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.item()
+
+    def load_state_dict(self, checkpoint):
+        """The optimizer and scaler states of a last.pth (an older version's has no base_lr: no warm-up)."""
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        for group in self.optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])
+        self.scaler.load_state_dict(checkpoint.get("scaler") or self.scaler.state_dict())
+
+
 class Trainer:
     """Trains a caption model through its phases (see `phases`). After each epoch it validates, keeps
     best.pth by `--metric`, decays the lr and stops a phase early when the metric stalls. `progress`
@@ -216,17 +274,14 @@ class Trainer:
         self.process, self.processes = distributed.rank_and_size()
         self.train_split, self.val_split = train_val_splits(opt)
         self.vocab = self.train_split.ix2word
-        check_search(1, opt.beam_size, len(self.vocab) - 1 - len(self.train_split.banned), opt.min_len,
-                     opt.max_gen_len)
+        check_training_data(opt, self.train_split)
         self.model = build_model(opt, len(self.vocab), self.train_split.feature_dim).to(self.device)
-        if opt.finetune_encoder and opt.finetune_epoch + opt.scst_epoch:
-            check_finetuning(opt, self.train_split.meta)
         self.phases, self.progress = phases(opt), Progress(processes=self.processes)
-        self.checkpoints, self.report = Checkpoints(opt, self.train_split, self.process), Reporter(opt, self.process)
+        self.report = Reporter(opt, self.process)
+        self.checkpoints = Checkpoints(opt, self.train_split, self.process, self.report)
         # CUDA: bfloat16 autocast (float16 with a gradient scaler where bfloat16 is missing)
         cuda = self.device.type == "cuda"
         self.half = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler(enabled=cuda and self.half == torch.float16)
         self.encoder = self.training_images = self.cider = None  # made when a phase needs them
         self._prepare_phase()
         if opt.resume:
@@ -255,13 +310,13 @@ class Trainer:
         distributed.finish()
 
     def _run_phase(self, stop):
-        """The remaining epochs of the current phase; False when a stop was requested."""
-        while self.progress.phase_epoch < self.phase.epochs:
+        """The remaining epochs of the current phase; False when a stop was requested (a stop asked
+        for during validation acts once last.pth is saved)."""
+        while self.progress.phase_epoch < self.phase.epochs and not self._stalled():
             if not self.train_epoch(stop):
                 return False
-            if self._end_epoch():
-                break
-            if distributed.any_process(stop.requested):  # asked during validation: last.pth is saved
+            self._end_epoch()
+            if distributed.any_process(stop.requested):
                 return False
         return True
 
@@ -293,11 +348,9 @@ class Trainer:
             if debug_requested(opt.debug_file):
                 import ipdb
                 ipdb.set_trace()
-            self._schedule_lr()
+            self.optimization.schedule(progress.phase_step)
             meter.add(step(batch))
-            progress.batch += 1
-            progress.step += 1
-            progress.phase_step += 1
+            progress.stepped()
             if progress.step % opt.plot_every == 0 and self.report.speaks:
                 bar.set_postfix({phase.measure: f"{meter.value()[0]:.3f}"})
                 self._plot(batch.rows[0], meter.value()[0])
@@ -306,11 +359,9 @@ class Trainer:
         return True
 
     def _end_epoch(self):
-        """Validate, keep the best model, decay the lr, save; True when the phase should stop early."""
+        """Validate, keep the best model, decay the lr when the metric stalls, save last.pth."""
         opt, progress = self.opt, self.progress
-        progress.epoch += 1
-        progress.phase_epoch += 1
-        progress.batch = 0
+        progress.epoch, progress.phase_epoch, progress.batch = progress.epoch + 1, progress.phase_epoch + 1, 0
         scores = self.validate()
         self.report.validation(progress, scores)
         if opt.metric not in scores:
@@ -324,16 +375,21 @@ class Trainer:
         else:
             progress.epochs_without_improvement += 1
             if opt.lr_patience and progress.epochs_without_improvement % opt.lr_patience == 0:
-                self._decay_lr()
+                lr = self.optimization.decay(opt.lr_decay, progress.phase_step)
+                self.report.say(f"no improvement for {progress.epochs_without_improvement} epochs: lr -> {lr:.2e}")
+                self.report.log("lr", lr, progress)
         self._save(self.checkpoints.last)
         summary = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
         self.report.say(f"epoch {progress.epoch}: {summary}" + (" (best)" if improved else ""))
-        stop = opt.early_stop_patience and progress.epochs_without_improvement >= opt.early_stop_patience
-        if stop:
+        if self._stalled():
             self.report.say(f"early stop of {progress.phase} training: no improvement of {opt.metric} "
                             f"for {opt.early_stop_patience} epochs")
             self.report.log("early_stop", progress.epoch, progress)
-        return stop
+
+    def _stalled(self):
+        """--early-stop-patience epochs without improvement: the phase is over."""
+        patience = self.opt.early_stop_patience
+        return bool(patience) and self.progress.epochs_without_improvement >= patience
 
     # --- steps ------------------------------------------------------------------------------------
     def cross_entropy_step(self, batch, sampling=0.0):
@@ -341,7 +397,7 @@ class Trainer:
         with self._autocast():
             loss = self.objective(cross_entropy_loss, batch.inputs, batch.captions.to(self.device), batch.lengths,
                                   sampling, self.opt.label_smoothing, batch.image_of)
-        return self._update(loss)
+        return self.optimization.step(loss, self.progress)
 
     def self_critical_step(self, batch):
         """One self-critical step -> the mean reward of the sampled captions."""
@@ -352,113 +408,72 @@ class Trainer:
             loss, reward = self.objective(self_critical_loss, batch.inputs, batch.rows.tolist(), self.cider,
                                           split.end, split.banned, opt.scst_samples, opt.max_gen_len,
                                           opt.scst_bleu_weight)
-        self._update(loss)
+        self.optimization.step(loss, self.progress)
         return reward
-
-    def _update(self, loss):
-        """Backpropagate loss and take an optimizer step -> its value; a NaN loss stops training."""
-        if not torch.isfinite(loss):
-            raise UserError(f"the loss became {loss.item()} at epoch {self.progress.epoch + 1}, step "
-                            f"{self.progress.step}; stopped. The last good checkpoint is kept; try a lower --lr")
-        self.optimizer.zero_grad()
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_([p for group in self.optimizer.param_groups for p in group["params"]],
-                                       self.opt.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return loss.item()
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.half, enabled=self.device.type == "cuda")
 
     def validate(self):
         """Validation scores (see score_split), with the learning encoder's features when there is one."""
-        val = self.val_split
-        if self.encoder is not None:  # features from the encoder as it is now
-            self.model.eval()
-            encoded = self._features(val, val.rows).cpu().numpy()  # (n, F) or (n, R, F)
-            features = np.zeros((max(val.rows) + 1, *encoded.shape[1:]), np.float16)
-            features[val.rows] = encoded
-            val = val.with_features(features)
+        val = self.val_split if self.encoder is None else self.encoder.encoded_split(self.val_split, self.opt,
+                                                                                     self.device)
         return score_split(self.model, val, self.opt, self.device, self.process, self.processes)
 
     # --- what a phase needs -----------------------------------------------------------------------
     def _prepare_phase(self, encoder_state=None):
-        """The learning encoder when the phase learns from images, and a new Adam: the model at the
-        phase's lr, the encoder's learning stages at --encoder-lr (the fused kernel: 3x faster on a CPU);
-        each group's base_lr is its lr before the warm-up (see _schedule_lr)."""
+        """The learning encoder (and its training images) when the phase learns from images, a new
+        Optimization, and the objective DistributedDataParallel wraps."""
         opt, phase, meta = self.opt, self.phase, self.train_split.meta
         self.encoder = learning_encoder(opt, meta, encoder_state, self.device) if phase.from_images else None
         if phase.from_images:
             self.training_images = self.training_images or TrainingImages(self.train_split, meta["backbone"],
                                                                           opt.augment)
-        groups = [{"params": list(self.model.parameters()), "lr": phase.lr, "base_lr": phase.lr}]
-        if self.encoder is not None:
-            groups.append({"params": [p for p in self.encoder.parameters() if p.requires_grad], "lr": opt.encoder_lr,
-                           "base_lr": opt.encoder_lr})
-        self.optimizer = torch.optim.Adam(groups, weight_decay=opt.weight_decay, fused=True)
+        self.optimization = Optimization(opt, phase, self.model, self.encoder, float16=self.half == torch.float16)
         self.objective = distributed.parallel(_Objective(self.model, self.encoder), self.device,
                                               find_unused=phase.per_image)
 
     def _resume(self):
-        checkpoint = self.checkpoints.resume()
+        """Go on from last.pth: its weights, optimizer, progress and random states."""
+        checkpoint = self.checkpoints.resume(self.processes)
         self.progress = checkpoint["progress"]
         try:
             self.model.load_state_dict(checkpoint["model"])
             self._prepare_phase(checkpoint.get("encoder"))
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-            for group in self.optimizer.param_groups:  # an older version's last.pth: no warm-up, no base_lr
-                group.setdefault("base_lr", group["lr"])
-            self.scaler.load_state_dict(checkpoint.get("scaler") or self.scaler.state_dict())
+            self.optimization.load_state_dict(checkpoint)
             if checkpoint.get("random"):  # an older version's last.pth has none: the run goes on from a fresh state
                 restore_random(checkpoint["random"])
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise UserError(f"{self.checkpoints.last}: built for another model configuration "
                             f"({str(error)[:200]})") from None
-        progress = self.progress
-        if progress.processes != self.processes and progress.batch:
-            self.report.say(f"{self.checkpoints.last} was written by {progress.processes} processes, this run has "
-                            f"{self.processes}: the shares of the batches differ, so epoch {progress.epoch + 1} "
-                            "starts again")
-            progress.batch = 0
-        progress.processes = self.processes
-        self.report.say(f"resuming from {self.checkpoints.last} at epoch {progress.epoch}, batch {progress.batch} "
-                        f"({progress.phase})")
 
     def _batches(self):
-        """This epoch's Batches from the current one on, and how many it has in all. Where encoding an
-        image is work (a learning encoder, the transformer's), a cross-entropy batch holds whole images
-        with all their captions, as many as give about --batch-size captions."""
-        opt, split, device, per_image = self.opt, self.train_split, self.device, self.phase.per_image
+        """This epoch's Batches from the current one on, and how many it has in all: each image once
+        (self-critical); where encoding an image is work (a learning encoder, the transformer's) whole
+        images with all their captions, as many as give about --batch-size captions; else --batch-size
+        captions."""
+        opt, split, per_image = self.opt, self.train_split, self.phase.per_image
         share = {"skip": self.progress.batch, "process": self.process, "processes": self.processes}
         seed = opt.seed + self.progress.epoch
-        images = opt.batch_size if per_image else split.images_per_batch(opt.batch_size)
+        whole = per_image or opt.model in ENCODES_REGIONS or self.encoder is not None
+        size = split.images_per_batch(opt.batch_size) if whole and not per_image else opt.batch_size
         if self.encoder is not None:
-            row_batches = split.row_batches(images, seed, **share)
-            batches = image_caption_batches(self.training_images, row_batches, not per_image, opt.num_workers, device)
-            return (Batch(*batch) for batch in batches), self.progress.batch + len(row_batches)
-        by_image = per_image or opt.model in ENCODES_REGIONS
-        if by_image:
-            batches = (split.image_batches if per_image else split.grouped_batches)(images, seed, **share)
+            batches = image_caption_batches(self.training_images, split.row_batches(size, seed, **share), not per_image,
+                                            opt.num_workers, self.device)
+        elif whole:
+            batches = (split.image_batches if per_image else split.grouped_batches)(size, seed, **share)
         else:
-            batches = split.batches(opt.batch_size, seed, **share)
-        batches = (Batch(rows, features.to(device, non_blocking=True), *rest) for rows, features, *rest in batches)
-        return batches, split.num_batches(images if by_image else opt.batch_size, by_image, self.processes)
-
-    def _features(self, split, rows):
-        """Features of a split's rows on the device: the stored ones, or the learning encoder's
-        -> (b, F) or (b, R, F)."""
-        if self.encoder is None:
-            return split.features_of(rows).to(self.device)
-        return self.encoder.features_of(split, rows, self.opt, self.device)
+            batches = split.batches(size, seed, **share)
+        batches = (Batch(rows, inputs.to(self.device, non_blocking=True), *rest) for rows, inputs, *rest in batches)
+        return batches, split.num_batches(size, whole, self.processes)
 
     def _plot(self, row, value):
         """The loss (or reward) curve, a training photo with its human caption and what the model now says."""
         split = self.train_split
         self.model.eval()
-        beams = caption_features(self.model, self._features(split, [row]), self.vocab, self.opt,
-                                 n_best=self.opt.beam_size)[0]
+        features = (split.features_of([row]).to(self.device) if self.encoder is None
+                    else self.encoder.features_of(split, [row], self.opt, self.device))  # (1, F) or (1, R, F)
+        beams = caption_features(self.model, features, self.vocab, self.opt, n_best=self.opt.beam_size)[0]
         self.model.train()
         self.report.training(self.progress, self.phase.measure, value,
                              (split.image_id(row), split.image_path(row), split.human_caption(row), beams))
@@ -469,19 +484,5 @@ class Trainer:
             self.report.log("scheduled_sampling", probability, self.progress)
         return probability
 
-    def _schedule_lr(self):
-        """Each group's lr at this step of the phase: its base_lr (decayed on plateaus) times the warm-up."""
-        factor = warmup_factor(self.progress.phase_step, self.phase.warmup_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
-
-    def _decay_lr(self):
-        for group in self.optimizer.param_groups:
-            group["base_lr"] *= self.opt.lr_decay
-        self._schedule_lr()
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.report.say(f"no improvement for {self.progress.epochs_without_improvement} epochs: lr -> {lr:.2e}")
-        self.report.log("lr", lr, self.progress)
-
     def _save(self, path):
-        self.checkpoints.save(path, self.progress, self.model, self.optimizer, self.scaler, self.encoder)
+        self.checkpoints.save(path, self.progress, self.model, self.optimization, self.encoder)

@@ -183,3 +183,27 @@ def test_drawn_words_follow_their_probabilities_and_never_one_of_probability_zer
         share = torch.bincount(words[:, row], minlength=5) / len(words)
         torch.testing.assert_close(share, expected, atol=0.01, rtol=0)
         assert (share[expected == 0] == 0).all()
+
+
+def test_ctrl_c_during_the_validation_that_ends_a_phase_stops_and_resumes_into_the_next(demo, tmp_path, monkeypatch):
+    """Epoch 2 stalls (early stop) while Ctrl-C arrives: the run stops there; --resume starts self-critical."""
+    scores, phases_trained = iter([0.5, 0.1, 0.2]), []
+
+    def validate_then_interrupt(self):
+        if self.progress.epoch == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return {"val_loss": 1.0, "CIDEr-D": next(scores)}
+
+    train_epoch = Trainer.train_epoch
+    monkeypatch.setattr(Trainer, "validate", validate_then_interrupt)
+    monkeypatch.setattr(Trainer, "train_epoch", lambda self, stop: phases_trained.append(self.progress.phase)
+                        or train_epoch(self, stop))
+    run = options(demo, tmp_path, epoch=4, early_stop_patience=1, lr_patience=0, scst_epoch=1, scst_lr=1e-4)
+    train(**run)
+    last = tmp_path / "checkpoints" / "last.pth"
+    assert phases_trained == ["cross-entropy"] * 2
+    assert (load_checkpoint(str(last))["state"]["phase"], load_checkpoint(str(last))["state"]["epoch"]) == (
+        "cross-entropy", 2)
+    train(**{**run, "resume": True})
+    assert phases_trained == ["cross-entropy"] * 2 + ["self-critical"]  # no third cross-entropy epoch
+    assert load_checkpoint(str(last))["state"]["epoch"] == 3

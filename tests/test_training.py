@@ -241,10 +241,11 @@ def test_the_warm_up_rises_linearly_then_falls_as_one_over_the_square_root():
 def test_training_warms_the_lr_up_step_by_step_and_decays_the_warmed_lr(demo, tmp_path, monkeypatch):
     """Cross-entropy from random weights warms up; self-critical training, from a trained model, does not."""
     seen, self_critical = [], []
-    monkeypatch.setattr(Trainer, "cross_entropy_step",
-                        lambda self, batch, sampling=0.0: seen.append(self.optimizer.param_groups[0]["lr"]) or 1.0)
-    monkeypatch.setattr(Trainer, "self_critical_step",
-                        lambda self, batch: self_critical.append(self.optimizer.param_groups[0]["lr"]) or 1.0)
+    def lr(self):
+        return self.optimization.optimizer.param_groups[0]["lr"]
+
+    monkeypatch.setattr(Trainer, "cross_entropy_step", lambda self, batch, sampling=0.0: seen.append(lr(self)) or 1.0)
+    monkeypatch.setattr(Trainer, "self_critical_step", lambda self, batch: self_critical.append(lr(self)) or 1.0)
     monkeypatch.setattr(Trainer, "validate", lambda self: {"val_loss": 1.0, "CIDEr-D": 0.1})  # never improves after 1
     train(**options(demo, tmp_path, epoch=3, lr=1e-2, warmup_steps=10_000, lr_patience=1, lr_decay=0.5,
                     early_stop_patience=0, scst_epoch=1, scst_lr=3e-4))
