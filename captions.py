@@ -85,17 +85,27 @@ def load_caption_data(path):
     """An encoded caption file (data_preprocess.py), checked to be one; never runs code from it."""
     data = load_pth(path, "caption data file", CAPTION_KEYS)
     problem = vocabulary_problem(data["ix2word"])
-    if not problem and not (isinstance(data["ix2id"], list) and isinstance(data["caption"], list)
-                            and len(data["caption"]) == len(data["ix2id"])):
+    if not problem and not (isinstance(data["ix2id"], list) and _encoded_rows(data["caption"], len(data["ix2id"]),
+                                                                           len(data["ix2word"]))):
         problem = "its image list and captions do not match"
-    elif not problem and not (isinstance(data.get("extra_caption", data["caption"]), list)
-                              and len(data.get("extra_caption", data["caption"])) == len(data["caption"])):
-        problem = "its extra training text and captions do not match"
+    elif not problem and not _encoded_rows(data.get("extra_caption", []), len(data["ix2id"]), len(data["ix2word"]),
+                                           missing_ok=True):
+        problem = "its extra training text does not match its images and vocabulary"
     elif not problem and not data["ix2id"]:
         problem = "it holds no images"
     if problem:
         raise UserError(f"{path}: not a caption data file of this toolkit: {problem}")
     return data
+
+
+def _encoded_rows(rows, count, vocabulary, missing_ok=False):
+    """Whether rows holds count rows of captions, each a list of word indices into the vocabulary
+    (or, missing_ok, is empty: a file of an older version, or without extra text)."""
+    if missing_ok and isinstance(rows, list) and not rows:
+        return True
+    return isinstance(rows, list) and len(rows) == count and all(
+        isinstance(captions, list) and all(isinstance(caption, list) and all(
+            type(ix) is int and 0 <= ix < vocabulary for ix in caption) for caption in captions) for captions in rows)
 
 
 def vocabulary_problem(ix2word):

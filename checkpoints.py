@@ -40,8 +40,8 @@ class Checkpoints:
     """last.pth and best.pth of `--checkpoint-dir`: what goes in them, the better-than rule, and the
     checks that a resumed run is the same run. Only process 0 writes; every process reads."""
 
-    def __init__(self, opt: Config, split, process, report):
-        self.opt, self.split, self.writer, self.report = opt, split, process == 0, report
+    def __init__(self, opt: Config, split, process):
+        self.opt, self.split, self.writer = opt, split, process == 0
         self.last = os.path.join(opt.checkpoint_dir, "last.pth")
         self.best = os.path.join(opt.checkpoint_dir, "best.pth")
 
@@ -51,19 +51,19 @@ class Checkpoints:
         return score > best if HIGHER_IS_BETTER[self.opt.metric] else score < best
 
     def save(self, path, progress, model, optimization, encoder=None):
-        """The model, everything generate needs, and what resuming needs: optimizer, gradient scaler
-        (trainer.Optimization's), progress and random number generators (with the fine-tuned backbone,
-        when there is one)."""
+        """The model, everything generate needs, and what resuming needs: optimizer and gradient scaler
+        (trainer.Optimization's state_dict), progress and random number generators (with the fine-tuned
+        backbone, when there is one)."""
         if not self.writer:
             return
         trunk = {"encoder": encoder.trunk.state_dict()} if encoder is not None else {}
-        save_checkpoint(path, model, self.opt, self.split.ix2word, self.split.meta,
-                        optimizer=optimization.optimizer.state_dict(), scaler=optimization.scaler.state_dict(),
+        save_checkpoint(path, model, self.opt, self.split.ix2word, self.split.meta, **optimization.state_dict(),
                         state=dataclasses.asdict(progress), random=random_state(), **trunk)
 
     def resume(self, processes):
         """last.pth, checked to continue this run: its vocabulary, features, data order and progress
-        (its epoch again when it was written by another number of processes: their shares differ)."""
+        (its epoch again when it was written by another number of processes: their shares differ),
+        with "notes" to say once it is loaded."""
         checkpoint = distributed.from_process_0(lambda: load_checkpoint(self.last))
         if checkpoint["ix2word"] != self.split.ix2word:
             raise UserError(f"{self.last}: built for another vocabulary than {self.opt.caption_data_path}")
@@ -85,14 +85,14 @@ class Checkpoints:
         if not all(isinstance(count, int) and count >= 0 for count in counts) or not isinstance(
                 progress.best_score, (int, float, type(None))):
             raise UserError(f"{self.last}: its training state is damaged")
+        notes = []
         if progress.processes != processes and progress.batch:
-            self.report.say(f"{self.last} was written by {progress.processes} processes, this run has {processes}: "
-                            f"the shares of the batches differ, so epoch {progress.epoch + 1} starts again")
+            notes.append(f"{self.last} was written by {progress.processes} processes, this run has {processes}: "
+                         f"the shares of the batches differ, so epoch {progress.epoch + 1} starts again")
             progress.batch = 0
         progress.processes = processes
-        self.report.say(f"resuming from {self.last} at epoch {progress.epoch}, batch {progress.batch} "
-                        f"({progress.phase})")
-        checkpoint["progress"] = progress
+        notes.append(f"resuming from {self.last} at epoch {progress.epoch}, batch {progress.batch} ({progress.phase})")
+        checkpoint["progress"], checkpoint["notes"] = progress, notes
         return checkpoint
 
     def best_weights(self):

@@ -209,6 +209,8 @@ def _coerce(value, kind, name):
     """Fire guesses types from the text; make each value the field's type, or say why it cannot be."""
     kind = {"str": str, "int": int, "float": float, "bool": bool}.get(kind, kind)
     flag = f"--{_dashed(name)}"
+    if kind is str and isinstance(value, tuple) and all(isinstance(part, str) for part in value):
+        value = ",".join(value)  # fire reads --name=a,b (names without a dot) as a tuple: give back what was typed
     if not isinstance(value, (str, int, float)):  # fire's lists, dicts and None; a checkpoint's anything
         raise UserError(f"{flag}={value!r}: expected {kind.__name__}, got a {type(value).__name__}"[:300])
     if kind is bool:

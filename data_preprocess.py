@@ -18,8 +18,8 @@ from files import atomic_save, check_output_file
 README = """word2ix: word -> index; ix2word: index -> word (a list)
 id2ix: image_id -> row; ix2id: row -> image_id (row i of the features file is image ix2id[i])
 caption[row]: the captions of that image, each a list of word indices (no </EOS>)
-extra_caption[row]: more training text of that image (--extra-annotation-file), encoded as caption
 sentences[row]: the same captions as text, cleaned (the references for scoring)
+extra_caption[row]: more training text of that image (--extra-annotation-file), encoded as caption
 padding, end, unknown: the special tokens; dropped: annotation entries with no usable caption"""
 
 
@@ -73,14 +73,19 @@ def tokenize_entries(entries, description):
     return tokenized, empty
 
 
-def extra_text(files, image_ids):
-    """The word lists of the --extra-annotation-file(s) (comma-separated) for each of image_ids, in that
-    order ([] for an image they lack); a file that captions none of these images is refused."""
-    paths = files.split(",")
-    if any(not path.strip() for path in paths):
+def extra_files(files):
+    """The --extra-annotation-file list (comma-separated) as paths; an empty name in it is refused."""
+    paths = [path.strip() for path in files.split(",")] if files else []
+    if "" in paths:
         raise UserError(f"--extra-annotation-file={files}: an empty file name in the list")
+    return paths
+
+
+def extra_text(paths, image_ids):
+    """The word lists of the extra annotation files for each of image_ids, in that order ([] for an
+    image they lack); a file that captions none of these images is refused."""
     extra = {image_id: [] for image_id in image_ids}
-    for path in (path.strip() for path in paths):
+    for path in paths:
         entries = load_annotations(path)
         if not any(entry["image_id"] in extra for entry in entries):
             raise UserError(f"{path}: captions none of the images of --annotation-file; the extra text must be "
@@ -95,7 +100,8 @@ def process(opt: Config):
     """Encode opt.annotation_file (and opt.extra_annotation_file) into opt.caption_data_path."""
     if not opt.annotation_file:
         raise UserError("give the captions to encode with --annotation-file=FILE.json")
-    check_output_file(opt.caption_data_path, inputs=[opt.annotation_file, *opt.extra_annotation_file.split(",")])
+    extra_paths = extra_files(opt.extra_annotation_file)
+    check_output_file(opt.caption_data_path, inputs=[opt.annotation_file, *extra_paths])
     entries = load_annotations(opt.annotation_file)
     vocabulary = load_caption_data(opt.vocab_from)["ix2word"] if opt.vocab_from else None  # read first
     tokenized, empty = tokenize_entries(entries, os.path.basename(opt.annotation_file))
@@ -106,8 +112,8 @@ def process(opt: Config):
         raise UserError(f"{opt.annotation_file}: no caption has a word left once 。 and spaces are removed; "
                         "nothing to encode")
     ix2id = [entry["image_id"] for entry in entries]
-    extra = extra_text(opt.extra_annotation_file, ix2id) if opt.extra_annotation_file else [[] for _ in ix2id]
-    ix2word = vocabulary or build_vocabulary(tokenized + extra, opt.max_words, opt.min_appear)
+    extra = extra_text(extra_paths, ix2id)
+    ix2word = vocabulary or build_vocabulary(tokenized + extra, opt.max_words, opt.min_appear)  # of all the text
     if len(ix2word) == len(SPECIAL):
         raise UserError(f"{opt.annotation_file}: no word appears --min-appear={opt.min_appear} times; "
                         "lower --min-appear")
@@ -126,7 +132,7 @@ def process(opt: Config):
     truncated = sum(len(words) > opt.max_caption_len for captions in tokenized for words in captions)
     total = sum(map(len, encoded))
     extra_total = sum(map(len, extra))
-    more = f" (and {extra_total} of extra training text for {sum(map(bool, extra))})" if extra_total else ""
+    more = f" (and {extra_total} extra training captions for {sum(map(bool, extra))} images)" if extra_total else ""
     print(f"{opt.caption_data_path}: {len(ix2id)} images, {total} captions{more}, vocabulary {len(ix2word)} words; "
           f"skipped {empty} empty captions and "
           f"{dropped} images left with none; truncated {truncated}; round trip checked on {checked} of "

@@ -15,21 +15,21 @@ class CaptionSplit:
 
     Everything else reads the caption data through its accessors."""
 
-    def __init__(self, caption_data, features, meta, rows):
-        self._data, self._features, self.meta = caption_data, features, meta
+    def __init__(self, caption_data, features, meta, rows, extra_text=True):
+        self._data, self._features, self.meta, self.extra_text = caption_data, features, meta, extra_text
         self.rows = np.asarray(rows, dtype=np.int64)
         self.ix2word = caption_data["ix2word"]
         self.end, self.banned = special_indices(self.ix2word)  # </EOS>; </PAD> and </UNKNOWN>
         self.unknown = caption_data["word2ix"][caption_data["unknown"]]
         self.feature_dim = features.shape[-1]
-        extra = caption_data.get("extra_caption") or [[] for _ in caption_data["caption"]]
+        extra, captions = caption_data.get("extra_caption") if extra_text else None, caption_data["caption"]
         # what cross-entropy learns from: the captions, then any extra text (the references stay the captions)
-        self._training_captions = [own + more for own, more in zip(caption_data["caption"], extra)]
-        self.pairs = self.pairs_of(self.rows)  # one (row, caption number) pair per caption
+        self._training_captions = [own + more for own, more in zip(captions, extra)] if extra else captions
+        self.pairs = self.pairs_of(self.rows)  # one (row, caption number) pair per training caption
 
     def with_features(self, features):
         """The same rows with other features (indexed by row like the stored ones)."""
-        return CaptionSplit(self._data, features, self.meta, self.rows)
+        return CaptionSplit(self._data, features, self.meta, self.rows, self.extra_text)
 
     # --- accessors ---
     def image_id(self, row):
@@ -45,6 +45,10 @@ class CaptionSplit:
     def sentences(self, row):
         """The reference sentences of a row."""
         return self._data["sentences"][row]
+
+    def training_text(self, row):
+        """Every training caption of a row (the captions, then any extra text), as text."""
+        return ["".join(self.ix2word[ix] for ix in caption) for caption in self._training_captions[row]]
 
     def references(self, rows):
         """{image_id: reference sentences} of rows (for scoring)."""
@@ -162,7 +166,8 @@ def _encoder(meta, grid):
 
 def train_val_splits(opt: Config):
     """(train, val) CaptionSplits: the val file when given, else a seeded fraction of the images.
-    The attention model reads region features, the pooled one pooled features."""
+    The attention model reads region features, the pooled one pooled features. Validation (its loss
+    too) reads the captions only, never the extra training text."""
     grid = opt.model in READS_REGIONS
     data, features, meta, usable = load_split(opt.caption_data_path, grid=grid)
     if opt.val_caption_data_path:
@@ -171,10 +176,11 @@ def train_val_splits(opt: Config):
         if train_encoder != val_encoder:
             raise UserError(f"{opt.val_caption_data_path}: features from {val_encoder}, "
                             f"training features from {train_encoder}")
-        return CaptionSplit(data, features, meta, usable), CaptionSplit(val_data, val_features, val_meta, val_usable)
+        return (CaptionSplit(data, features, meta, usable),
+                CaptionSplit(val_data, val_features, val_meta, val_usable, extra_text=False))
     shuffled = np.random.default_rng(opt.seed).permutation(usable)
     held_out = max(1, int(len(shuffled) * opt.val_fraction))
     if held_out >= len(shuffled):
         raise UserError(f"{opt.caption_data_path}: too few usable images ({len(usable)}) to hold out validation data")
     return (CaptionSplit(data, features, meta, sorted(shuffled[held_out:])),
-            CaptionSplit(data, features, meta, sorted(shuffled[:held_out])))
+            CaptionSplit(data, features, meta, sorted(shuffled[:held_out]), extra_text=False))

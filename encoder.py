@@ -98,7 +98,7 @@ class TrainingImages(Dataset):
             from torchvision.transforms import RandomResizedCrop
             self.crop = RandomResizedCrop(self.transform.size, scale=(0.6, 1.0))
         self.sided = {int(row) for row in split.rows
-                      if any(side in sentence for sentence in split.sentences(row) for side in SIDES)}
+                      if any(side in text for text in split.training_text(row) for side in SIDES)}
 
     def __len__(self):
         return len(self.split.rows)

@@ -208,16 +208,16 @@ def debug_requested(path):
 class Optimization:
     """How the weights learn in a phase: Adam over the model at the phase's lr and over the learning
     encoder's stages at --encoder-lr (the fused kernel: 3x faster on a CPU), gradients clipped to
-    --grad-clip, float16 losses scaled. Each group's lr is its base_lr (decayed on plateaus) times the
-    phase's warm-up at the step (see warmup_factor)."""
+    --grad-clip, losses scaled by the run's gradient scaler (float16 only). Each group's lr is its
+    base_lr (decayed on plateaus) times the phase's warm-up at the step (see warmup_factor)."""
 
-    def __init__(self, opt: Config, phase, model, encoder=None, float16=False):
+    def __init__(self, opt: Config, phase, model, encoder, scaler):
         groups = [{"params": list(model.parameters()), "lr": phase.lr, "base_lr": phase.lr}]
         if encoder is not None:
             groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "lr": opt.encoder_lr,
                            "base_lr": opt.encoder_lr})
         self.optimizer = torch.optim.Adam(groups, weight_decay=opt.weight_decay, fused=True)
-        self.scaler = torch.amp.GradScaler(enabled=float16)
+        self.scaler = scaler
         self.grad_clip, self.warmup_steps = opt.grad_clip, phase.warmup_steps
 
     def schedule(self, phase_step):
@@ -247,7 +247,10 @@ class Optimization:
         self.scaler.update()
         return loss.item()
 
-    def load_state_dict(self, checkpoint):
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def restore(self, checkpoint):
         """The optimizer and scaler states of a last.pth (an older version's has no base_lr: no warm-up)."""
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         for group in self.optimizer.param_groups:
@@ -277,11 +280,11 @@ class Trainer:
         check_training_data(opt, self.train_split)
         self.model = build_model(opt, len(self.vocab), self.train_split.feature_dim).to(self.device)
         self.phases, self.progress = phases(opt), Progress(processes=self.processes)
-        self.report = Reporter(opt, self.process)
-        self.checkpoints = Checkpoints(opt, self.train_split, self.process, self.report)
+        self.checkpoints, self.report = Checkpoints(opt, self.train_split, self.process), Reporter(opt, self.process)
         # CUDA: bfloat16 autocast (float16 with a gradient scaler where bfloat16 is missing)
         cuda = self.device.type == "cuda"
         self.half = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler(enabled=cuda and self.half == torch.float16)  # one for the whole run
         self.encoder = self.training_images = self.cider = None  # made when a phase needs them
         self._prepare_phase()
         if opt.resume:
@@ -321,7 +324,7 @@ class Trainer:
         return True
 
     def start_phase(self, phase):
-        """A phase starts from the best model so far (and its encoder), with a new optimizer."""
+        """A phase starts from the best model so far (and its encoder), with a new Optimization."""
         # best.pth is this run's once it has a best score (with --overwrite it may still be the old run's)
         best = distributed.from_process_0(self.checkpoints.best_weights) if self.progress.best_score is not None else {}
         if best:
@@ -429,7 +432,7 @@ class Trainer:
         if phase.from_images:
             self.training_images = self.training_images or TrainingImages(self.train_split, meta["backbone"],
                                                                           opt.augment)
-        self.optimization = Optimization(opt, phase, self.model, self.encoder, float16=self.half == torch.float16)
+        self.optimization = Optimization(opt, phase, self.model, self.encoder, self.scaler)
         self.objective = distributed.parallel(_Objective(self.model, self.encoder), self.device,
                                               find_unused=phase.per_image)
 
@@ -440,12 +443,14 @@ class Trainer:
         try:
             self.model.load_state_dict(checkpoint["model"])
             self._prepare_phase(checkpoint.get("encoder"))
-            self.optimization.load_state_dict(checkpoint)
+            self.optimization.restore(checkpoint)
             if checkpoint.get("random"):  # an older version's last.pth has none: the run goes on from a fresh state
                 restore_random(checkpoint["random"])
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise UserError(f"{self.checkpoints.last}: built for another model configuration "
                             f"({str(error)[:200]})") from None
+        for note in checkpoint["notes"]:
+            self.report.say(note)
 
     def _batches(self):
         """This epoch's Batches from the current one on, and how many it has in all: each image once
@@ -455,17 +460,17 @@ class Trainer:
         opt, split, per_image = self.opt, self.train_split, self.phase.per_image
         share = {"skip": self.progress.batch, "process": self.process, "processes": self.processes}
         seed = opt.seed + self.progress.epoch
-        whole = per_image or opt.model in ENCODES_REGIONS or self.encoder is not None
-        size = split.images_per_batch(opt.batch_size) if whole and not per_image else opt.batch_size
+        by_image = per_image or opt.model in ENCODES_REGIONS or self.encoder is not None
+        size = split.images_per_batch(opt.batch_size) if by_image and not per_image else opt.batch_size
         if self.encoder is not None:
             batches = image_caption_batches(self.training_images, split.row_batches(size, seed, **share), not per_image,
                                             opt.num_workers, self.device)
-        elif whole:
+        elif by_image:
             batches = (split.image_batches if per_image else split.grouped_batches)(size, seed, **share)
         else:
             batches = split.batches(size, seed, **share)
         batches = (Batch(rows, inputs.to(self.device, non_blocking=True), *rest) for rows, inputs, *rest in batches)
-        return batches, split.num_batches(size, whole, self.processes)
+        return batches, split.num_batches(size, by_image, self.processes)
 
     def _plot(self, row, value):
         """The loss (or reward) curve, a training photo with its human caption and what the model now says."""

@@ -87,3 +87,15 @@ def test_command_lines_that_cannot_run_stop_before_any_work(arguments, message):
     with pytest.raises(SystemExit) as error:
         fire.Fire({"train": main.train, "generate": main.generate}, command=arguments)
     assert str(error.value.code).startswith(message)
+
+
+@pytest.mark.parametrize("typed", ["a,b", "a.json,b.json", "x/a,y/b.pth"])
+def test_a_comma_separated_list_of_files_reaches_its_option_as_typed(typed):
+    """fire reads a,b as a tuple (a.json,b.json as text): either way the option holds what was typed."""
+    import fire
+
+    from config import command
+    seen = []
+    fire.Fire({"probe": command(lambda opt: seen.append(opt.extra_annotation_file))},
+              command=["probe", f"--extra-annotation-file={typed}"])
+    assert seen == [typed]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from captions import EOS, PAD, UNKNOWN, tokenize
+from captions import EOS, PAD, UNKNOWN, load_caption_data, tokenize
+from config import UserError
 from data_preprocess import process
 from dataset import CaptionSplit
 
@@ -150,3 +151,13 @@ def test_unusable_extra_text_is_one_line_and_writes_nothing(tmp_path, files, pro
         process(annotation_file=annotations, extra_annotation_file=files.format(**names), caption_data_path=str(out))
     assert problem in str(exit_info.value) and "\n" not in str(exit_info.value)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra", [[5, None], [[3], [[1]]], [[["q"]], [[1]]], [[[1, 10 ** 6]], [[1]]], {"a": 1}])
+def test_damaged_extra_text_in_a_caption_file_is_one_line(tmp_path, extra):
+    out = str(tmp_path / "c.pth")
+    process(annotation_file=write(tmp_path / "a.json", ENTRIES), caption_data_path=out, min_appear=1)
+    data = torch.load(out, weights_only=True)
+    torch.save({**data, "extra_caption": extra}, out)
+    with pytest.raises(UserError, match="its extra training text does not match its images and vocabulary"):
+        load_caption_data(out)

@@ -1,4 +1,9 @@
 """Batches of captions and what the model learns from them: collate, and the targets of forward."""
+import dataclasses
+import glob
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +25,22 @@ def test_collate_pads_ends_and_keeps_each_caption_with_its_own_image(demo):
         assert captions[b, lengths[b]:].eq(0).all()  # </PAD>
         assert torch.equal(features[b], train.features_of([row])[0])
     assert not torch.equal(features[0], features[1])  # different images really are different rows
+
+
+def test_training_reads_the_extra_text_and_validation_never_does(demo, tmp_path):
+    """--val-fraction takes validation images from the training file: their extra text stays out."""
+    data = torch.load(demo.caption_data_path, weights_only=True)
+    data["extra_caption"] = [[[5, 6, 7]] * (row % 3) for row in range(len(data["ix2id"]))]
+    torch.save(data, tmp_path / "caption.pth")
+    for path in glob.glob(os.path.splitext(demo.caption_data_path)[0] + ".features.*"):
+        shutil.copy(path, tmp_path / os.path.basename(path))
+    train, val = train_val_splits(dataclasses.replace(demo, caption_data_path=str(tmp_path / "caption.pth"),
+                                                      val_caption_data_path="", val_fraction=0.25))
+    assert len(train.pairs) == sum(len(data["caption"][row]) + row % 3 for row in train.rows)
+    assert len(val.pairs) == sum(len(data["caption"][row]) for row in val.rows)
+    row = next(row for row in train.rows if row % 3 == 2)
+    assert train.training_text(row)[-1] == "".join(data["ix2word"][ix] for ix in (5, 6, 7))
+    assert train.references([row]) == {data["ix2id"][row]: data["sentences"][row]}
 
 
 def tiny_model(kind):
