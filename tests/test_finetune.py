@@ -1,6 +1,5 @@
 """--finetune-encoder: the chosen stages learn and nothing else; the checkpoint captions with its own encoder."""
 import os
-import types
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ from conftest import mobilenet_weights, options
 
 from beam_search import caption_features
 from config import UserError
+from dataset import CaptionSplit
 from encoder import Encoder, TrainingImages
 from images import build_backbone, encode_images
 from main import caption_images, train
@@ -63,10 +63,17 @@ def test_a_finetuned_checkpoint_captions_with_its_own_encoder(demo, finetuned, t
     assert [b[0][1] for b in pretrained] != pytest.approx([b[0][1] for b in expected], abs=1e-5)
 
 
-def test_flips_spare_images_whose_captions_say_left_or_right():
-    sentences = {0: ["一个人在跑步"], 1: ["狗在草地上", "女人左手拿着伞"], 2: ["右边有一辆车"], 3: ["两个孩子"]}
-    split = types.SimpleNamespace(rows=np.array(list(sentences)), sentences=sentences.get)
-    assert TrainingImages(split, "mobilenet_v2", augment=True).sided == {1, 2}
+def test_flips_spare_images_whose_captions_or_extra_text_say_left_or_right():
+    words = ["</PAD>", "</EOS>", "</UNKNOWN>", "一个人", "跑步", "狗", "女人", "左手", "拿着伞", "右边", "有车"]
+
+    def encoded(*sentences):
+        return [[words.index(word) for word in sentence.split()] for sentence in sentences]
+
+    data = {"ix2word": words, "word2ix": {word: ix for ix, word in enumerate(words)}, "unknown": "</UNKNOWN>",
+            "caption": [encoded("一个人 跑步"), encoded("狗", "女人 左手 拿着伞"), encoded("右边 有车"), encoded("狗")],
+            "extra_caption": [[], [], [], encoded("女人 左手 拿着伞")]}  # image 3: its extra text says 左
+    split = CaptionSplit(data, np.zeros((4, 2), np.float16), {"img_path": ""}, range(4))
+    assert TrainingImages(split, "mobilenet_v2", augment=True).sided == {1, 2, 3}
 
 
 def test_encoder_stages_that_learn(demo):
