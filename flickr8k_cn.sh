@@ -17,8 +17,9 @@ MODEL=${MODEL:-attention}
 BACKBONE=${BACKBONE:-efficientnet_lite2}
 GRID=$([ "$MODEL" = pooled ] && echo 0 || echo 7)  # region features for the attention models
 BLEU_WEIGHT=$([ "$MODEL" = pooled ] && echo 4 || echo 0)  # self-critical reward: CIDEr-D alone for them
-# the transformer: its cross-entropy lr warmed up over about an epoch (462 steps), 8 epochs of it
-EXTRA=$([ "$MODEL" = transformer ] && echo "--warmup-steps=500" || echo "")
+# the transformer: its cross-entropy lr warmed up over about an epoch (462 steps), 8 epochs of it; self-critical
+# training at 5e-5 (2e-4 overfits it: docs/quality.md)
+EXTRA=$([ "$MODEL" = transformer ] && echo "--warmup-steps=500 --scst-lr=5e-5" || echo "")
 EPOCH=$([ "$MODEL" = transformer ] && echo 8 || echo 10)  # cross-entropy epochs
 TRANSLATIONS=${TRANSLATIONS:-}
 EXTRA_TEXT=$(for name in ${TRANSLATIONS//,/ }; do printf '%s,' "$DATA/annotations/flickr8kcn_train_$name.json"; done)
