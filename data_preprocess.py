@@ -86,12 +86,12 @@ def extra_text(paths, image_ids):
     image they lack); a file that captions none of these images is refused."""
     extra = {image_id: [] for image_id in image_ids}
     for path in paths:
-        entries = load_annotations(path)
-        if not any(entry["image_id"] in extra for entry in entries):
+        entries = [entry for entry in load_annotations(path) if entry["image_id"] in extra]  # the others: unused
+        if not entries:
             raise UserError(f"{path}: captions none of the images of --annotation-file; the extra text must be "
                             "about the same images")
         for entry, words in zip(entries, tokenize_entries(entries, os.path.basename(path))[0]):
-            extra.get(entry["image_id"], []).extend(words)
+            extra[entry["image_id"]].extend(words)
     return [extra[image_id] for image_id in image_ids]
 
 
