@@ -33,19 +33,23 @@ def native_kernels():
 
 @torch.no_grad()
 @native_kernels()
-def beam_search(model, features, end, banned=(), beam_size=3, max_len=30, length_norm=0.0, n_best=1, min_len=1):
+def beam_search(model, features, end, banned=(), beam_size=3, max_len=30, length_norm=0.0, n_best=1, min_len=1,
+                unfinished=()):
     """features (B, F) or regions (B, R, F) -> for each image, up to n_best (word indices, score,
     attention) triples, best first.
 
     A caption has min_len to max_len words and stops before </EOS> (index `end`); its score is its
-    log-probability / length**length_norm; `banned` word indices are never emitted. attention is
-    each word's region weights (words, R), or None for a model without attention.
+    log-probability / length**length_norm; `banned` word indices are never emitted, and a caption
+    never ends on an `unfinished` word (一个, 的 ...) before max_len. attention is each word's region
+    weights (words, R), or None for a model without attention.
     """
     batch, k, vocab = features.size(0), beam_size, model.vocab_size
     check_search(n_best, k, vocab - 1 - len(banned), min_len, max_len)
     device = features.device
     banned = torch.as_tensor(banned, dtype=torch.long, device=device)
     with_end = torch.cat([banned, banned.new_tensor([end])])  # before min_len words a caption cannot end
+    cannot_end = torch.zeros(vocab, dtype=torch.bool, device=device)  # (V,): the unfinished words
+    cannot_end[list(unfinished)] = True
     inputs, state = model.start(features)  # one beam per image at first: (B, E)
     going = torch.arange(batch, device=device)  # (A,) the images still searching: A rows of what follows
     scores = torch.zeros(batch, 1, device=device)  # (A, beams): the live captions' log-probabilities
@@ -57,6 +61,8 @@ def beam_search(model, features, end, banned=(), beam_size=3, max_len=30, length
     for t in range(max_len + 1):
         log_probs, state = model.step(inputs, state, banned if t >= min_len else with_end)
         total = scores.unsqueeze(-1) + log_probs.view(len(going), -1, vocab)  # (A, beams, V)
+        if 0 < t < max_len:
+            total[:, :, end].masked_fill_(cannot_end[tokens[:, :, -1]], float("-inf"))  # by each beam's last word
         finished = total[:, :, end] / (t + 1) ** length_norm  # (A, beams): -inf before min_len words
         best_finished = torch.cat([best_finished, finished], 1).topk(n_best, dim=1).values
         finished = F.pad(finished, (0, k - finished.size(1)), value=float("-inf"))  # (A, K)
@@ -123,15 +129,17 @@ def _n_best(pool_scores, pool_tokens, pool_weights, k, n_best):
     return results
 
 
-def caption_features(model, features, ix2word, opt, n_best=None):
+def caption_features(model, features, ix2word, opt, n_best=None, unfinished=()):
     """features (N, F) or regions (N, R, F) -> for each row, the n-best (caption text, score,
-    words with their region weights [(word, (R,) weights)] or None), in batches of opt.batch_size."""
+    words with their region weights [(word, (R,) weights)] or None), in batches of opt.batch_size;
+    with --ending-rule no caption ends on an `unfinished` word index."""
     end, banned = special_indices(ix2word)
+    unfinished = unfinished if opt.ending_rule else ()
     results = []
     for start in range(0, len(features), opt.batch_size):
         batch = features[start:start + opt.batch_size]  # (B, F) or (B, R, F)
         for beams in beam_search(model, batch, end, banned, opt.beam_size, opt.max_gen_len, opt.length_norm,
-                                 n_best or opt.n_best, opt.min_len):
+                                 n_best or opt.n_best, opt.min_len, unfinished):
             results.append([("".join(ix2word[ix] for ix in words), score,
                              None if weights is None else [(ix2word[ix], w.cpu()) for ix, w in zip(words, weights)])
                             for words, score, weights in beams])

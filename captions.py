@@ -1,4 +1,5 @@
 """Chinese captions as the toolkit reads them: annotation files, cleaning, jieba words, special tokens."""
+import collections
 import functools
 import logging
 import os
@@ -34,6 +35,24 @@ def tokenize(sentence):
 def special_indices(ix2word):
     """-> index of </EOS>, and the indices a caption may never contain (</PAD>, </UNKNOWN>)."""
     return ix2word.index(EOS), [ix2word.index(token) for token in (PAD, UNKNOWN) if token in ix2word]
+
+
+# A word that ends fewer than this share of its training uses, seen at least this often, leaves a
+# caption unfinished (一个, 的, 在, 正在, 和 ...): the search never ends a caption on it (--ending-rule).
+UNFINISHED_END_SHARE, UNFINISHED_MIN_COUNT = 0.005, 20
+
+
+def unfinished_words(captions, ix2word):
+    """The words the training captions (rows of word-index captions) almost never end on -> sorted
+    indices; read from the captions themselves, not typed by hand."""
+    uses, ends = collections.Counter(), collections.Counter()
+    for row in captions:
+        for caption in row:
+            uses.update(caption)
+            ends.update(caption[-1:])
+    special = {ix2word.index(token) for token in (PAD, EOS, UNKNOWN) if token in ix2word}
+    return sorted(ix for ix, count in uses.items() if count >= UNFINISHED_MIN_COUNT and ix not in special
+                  and ends[ix] < UNFINISHED_END_SHARE * count)
 
 
 def load_annotations(path):

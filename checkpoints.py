@@ -11,7 +11,8 @@ from config import Config, UserError
 from metrics import HIGHER_IS_BETTER
 from model import load_checkpoint, save_checkpoint
 
-CROSS_ENTROPY, FINE_TUNING, SELF_CRITICAL = PHASES = "cross-entropy", "fine-tuning", "self-critical"
+PRETRAINING, CROSS_ENTROPY, FINE_TUNING, SELF_CRITICAL = PHASES = (
+    "pre-training", "cross-entropy", "fine-tuning", "self-critical")
 ADDED_LATER = {"phase_step": 0}  # Progress fields an older last.pth lacks, with the value they resume at
 # Settings that fix which images validate and the order of the batches: a resumed run must keep them.
 DATA_ORDER = ("seed", "batch_size", "caption_data_path", "val_caption_data_path", "val_fraction")
@@ -58,7 +59,8 @@ class Checkpoints:
             return
         trunk = {"encoder": encoder.trunk.state_dict()} if encoder is not None else {}
         save_checkpoint(path, model, self.opt, self.split.ix2word, self.split.meta, **optimization.state_dict(),
-                        state=dataclasses.asdict(progress), random=random_state(), **trunk)
+                        unfinished=self.split.unfinished, state=dataclasses.asdict(progress), random=random_state(),
+                        **trunk)
 
     def resume(self, processes):
         """last.pth, checked to continue this run: its vocabulary, features, data order and progress

@@ -82,6 +82,9 @@ class Config:
     label_smoothing: float = option(0.0, "[0, 1)", "cross-entropy phases: the target word keeps 1 - this, the "
                                                    "rest is spread over the vocabulary")
     weight_decay: float = option(0.0, "[0, inf)", "Adam's L2 penalty")
+    pretrain_epoch: int = option(0, "[0, 100000]", "first this many cross-entropy epochs on the extra training "
+                                                   "text with the captions; later phases then learn from the "
+                                                   "captions alone (pre-training on machine translations)")
     epoch: int = option(10, "[0, 100000]", "cross-entropy epochs")
     grad_clip: float = option(5.0, "(0, inf)", "gradients are clipped to this norm")
     scheduled_sampling: float = option(0.0, "[0, 1]", "feed the model its own word with a probability rising "
@@ -128,6 +131,8 @@ class Config:
     n_best: int = option(1, "[1, 1000]", "captions printed per image (at most --beam-size)")
     max_gen_len: int = option(30, "[1, 1000]", "words of a caption at most")
     min_len: int = option(1, "[1, 1000]", "words of a caption at least (the search never ends before)")
+    ending_rule: bool = option(True, None, "never end a caption on a word the training captions do not end on "
+                                           "(一个, 的, 在 ...; found in them); false: wherever the model ends it")
     length_norm: float = option(0.0, "[0, 10]", "rank finished captions by score / length**length_norm")
     quantize: bool = option(False, None, "generate / evaluate on CPU: int8 weights for the decoder's LSTM and "
                                          "Linear layers")
@@ -138,8 +143,8 @@ class Config:
     metrics_path: str = option("", None, "evaluate: write the scores JSON here")
 
 
-_GENERATION = ("model_ckpt checkpoint_dir beam_size max_gen_len min_len length_norm quantize batch_size num_workers "
-               "use_gpu")
+_GENERATION = ("model_ckpt checkpoint_dir beam_size max_gen_len min_len length_norm ending_rule quantize batch_size "
+               "num_workers use_gpu")
 # The options each command reads (for its --help); every other field is still accepted and checked.
 COMMAND_OPTIONS = {
     "process": "annotation_file extra_annotation_file caption_data_path vocab_from max_words min_appear "
@@ -152,7 +157,7 @@ COMMAND_OPTIONS = {
              "overwrite metric eval_size "
              "lr_decay lr_patience early_stop_patience scst_epoch scst_lr scst_samples scst_bleu_weight "
              "debug_file env vis_server vis_port vis_timeout plot_every log_dir batch_size num_workers "
-             "beam_size max_gen_len min_len length_norm",
+             "beam_size max_gen_len min_len length_norm ending_rule pretrain_epoch",
     "generate": f"img n_best output attention_map {_GENERATION}",
     "evaluate": f"annotation_file img_path results output metrics_path {_GENERATION}",
     "replay": "log log_dir env vis_server vis_port",

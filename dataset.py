@@ -1,10 +1,11 @@
 """Caption data + features as training batches, and the train/validation split."""
+import functools
 import os
 
 import numpy as np
 import torch
 
-from captions import load_caption_data, special_indices
+from captions import load_caption_data, special_indices, unfinished_words
 from config import Config, UserError
 from images import load_features
 from model import READS_REGIONS
@@ -26,6 +27,19 @@ class CaptionSplit:
         # what cross-entropy learns from: the captions, then any extra text (the references stay the captions)
         self._training_captions = [own + more for own, more in zip(captions, extra)] if extra else captions
         self.pairs = self.pairs_of(self.rows)  # one (row, caption number) pair per training caption
+
+    @functools.cached_property
+    def unfinished(self):
+        """The words no caption should end on, read from the captions of every row of the file."""
+        return unfinished_words(self._data["caption"], self.ix2word)
+
+    @property
+    def has_extra_text(self):
+        return self.extra_text and any(self._data.get("extra_caption") or [])
+
+    def without_extra_text(self):
+        """The same rows, learning from their captions alone."""
+        return CaptionSplit(self._data, self._features, self.meta, self.rows, extra_text=False)
 
     def with_features(self, features):
         """The same rows with other features (indexed by row like the stored ones)."""

@@ -74,6 +74,7 @@ class Captioner:
     ix2word: list
     encoding: tuple
     shape: tuple
+    unfinished: list  # words its captions never end on (see captions.unfinished_words); [] in older checkpoints
 
 
 def load_captioner(path, opt: Config, device):
@@ -90,7 +91,7 @@ def load_captioner(path, opt: Config, device):
     grid = feature.get("grid", 0) if not isinstance(model, CaptionModel) else 0
     encoding = (feature["backbone"], path if "encoder" in checkpoint else feature["weights"], grid)
     shape = (grid * grid, feature["feature_dim"]) if grid else (feature["feature_dim"],)
-    return Captioner(model, checkpoint["ix2word"], encoding, shape), checkpoint
+    return Captioner(model, checkpoint["ix2word"], encoding, shape, checkpoint.get("unfinished", [])), checkpoint
 
 
 def load_captioners(opt: Config, device):
@@ -120,6 +121,7 @@ def caption_images(paths, opt: Config):
     device = pick_device(opt.use_gpu)
     model, ix2word, captioners, backbones = load_captioners(opt, device)
     encodings = list(dict.fromkeys(captioner.encoding for captioner in captioners))
+    unfinished = sorted(set().union(*(captioner.unfinished for captioner in captioners)))
     streams = [encode_images(backbones[encoding[:2]], encoding[0], paths, device, opt.batch_size, opt.num_workers,
                              encoding[2]) for encoding in encodings]
     captions, errors = {}, {}
@@ -134,7 +136,7 @@ def caption_images(paths, opt: Config):
             features = features[0] if len(features) == 1 else torch.cat([f.flatten(1) for f in features], 1)
             if not captions:  # the first search is about to map the decoder's weights in
                 release_freed_memory()
-            beams = caption_features(model, features, ix2word, opt)
+            beams = caption_features(model, features, ix2word, opt, unfinished=unfinished)
             captions.update(zip([batch_paths[i] for i in readable], beams))
     return captions, errors
 

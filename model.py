@@ -443,6 +443,10 @@ def _checkpoint_problem(checkpoint):
     problem = vocabulary_problem(checkpoint["ix2word"])
     if problem:
         return problem
+    unfinished = checkpoint.get("unfinished", [])
+    if not (isinstance(unfinished, list) and all(_whole(ix, 0) and ix < len(checkpoint["ix2word"])
+                                                 for ix in unfinished)):
+        return "its list of words a caption cannot end on is not a list of word indices"
     if not isinstance(weights, dict) or not all(isinstance(w, torch.Tensor) for w in weights.values()):
         return "its model weights are not a dict of tensors"
     if not all(w.dtype == torch.float32 for w in weights.values() if w.is_floating_point() or w.is_complex()):

@@ -51,7 +51,7 @@ def reference_corpus(captions, end, unknown):
     """{key: [word-index captions]} -> {key: [sentences]} for CorpusCider.
 
     </UNKNOWN> becomes a word no sampled caption can match, so it is never rewarded."""
-    return {key: [sentence(["?" if ix == unknown else ix for ix in caption], end) for caption in refs]
+    return {key: [sentence(["?" if ix == unknown else ix for ix in caption] + [end], end) for caption in refs]
             for key, refs in captions.items()}
 
 
@@ -67,16 +67,18 @@ def rewards(cider, keys, candidates, bleu_weight):
 
 
 @torch.no_grad()
-def sample(model, features, end, banned, max_len, samples=1):
+def sample(model, features, end, banned, max_len, samples=1, unfinished=()):
     """Sample `samples` captions per image, image by image: features (B, F) or (B, R, F) -> words (N, T),
     mask (N, T), N = B * samples. Each image is encoded once (model.start), its state repeated for its
     samples as beam search repeats it for beams.
 
     mask marks the real steps of each caption, up to and including its </EOS>; `banned` words
-    (</PAD>, </UNKNOWN>) are never sampled.
+    (</PAD>, </UNKNOWN>) are never sampled, nor </EOS> after an `unfinished` word (一个, 的 ...).
     """
     device = features.device
     banned = torch.as_tensor(banned, dtype=torch.long, device=device)
+    cannot_end = torch.zeros(model.vocab_size, dtype=torch.bool, device=device)  # (V,)
+    cannot_end[list(unfinished)] = True
     inputs, state = model.start(features)
     rows = torch.arange(len(features), device=device).unsqueeze(1).expand(-1, samples)  # (B, samples)
     inputs, state = inputs[rows.reshape(-1)], model.select(state, rows)  # (N, E), N rows
@@ -84,6 +86,8 @@ def sample(model, features, end, banned, max_len, samples=1):
     alive = torch.ones(rows.numel(), dtype=torch.bool, device=device)
     for _ in range(max_len):
         step_log_probs, state = model.step(inputs, state, banned)  # (N, V)
+        if words:
+            step_log_probs[:, end].masked_fill_(cannot_end[words[-1]], float("-inf"))
         word = draw(step_log_probs.exp())  # (N,)
         words.append(word)
         masks.append(alive)
@@ -117,13 +121,16 @@ def log_probabilities(model, features, words, lengths, banned, samples):
 
 
 def sentence(indices, end):
-    """Word indices -> the space-separated words CIDEr scores, cut at </EOS>."""
-    return " ".join(str(ix) for ix in (indices[:indices.index(end)] if end in indices else indices))
+    """Word indices -> the space-separated words CIDEr scores, up to and including </EOS>: the end is
+    scored as a word (Rennie et al. 2017), so a caption that stops where a word must follow matches
+    fewer n-grams of the references (each of which ends with it) than one that ends well."""
+    return " ".join(str(ix) for ix in (indices[:indices.index(end) + 1] if end in indices else indices))
 
 
-def self_critical_loss(model, features, keys, cider, end, banned, samples, max_len, bleu_weight=0.0):
-    """features (B, F), keys: the B images' keys in `cider` -> loss, mean reward of the samples."""
-    words, mask = sample(model, features, end, banned, max_len, samples)  # (B*S, T) each
+def self_critical_loss(model, features, keys, cider, end, banned, samples, max_len, bleu_weight=0.0, unfinished=()):
+    """features (B, F), keys: the B images' keys in `cider` -> loss, mean reward of the samples
+    (none of which ends on an `unfinished` word)."""
+    words, mask = sample(model, features, end, banned, max_len, samples, unfinished)  # (B*S, T) each
     candidates = [sentence(row, end) for row in words.tolist()]
     reward = rewards(cider, [key for key in keys for _ in range(samples)], candidates, bleu_weight)
     reward = reward.reshape(-1, samples)  # (B, S)

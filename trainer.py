@@ -14,7 +14,7 @@ from torchnet.meter import AverageValueMeter
 import config
 import distributed
 from beam_search import caption_features, check_search
-from checkpoints import CROSS_ENTROPY, FINE_TUNING, SELF_CRITICAL, Checkpoints, Progress, restore_random
+from checkpoints import CROSS_ENTROPY, FINE_TUNING, PRETRAINING, SELF_CRITICAL, Checkpoints, Progress, restore_random
 from config import Config, UserError
 from dataset import train_val_splits
 from encoder import STAGE_COUNTS, Encoder, TrainingImages, image_caption_batches
@@ -37,14 +37,19 @@ class Phase:
     per_image: bool  # each image once with sampled captions (self-critical), else every human caption
     measure: str  # what a step returns and the dashboard plots: loss or reward
     warmup_steps: int = 0  # of the lr (see warmup_factor): for the phase that starts from random weights
+    extra_text: bool = True  # cross-entropy learns from the extra training text too (see CaptionSplit)
 
 
 def phases(opt: Config):
-    """The phases in their order, each starting from the best model so far; one of 0 epochs is skipped."""
-    finetune = opt.finetune_encoder > 0
-    return [Phase(CROSS_ENTROPY, opt.epoch, opt.lr, from_images=False, per_image=False, measure="loss",
-                  warmup_steps=opt.warmup_steps),
-            Phase(FINE_TUNING, opt.finetune_epoch if finetune else 0, opt.lr, True, False, "loss"),
+    """The phases in their order, each starting from the best model so far; one of 0 epochs is skipped.
+    With --pretrain-epoch the extra training text (e.g. machine translations) is learnt first, with
+    the captions, and the later phases learn from the captions alone (COCO-CN's pre-training)."""
+    finetune, pretrain = opt.finetune_encoder > 0, opt.pretrain_epoch > 0
+    return [Phase(PRETRAINING, opt.pretrain_epoch, opt.lr, False, False, "loss", warmup_steps=opt.warmup_steps),
+            Phase(CROSS_ENTROPY, opt.epoch, opt.lr, from_images=False, per_image=False, measure="loss",
+                  warmup_steps=0 if pretrain else opt.warmup_steps, extra_text=not pretrain),
+            Phase(FINE_TUNING, opt.finetune_epoch if finetune else 0, opt.lr, True, False, "loss",
+                  extra_text=not pretrain),
             Phase(SELF_CRITICAL, opt.scst_epoch, opt.scst_lr, finetune, True, "reward")]
 
 
@@ -127,9 +132,10 @@ def check_options(opt: Config):
 
 
 @torch.no_grad()
-def score_split(model, split, opt, device, process=0, processes=1):
+def score_split(model, split, opt, device, process=0, processes=1, unfinished=()):
     """Validation loss, perplexity, top-5 word accuracy, and caption metrics on --eval-size images of a
-    split (each process takes its share; all get the same scores)."""
+    split (each process takes its share; all get the same scores); no caption ends on an `unfinished`
+    word (see caption_features)."""
     model.eval()
     total, correct, count = 0.0, 0, 0
     for _, features, captions, lengths in split.batches(opt.batch_size, process=process, processes=processes):
@@ -143,7 +149,8 @@ def score_split(model, split, opt, device, process=0, processes=1):
     if len(rows):
         mine, captions = rows[process::processes], {}  # this process's share of the images
         if len(mine):
-            beams = caption_features(model, split.features_of(mine).to(device), split.ix2word, opt, n_best=1)
+            beams = caption_features(model, split.features_of(mine).to(device), split.ix2word, opt, n_best=1,
+                                     unfinished=unfinished)
             captions = {split.image_id(row): b[0][0] for row, b in zip(mine, beams)}
         results = distributed.merged(captions)
         scores.update(distributed.from_process_0(lambda: score_captions(results, split.references(rows))))
@@ -157,6 +164,9 @@ def check_training_data(opt: Config, split):
     check_search(1, opt.beam_size, len(split.ix2word) - 1 - len(split.banned), opt.min_len, opt.max_gen_len)
     if opt.finetune_encoder and opt.finetune_epoch + opt.scst_epoch:
         check_finetuning(opt, split.meta)
+    if opt.pretrain_epoch and not split.has_extra_text:
+        raise UserError(f"--pretrain-epoch={opt.pretrain_epoch}: {opt.caption_data_path} holds no extra training "
+                        "text to pre-train on (data_preprocess.py process --extra-annotation-file=...)")
 
 
 def check_finetuning(opt: Config, meta):
@@ -279,7 +289,8 @@ class Trainer:
         self.vocab = self.train_split.ix2word
         check_training_data(opt, self.train_split)
         self.model = build_model(opt, len(self.vocab), self.train_split.feature_dim).to(self.device)
-        self.phases, self.progress = phases(opt), Progress(processes=self.processes)
+        first = PRETRAINING if opt.pretrain_epoch else CROSS_ENTROPY
+        self.phases, self.progress = phases(opt), Progress(phase=first, processes=self.processes)
         self.checkpoints, self.report = Checkpoints(opt, self.train_split, self.process), Reporter(opt, self.process)
         # CUDA: bfloat16 autocast (float16 with a gradient scaler where bfloat16 is missing)
         cuda = self.device.type == "cuda"
@@ -410,7 +421,7 @@ class Trainer:
         with self._autocast():
             loss, reward = self.objective(self_critical_loss, batch.inputs, batch.rows.tolist(), self.cider,
                                           split.end, split.banned, opt.scst_samples, opt.max_gen_len,
-                                          opt.scst_bleu_weight)
+                                          opt.scst_bleu_weight, split.unfinished if opt.ending_rule else ())
         self.optimization.step(loss, self.progress)
         return reward
 
@@ -421,7 +432,8 @@ class Trainer:
         """Validation scores (see score_split), with the learning encoder's features when there is one."""
         val = self.val_split if self.encoder is None else self.encoder.encoded_split(self.val_split, self.opt,
                                                                                      self.device)
-        return score_split(self.model, val, self.opt, self.device, self.process, self.processes)
+        return score_split(self.model, val, self.opt, self.device, self.process, self.processes,
+                           self.train_split.unfinished)
 
     # --- what a phase needs -----------------------------------------------------------------------
     def _prepare_phase(self, encoder_state=None):
@@ -430,7 +442,7 @@ class Trainer:
         opt, phase, meta = self.opt, self.phase, self.train_split.meta
         self.encoder = learning_encoder(opt, meta, encoder_state, self.device) if phase.from_images else None
         if phase.from_images:
-            self.training_images = self.training_images or TrainingImages(self.train_split, meta["backbone"],
+            self.training_images = self.training_images or TrainingImages(self._learning_split(), meta["backbone"],
                                                                           opt.augment)
         self.optimization = Optimization(opt, phase, self.model, self.encoder, self.scaler)
         self.objective = distributed.parallel(_Objective(self.model, self.encoder), self.device,
@@ -457,7 +469,7 @@ class Trainer:
         (self-critical); where encoding an image is work (a learning encoder, the transformer's) whole
         images with all their captions, as many as give about --batch-size captions; else --batch-size
         captions."""
-        opt, split, per_image = self.opt, self.train_split, self.phase.per_image
+        opt, split, per_image = self.opt, self._learning_split(), self.phase.per_image
         share = {"skip": self.progress.batch, "process": self.process, "processes": self.processes}
         seed = opt.seed + self.progress.epoch
         by_image = per_image or opt.model in ENCODES_REGIONS or self.encoder is not None
@@ -472,13 +484,18 @@ class Trainer:
         batches = (Batch(rows, inputs.to(self.device, non_blocking=True), *rest) for rows, inputs, *rest in batches)
         return batches, split.num_batches(size, by_image, self.processes)
 
+    def _learning_split(self):
+        """The training split as the phase learns from it: with or without its extra training text."""
+        return self.train_split if self.phase.extra_text else self.train_split.without_extra_text()
+
     def _plot(self, row, value):
         """The loss (or reward) curve, a training photo with its human caption and what the model now says."""
         split = self.train_split
         self.model.eval()
         features = (split.features_of([row]).to(self.device) if self.encoder is None
                     else self.encoder.features_of(split, [row], self.opt, self.device))  # (1, F) or (1, R, F)
-        beams = caption_features(self.model, features, self.vocab, self.opt, n_best=self.opt.beam_size)[0]
+        beams = caption_features(self.model, features, self.vocab, self.opt, n_best=self.opt.beam_size,
+                                 unfinished=split.unfinished)[0]
         self.model.train()
         self.report.training(self.progress, self.phase.measure, value,
                              (split.image_id(row), split.image_path(row), split.human_caption(row), beams))

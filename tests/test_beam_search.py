@@ -160,6 +160,24 @@ def test_no_caption_ends_before_min_len_words_even_when_the_end_is_near_certain(
     assert reference == beams[0][0] and score == pytest.approx(beams[0][1])
 
 
+def test_no_caption_ends_on_an_unfinished_word_even_when_the_end_is_near_certain():
+    """A (一个) is the model's favourite first word and </EOS> near-certain after it: with A unfinished
+    the search says more (A then B), and without the rule it says A alone."""
+    model = MarkovModel({START: {A: 0.95, C: 0.05}, A: {END: 0.9, B: 0.1}, B: {END: 1.0}, C: {END: 1.0}}, 7)
+    [[(ruled, score, _)]] = beam_search(model, torch.zeros(1, 1), END, [PAD, UNKNOWN], beam_size=2, max_len=6,
+                                        unfinished=[A])
+    assert ruled == [A, B] and score == pytest.approx(math.log(0.95 * 0.1))  # beats C alone (0.05)
+    [[(free, _, _)]] = beam_search(model, torch.zeros(1, 1), END, [PAD, UNKNOWN], beam_size=2, max_len=6)
+    assert free == [A]
+
+
+def test_a_caption_of_unfinished_words_only_still_ends_at_max_len():
+    model = MarkovModel({START: {A: 1.0}, A: {END: 0.9, A: 0.1}}, 7)
+    [[(words, _, _)]] = beam_search(model, torch.zeros(1, 1), END, [PAD, UNKNOWN], beam_size=2, max_len=4,
+                                    unfinished=[A])
+    assert words == [A] * 4
+
+
 @pytest.mark.parametrize("kind", ["pooled", "attention"])
 @torch.no_grad()
 def test_quantized_model_has_int8_weights_and_nearly_the_same_word_probabilities(kind):

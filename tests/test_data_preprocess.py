@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from captions import EOS, PAD, UNKNOWN, load_caption_data, tokenize
+from captions import EOS, PAD, UNKNOWN, load_caption_data, tokenize, unfinished_words
 from config import UserError
 from data_preprocess import process
 from dataset import CaptionSplit
@@ -161,3 +161,12 @@ def test_damaged_extra_text_in_a_caption_file_is_one_line(tmp_path, extra):
     torch.save({**data, "extra_caption": extra}, out)
     with pytest.raises(UserError, match="its extra training text does not match its images and vocabulary"):
         load_caption_data(out)
+
+
+def test_unfinished_words_are_those_the_captions_almost_never_end_on():
+    """一个 (3) never ends a caption, 的 (4) once in 400 uses; 狗 (5) ends most of its; 跑 (6) never
+    ends one but is seen too rarely to tell."""
+    ix2word = [PAD, EOS, UNKNOWN, "一个", "的", "狗", "跑"]
+    captions = [[[3, 4, 5]] * 199 + [[5, 4]], [[3, 6, 5]] * 5, [[2, 4, 5]] * 199]
+    assert unfinished_words(captions, ix2word) == [3, 4]
+    assert unfinished_words([[[3, 2]] * 40], ix2word) == [3]  # </UNKNOWN> is never one of them

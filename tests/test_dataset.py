@@ -27,15 +27,22 @@ def test_collate_pads_ends_and_keeps_each_caption_with_its_own_image(demo):
     assert not torch.equal(features[0], features[1])  # different images really are different rows
 
 
-def test_training_reads_the_extra_text_and_validation_never_does(demo, tmp_path):
-    """--val-fraction takes validation images from the training file: their extra text stays out."""
+def with_extra_text(demo, folder):
+    """The demo's training data with extra text (row % 3 captions of words 5 6 7 a row) in folder
+    -> (its options, the caption data)."""
     data = torch.load(demo.caption_data_path, weights_only=True)
     data["extra_caption"] = [[[5, 6, 7]] * (row % 3) for row in range(len(data["ix2id"]))]
-    torch.save(data, tmp_path / "caption.pth")
-    for path in glob.glob(os.path.splitext(demo.caption_data_path)[0] + ".features.*"):
-        shutil.copy(path, tmp_path / os.path.basename(path))
-    train, val = train_val_splits(dataclasses.replace(demo, caption_data_path=str(tmp_path / "caption.pth"),
-                                                      val_caption_data_path="", val_fraction=0.25))
+    torch.save(data, folder / "caption.pth")
+    stem = os.path.splitext(demo.caption_data_path)[0]
+    for path in glob.glob(stem + ".features.*") + glob.glob(stem + ".regions.*"):
+        shutil.copy(path, folder / os.path.basename(path))
+    return dataclasses.replace(demo, caption_data_path=str(folder / "caption.pth")), data
+
+
+def test_training_reads_the_extra_text_and_validation_never_does(demo, tmp_path):
+    """--val-fraction takes validation images from the training file: their extra text stays out."""
+    opt, data = with_extra_text(demo, tmp_path)
+    train, val = train_val_splits(dataclasses.replace(opt, val_caption_data_path="", val_fraction=0.25))
     assert len(train.pairs) == sum(len(data["caption"][row]) + row % 3 for row in train.rows)
     assert len(val.pairs) == sum(len(data["caption"][row]) for row in val.rows)
     row = next(row for row in train.rows if row % 3 == 2)

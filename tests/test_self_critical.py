@@ -61,9 +61,33 @@ def test_bleu_weight_adds_the_mean_bleu_to_the_reward():
     np.testing.assert_allclose(mixed[1:] - plain[1:], 0.0, atol=1e-6)  # no shared word, or no word at all
 
 
-def test_sentence_stops_at_the_end_token():
-    assert sentence([5, 7, 1, 9], end=1) == "5 7"
-    assert sentence([5, 7], end=1) == "5 7"
+def test_sentence_keeps_the_end_token_and_stops_there():
+    assert sentence([5, 7, 1, 9], end=1) == "5 7 1"
+    assert sentence([5, 7], end=1) == "5 7"  # ran out of length: no end
+
+
+def test_the_reward_sees_where_a_caption_ends():
+    """The references end with </EOS> (1): a caption that ends after the words they end on earns more
+    than the same words cut off by the length limit, or than a fragment that stops on 3 (一个)."""
+    corpus = {0: [[3, 4, 5], [3, 4, 6, 5]], 1: [[7, 8], [8, 9]], 2: [[9, 7, 8]]}
+    cider = CorpusCider(reference_corpus(corpus, end=1, unknown=2))
+    ended, cut_off, fragment = cider.score([0] * 3, [sentence(c, 1) for c in ([3, 4, 5, 1], [3, 4, 5], [4, 5, 3, 1])])
+    assert ended > cut_off and ended > fragment
+
+
+def test_samples_never_end_on_an_unfinished_word():
+    """3 is near-certainly followed by </EOS> (1); with 3 unfinished no sample ends right after it."""
+    torch.manual_seed(0)
+    model = CaptionModel(vocab_size=6, feature_dim=4, embedding_dim=8, hidden_size=8, num_layers=1, dropout=0.0)
+    with torch.no_grad():
+        model.classifier.bias[3] += 4.0
+        model.classifier.bias[1] += 4.0
+    free, _ = sample(model, torch.randn(8, 4), end=1, banned=[0, 2], max_len=6, samples=8)
+    ruled, mask = sample(model, torch.randn(8, 4), end=1, banned=[0, 2], max_len=6, samples=8, unfinished=[3])
+    def ends_on_3(words):
+        return sum(row[i] == 1 and i and row[i - 1] == 3 for row in words.tolist() for i in range(len(row))
+                   if 1 not in row[:i])
+    assert ends_on_3(free) > 10 and ends_on_3(ruled) == 0
 
 
 def test_an_unknown_word_in_a_reference_is_never_rewarded():

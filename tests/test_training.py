@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, command_line, options
+from test_dataset import with_extra_text
 
 from images import features_path
 from main import train
@@ -270,3 +271,35 @@ def test_label_smoothing_is_the_mix_of_the_target_loss_and_the_mean_over_the_voc
     assert cross_entropy_loss(model, None, None, None, smoothing=0.2).item() == pytest.approx(
         (0.8 * nll + 0.2 * uniform).item(), rel=1e-6)
     assert cross_entropy_loss(model, None, None, None).item() == pytest.approx(nll.item(), rel=1e-6)
+
+
+def test_pre_training_learns_the_extra_text_then_the_captions_alone(demo, tmp_path, monkeypatch):
+    """--pretrain-epoch: its epochs read every caption and the extra text, warmed up; the cross-entropy
+    epochs after it read the captions alone, from the pre-trained best, at the full lr."""
+    opt, data = with_extra_text(demo, tmp_path)
+    seen = []  # (phase, captions of the batch that hold the extra text 5 6 7, lr)
+
+    def record(self, batch, sampling=0.0):
+        extra = sum(row[:3].tolist() == [5, 6, 7] for row in batch.captions)
+        lr = self.optimization.optimizer.param_groups[0]["lr"]
+        seen.append((self.progress.phase, len(batch.captions), extra, lr))
+        return 1.0
+
+    monkeypatch.setattr(Trainer, "cross_entropy_step", record)
+    monkeypatch.setattr(Trainer, "validate", lambda self: {"val_loss": 1.0, "CIDEr-D": 0.1})
+    train(**options(opt, tmp_path, pretrain_epoch=1, epoch=1, warmup_steps=3))
+    phases = [phase for phase, *_ in seen]
+    assert phases == sorted(phases, key=["pre-training", "cross-entropy"].index) and len(set(phases)) == 2
+    captions = sum(map(len, data["caption"]))
+    extra = sum(len(rows) for rows in data["extra_caption"])
+    assert sum(n for phase, n, _, _ in seen if phase == "pre-training") == captions + extra
+    assert sum(e for phase, _, e, _ in seen if phase == "pre-training") == extra
+    assert sum(n for phase, n, _, _ in seen if phase == "cross-entropy") == captions
+    assert sum(e for phase, _, e, _ in seen if phase == "cross-entropy") == 0
+    assert seen[0][3] == pytest.approx(demo.lr / 3)  # the warm-up is pre-training's
+    assert {lr for phase, *_, lr in seen if phase == "cross-entropy"} == {demo.lr}
+
+
+def test_pre_training_without_extra_text_is_refused_before_any_work(demo, tmp_path):
+    with pytest.raises(SystemExit, match="--pretrain-epoch=2: .* holds no extra training text"):
+        train(**options(demo, tmp_path, pretrain_epoch=2))
