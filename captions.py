@@ -6,8 +6,9 @@ import os
 import re
 import warnings
 
+from caption_formats import read_entries
 from config import UserError
-from files import load_pth, read_json
+from files import load_pth
 
 PAD, EOS, UNKNOWN = "</PAD>", "</EOS>", "</UNKNOWN>"
 CAPTION_KEYS = ("word2ix", "ix2word", "id2ix", "ix2id", "caption", "padding", "end", "unknown")
@@ -55,11 +56,10 @@ def unfinished_words(captions, ix2word):
                   and ends[ix] < UNFINISHED_END_SHARE * count)
 
 
-def load_annotations(path):
-    """Read and validate an AI Challenger annotation file: [{"image_id", "caption": [...]}]."""
-    entries = read_json(path, "annotation file")
-    if not isinstance(entries, list):
-        raise UserError(f'{path}: expected a list of {{"image_id", "caption"}} entries, got a {type(entries).__name__}')
+def load_annotations(path, split=""):
+    """Read and validate a caption file of any format caption_formats.py reads (split: only that split
+    of a Karpathy file) -> AI Challenger entries [{"image_id", "caption": [...]}]."""
+    entries = read_entries(path, split)
     if not entries:
         raise UserError(f"{path}: the annotation list is empty")
     seen = {}

@@ -45,6 +45,8 @@ class Config:
     extra_annotation_file: str = option("", None, "more training text for the same images (e.g. machine "
                                         "translations; comma-separated files): cross-entropy learns from it "
                                         "too, the references stay --annotation-file's")
+    split: str = option("", ("", "train", "val", "test", "restval"), "a Karpathy dataset_*.json --annotation-file: "
+                        "only the images of this split (empty: all)")
     vocab_from: str = option("", None, "reuse the vocabulary of this caption .pth (for the val split)")
     max_words: int = option(10000, "[1, inf)", "vocabulary size, most frequent words first")
     min_appear: int = option(2, "[1, inf)", "a word seen fewer times becomes </UNKNOWN>")
@@ -147,7 +149,7 @@ _GENERATION = ("model_ckpt checkpoint_dir beam_size max_gen_len min_len length_n
                "num_workers use_gpu")
 # The options each command reads (for its --help); every other field is still accepted and checked.
 COMMAND_OPTIONS = {
-    "process": "annotation_file extra_annotation_file caption_data_path vocab_from max_words min_appear "
+    "process": "annotation_file split extra_annotation_file caption_data_path vocab_from max_words min_appear "
                "max_caption_len",
     "extract": "caption_data_path img_path backbone weights batch_size num_workers grid use_gpu",
     "train": "caption_data_path val_caption_data_path val_fraction model embedding_dim hidden_size num_layers "
@@ -159,7 +161,7 @@ COMMAND_OPTIONS = {
              "debug_file env vis_server vis_port vis_timeout plot_every log_dir batch_size num_workers "
              "beam_size max_gen_len min_len length_norm ending_rule pretrain_epoch",
     "generate": f"img n_best output attention_map {_GENERATION}",
-    "evaluate": f"annotation_file img_path results output metrics_path {_GENERATION}",
+    "evaluate": f"annotation_file split img_path results output metrics_path {_GENERATION}",
     "replay": "log log_dir env vis_server vis_port",
 }
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}

@@ -1,4 +1,5 @@
-"""Step 1: AI Challenger caption JSON -> jieba words -> vocabulary -> one caption .pth.
+"""Step 1: a caption file (AI Challenger, COCO or Karpathy JSON, Flickr8k-CN lines, CSV/TSV: see
+caption_formats.py) -> jieba words -> vocabulary -> one caption .pth.
 
     python data_preprocess.py process --annotation-file=train.json --caption-data-path=caption.pth
     python data_preprocess.py process --annotation-file=val.json --caption-data-path=caption_val.pth \\
@@ -102,7 +103,7 @@ def process(opt: Config):
         raise UserError("give the captions to encode with --annotation-file=FILE.json")
     extra_paths = extra_files(opt.extra_annotation_file)
     check_output_file(opt.caption_data_path, inputs=[opt.annotation_file, *extra_paths])
-    entries = load_annotations(opt.annotation_file)
+    entries = load_annotations(opt.annotation_file, opt.split)
     vocabulary = load_caption_data(opt.vocab_from)["ix2word"] if opt.vocab_from else None  # read first
     tokenized, empty = tokenize_entries(entries, os.path.basename(opt.annotation_file))
     kept = [i for i, captions in enumerate(tokenized) if captions]

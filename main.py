@@ -239,7 +239,7 @@ def evaluate(opt: Config):
         if output:
             check_output_file(output, inputs=[opt.annotation_file, opt.results,
                                               *([] if opt.results else find_checkpoints(opt))])
-    references = {entry["image_id"]: entry["caption"] for entry in load_annotations(opt.annotation_file)}
+    references = {entry["image_id"]: entry["caption"] for entry in load_annotations(opt.annotation_file, opt.split)}
     results = read_results(opt.results) if opt.results else caption_references(references, opt)
     try:
         scores = score_captions(results, references)
