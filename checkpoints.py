@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 import distributed
-from config import Config, UserError
+from config import FIELDS, MODEL_OPTIONS, Config, UserError
+from files import atomic_save, remove_leftovers
 from metrics import HIGHER_IS_BETTER
 from model import load_checkpoint, save_checkpoint
 
@@ -45,6 +46,8 @@ class Checkpoints:
         self.opt, self.split, self.writer = opt, split, process == 0
         self.last = os.path.join(opt.checkpoint_dir, "last.pth")
         self.best = os.path.join(opt.checkpoint_dir, "best.pth")
+        if self.writer:
+            remove_leftovers(opt.checkpoint_dir)
 
     def is_better(self, score, best):
         if best is None:
@@ -66,17 +69,19 @@ class Checkpoints:
         """last.pth, checked to continue this run: its vocabulary, features, data order and progress
         (its epoch again when it was written by another number of processes: their shares differ),
         with "notes" to say once it is loaded."""
-        checkpoint = distributed.from_process_0(lambda: load_checkpoint(self.last))
+        checkpoint = distributed.from_process_0(self._resumable)
         if checkpoint["ix2word"] != self.split.ix2word:
             raise UserError(f"{self.last}: built for another vocabulary than {self.opt.caption_data_path}")
         if checkpoint["feature"]["feature_dim"] != self.split.feature_dim:
             raise UserError(f"{self.last}: built for {checkpoint['feature']['feature_dim']}-d features, "
                             f"these are {self.split.feature_dim}-d")
-        for name in DATA_ORDER:
-            saved, now = checkpoint["config"].get(name), getattr(self.opt, name)
+        for name in (*MODEL_OPTIONS, *DATA_ORDER):
+            saved, now = checkpoint["config"].get(name, FIELDS[name].default), getattr(self.opt, name)
             if saved != now:
-                raise UserError(f"--{name}={now} but {self.last} was trained with --{name}={saved}; it fixes "
-                                "the validation images and the batch order: resume with the same value")
+                what = "shapes the model" if name in MODEL_OPTIONS else "fixes the validation images and batch order"
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{flag}={now} but {self.last} was trained with {flag}={saved}; it {what}: resume "
+                                "with the same value")
         names = {field.name for field in dataclasses.fields(Progress)}
         state = checkpoint.get("state")
         state = {**ADDED_LATER, **state} if isinstance(state, dict) else state
@@ -94,8 +99,26 @@ class Checkpoints:
             progress.batch = 0
         progress.processes = processes
         notes.append(f"resuming from {self.last} at epoch {progress.epoch}, batch {progress.batch} ({progress.phase})")
+        self._finish_best(checkpoint, progress)
         checkpoint["progress"], checkpoint["notes"] = progress, notes
         return checkpoint
+
+    def _resumable(self):
+        """last.pth; best.pth where a kill came before the first last.pth (both hold the whole state)."""
+        if not os.path.isfile(self.last) and os.path.isfile(self.best):
+            print(f"{self.last}: missing; resuming from {self.best}, which holds the same state")
+            return load_checkpoint(self.best)
+        return load_checkpoint(self.last)
+
+    def _finish_best(self, checkpoint, progress):
+        """A kill between the two saves of an improving epoch leaves last.pth, which holds that epoch's
+        model, newer than best.pth: write best.pth from it."""
+        improving_end = progress.phase_epoch and not progress.batch and not progress.epochs_without_improvement
+        if not self.writer or not improving_end or progress.best_score is None:
+            return
+        best = (load_checkpoint(self.best).get("state") or {}) if os.path.isfile(self.best) else {}
+        if (best.get("best_score"), best.get("epoch")) != (progress.best_score, progress.epoch):
+            atomic_save(dict(checkpoint), self.best)
 
     def best_weights(self):
         """best.pth's model and encoder weights, without its optimizer state; {} before there is one."""

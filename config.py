@@ -300,6 +300,19 @@ def describe(names=None) -> str:
     return "\n".join(lines)
 
 
+def _as_typed(kwargs, argv):
+    """kwargs with each text option as typed on the command line argv: fire reads --img=007 as the
+    number 7 and --model-ckpt=1,2 as a tuple of numbers, but a file name is a name."""
+    typed = {}
+    for i, word in enumerate(argv):
+        if word.startswith("--"):
+            name, equals, value = word[2:].partition("=")
+            if equals or (i + 1 < len(argv) and not argv[i + 1].startswith("--")):
+                typed[name.replace("-", "_")] = value if equals else argv[i + 1]
+    return {key: typed[name] if (name := key.replace("-", "_")) in typed and name in FIELDS
+            and FIELDS[name].type in (str, "str") else value for key, value in kwargs.items()}
+
+
 def command(function):
     """Make `function(opt)` a fire command taking `--field=value` flags; a UserError exits with one line."""
 
@@ -310,7 +323,7 @@ def command(function):
         try:
             if arguments:
                 raise UserError(f"unexpected argument {arguments[0]!r}: options are given as --name=value")
-            function(parse(**kwargs))
+            function(parse(**_as_typed(kwargs, sys.argv[1:])))
         except UserError as error:  # one line, whatever a library put in the message
             sys.exit("error: " + " ".join(line.strip() for line in str(error).splitlines()))
 

@@ -102,6 +102,10 @@ def process(opt: Config):
     if not opt.annotation_file:
         raise UserError("give the captions to encode with --annotation-file=FILE.json")
     extra_paths = extra_files(opt.extra_annotation_file)
+    for path in extra_paths:
+        if os.path.exists(path) and os.path.exists(opt.annotation_file) and os.path.samefile(path, opt.annotation_file):
+            raise UserError(f"--extra-annotation-file={path} is --annotation-file itself: it adds nothing; "
+                            "leave it out")
     check_output_file(opt.caption_data_path, inputs=[opt.annotation_file, *extra_paths])
     entries = load_annotations(opt.annotation_file, opt.split)
     vocabulary = load_caption_data(opt.vocab_from)["ix2word"] if opt.vocab_from else None  # read first

@@ -9,6 +9,7 @@ with a .json describing them and a .bad.tsv listing images that could not be rea
 interrupted run resumes where it stopped. `torchrun --nproc-per-node=N feature_extract.py extract ...`
 splits the images into N contiguous parts, one per process (and GPU), written into the same files.
 """
+import glob
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ import distributed
 import images
 from captions import load_caption_data
 from config import Config, UserError, command
-from files import read_json
+from files import atomic_save, read_json, write_json
 
 
 @command
@@ -95,10 +96,21 @@ def _print_size(shapes):
 
 
 def _already_extracted(shapes, meta):
-    meta_path = next(iter(shapes)).replace(".npy", ".json")
-    if not (all(os.path.isfile(path) for path in shapes) and os.path.isfile(meta_path)):
+    """Finished with the same settings (the records a kill left behind after the finish are removed)."""
+    path = next(iter(shapes))
+    meta_path = path.replace(".npy", ".json")
+    if not (all(os.path.isfile(array) for array in shapes) and os.path.isfile(meta_path)):
         return False
-    return _same_job(_read_state(meta_path) or {}, meta)
+    if not _same_job(_read_state(meta_path) or {}, meta):
+        return False
+    _remove_records(path)
+    return True
+
+
+def _remove_records(path):
+    """The progress records of every process, once the features are finished."""
+    for record in glob.glob(glob.escape(path) + ".partial.*"):  # and a .tmp a kill left
+        os.remove(record)
 
 
 def _same_job(saved, meta):
@@ -169,18 +181,15 @@ def _finish(path, arrays, meta):
     if meta["largest"] < 1e-3:
         print(f"warning: every feature is (nearly) zero (largest {meta['largest']:.1e}): {meta['backbone']} with "
               f"{meta['weights']} weights describes nothing; use pretrained weights", file=sys.stderr)
+    report = path.replace(".npy", ".bad.tsv")
+    atomic_save("".join(f"{line}\n" for line in meta["bad"].values()), report,
+                save=lambda text, file: file.write(text.encode("utf-8")))
     for array_path, array in arrays.items():
         array.flush()
         os.replace(array_path + ".partial", array_path)
     arrays.clear()
-    with open(path.replace(".npy", ".json"), "w", encoding="utf-8") as file:
-        json.dump(meta, file, ensure_ascii=False, indent=1)
-    report = path.replace(".npy", ".bad.tsv")
-    with open(report, "w", encoding="utf-8") as file:
-        file.writelines(f"{line}\n" for line in meta["bad"].values())
-    for state in states:
-        if os.path.isfile(state):
-            os.remove(state)
+    write_json(meta, path.replace(".npy", ".json"))  # last: the description marks the features finished
+    _remove_records(path)
     for line in meta["bad"].values():
         print(f"bad image: {line}", file=sys.stderr)
     print(f"{path}: {meta['num_images']} x {meta['feature_dim']} float16 features"

@@ -1,4 +1,6 @@
 """Safe file writing and loading shared by every step of the pipeline."""
+import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -7,6 +9,8 @@ import torch
 
 from config import UserError
 
+TEMPORARY = ".tmp-"  # the name prefix of atomic_save's temporary files
+
 
 def atomic_save(obj, path, save=torch.save):
     """save(obj, file) (torch.save, or torch.jit.save) to a temporary file beside `path`, then
@@ -14,7 +18,7 @@ def atomic_save(obj, path, save=torch.save):
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=TEMPORARY, suffix=os.path.splitext(path)[1])
     except OSError as error:
         raise UserError(f"cannot write {path}: {error.strerror}") from None
     try:
@@ -27,10 +31,18 @@ def atomic_save(obj, path, save=torch.save):
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
         os.unlink(temporary)
         reason = getattr(error, "strerror", None) or "the write failed (disk full?)"
-        raise UserError(f"cannot write {path}: {reason}; the previous file is kept") from None
+        kept = "; the previous file is kept" if os.path.isfile(path) else ""
+        raise UserError(f"cannot write {path}: {reason}{kept}") from None
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def remove_leftovers(folder):
+    """Delete the temporary files of saves that a killed process never finished (atomic_save's)."""
+    for leftover in glob.glob(os.path.join(glob.escape(folder), TEMPORARY + "*")):
+        with contextlib.suppress(OSError):
+            os.unlink(leftover)
 
 
 def check_input_file(path, what):
@@ -99,6 +111,9 @@ def load_pth(path, what, required_keys=(), mmap=False):
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # truncated zip, pickle with code, not a torch file, empty...
         reason = (str(error).strip().splitlines() or ["no details"])[0][:200]
+        kind = _not_torch(path)
+        if kind:
+            raise UserError(f"{path}: not a readable {what}: {kind}, not a file this toolkit wrote") from None
         raise UserError(f"{path}: not a readable {what} ({type(error).__name__}: {reason})") from None
     if required_keys and not isinstance(data, dict):
         raise UserError(f"{path}: not a {what}: it holds a {type(data).__name__}, not a dict")
@@ -106,6 +121,20 @@ def load_pth(path, what, required_keys=(), mmap=False):
     if missing:
         raise UserError(f"{path}: not a {what}: missing {', '.join(missing)}")
     return data
+
+
+SIGNATURES = ((b"\xff\xd8", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"{", "JSON"), (b"[", "JSON"))
+
+
+def _not_torch(path):
+    """What a file torch.load cannot read is, when its first bytes show it is not torch.save's (a zip
+    archive, or an older version's pickle); None when it may be one (a truncated one, say)."""
+    with open(path, "rb") as file:
+        head = file.read(8)
+    if head.startswith((b"PK", b"\x80")):
+        return None
+    kinds = [kind for signature, kind in SIGNATURES if head.lstrip().startswith(signature)]
+    return kinds[0] if kinds else "an empty file" if not head else "not a PyTorch file"
 
 
 def _umask():

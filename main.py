@@ -80,7 +80,7 @@ class Captioner:
 def load_captioner(path, opt: Config, device):
     """A checkpoint -> its Captioner, and the checkpoint (for its backbone)."""
     checkpoint = load_checkpoint(path)
-    model = model_from_checkpoint(checkpoint, path).to(device)
+    model = model_from_checkpoint(checkpoint, path, device).to(device)
     if opt.quantize:
         if device.type != "cpu":
             raise UserError("--quantize is for CPU inference; add --use-gpu=false")
@@ -171,11 +171,10 @@ def generate(opt: Config):
         raise UserError("name the image(s) to caption with --img=FILE, FOLDER or GLOB")
     if opt.output:
         check_output_file(opt.output, inputs=[opt.img, *find_checkpoints(opt)])
-    if opt.attention_map:
-        check_output_folder(opt.attention_map, "--attention-map folder")
     paths = list_images(opt.img)
     if not paths:
         raise UserError(f"--img={opt.img}: no images found")
+    maps = attention_map_paths(paths, opt) if opt.attention_map else {}
     captions, errors = caption_images(paths, opt)
     for path, beams in captions.items():
         for text, score, _ in beams:
@@ -185,21 +184,39 @@ def generate(opt: Config):
     if opt.output:
         write_results(opt.output, {os.path.basename(p): beams[0][0] for p, beams in captions.items()})
     if opt.attention_map:
-        write_attention_maps(captions, opt.attention_map)
+        write_attention_maps(captions, maps)
     if not captions:
         sys.exit(1)
 
 
-def write_attention_maps(captions, folder):
-    """One PNG per image: where the best caption looked, word by word."""
+def attention_map_paths(paths, opt: Config):
+    """Before captioning: the --attention-map folder, made, and a PNG name there for each photo
+    (photo.attention.png; photo-2.attention.png for a second photo.*), none of them a folder or --output."""
+    folder = opt.attention_map
+    if opt.output and os.path.abspath(opt.output) == os.path.abspath(folder):
+        raise UserError(f"--output={opt.output} and --attention-map={folder}: one path for a file and a folder")
+    check_output_folder(folder, "--attention-map folder")
+    targets, taken = {}, set()
+    for path in paths:
+        stem, number = os.path.splitext(os.path.basename(path))[0], 1
+        while (name := stem + (f"-{number}" if number > 1 else "") + ".attention.png") in taken:
+            number += 1
+        taken.add(name)
+        targets[path] = os.path.join(folder, name)
+        if os.path.exists(targets[path]) and not os.path.isfile(targets[path]):
+            raise UserError(f"{targets[path]}: is a folder; the attention map of {path} goes there")
+    return targets
+
+
+def write_attention_maps(captions, targets):
+    """One PNG per image, at targets[path]: where the best caption looked, word by word."""
     from visualize import attention_figure
     if any(beams[0][2] is None for beams in captions.values()):
         raise UserError("--attention-map: the pooled model has no attention to show; train with --model=attention "
                         "or --model=transformer")
     for path, beams in captions.items():
-        target = os.path.join(folder, os.path.splitext(os.path.basename(path))[0] + ".attention.png")
-        attention_figure(seen_photo(path), beams[0][2]).save(target)
-        print(f"attention map: {target}", file=sys.stderr)
+        attention_figure(seen_photo(path), beams[0][2]).save(targets[path])
+        print(f"attention map: {targets[path]}", file=sys.stderr)
 
 
 def write_results(path, captions):

@@ -14,6 +14,8 @@ Ensemble decodes several of them as one, by the mean of their word probabilities
 """
 import dataclasses
 import glob
+import hashlib
+import json
 import math
 import os
 import warnings
@@ -409,17 +411,57 @@ def build_model(opt: Config, vocab_size, feature_dim):
     raise UserError(f"--model={opt.model}: choose one of {', '.join(MODEL_NAMES)}")
 
 
-def save_checkpoint(path, model, opt, ix2word, feature_meta, **training_state):
-    """Everything generate needs (weights, config, vocabulary, backbone) plus resumable state."""
-    atomic_save({
+CPU = torch.device("cpu")
+
+
+def check_fits(opt: Config, vocab_size, feature_dim, device, copies):
+    """Refuse in one line, before it is built, a model whose weights `copies` times over (training:
+    weights, gradients and Adam's two moments) cannot fit in the device's free memory."""
+    with torch.device("meta"):  # shapes only, no memory
+        count = sum(p.numel() for p in build_model(opt, vocab_size, feature_dim).parameters())
+    need, free = count * 4 * copies, free_memory(device)
+    if need > free:
+        extra = "gradients and optimizer state" if copies > 1 else "nothing else"
+        raise UserError(f"--model={opt.model} at these sizes has {count / 1e6:.0f}M weights: {need / 2 ** 30:.1f} "
+                        f"GiB with {extra}, and the {device.type} has {free / 2 ** 30:.1f} GiB free; choose smaller "
+                        "sizes")
+
+
+def free_memory(device):
+    """Bytes the device can still give: CUDA's free memory, else the system's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as file:
+        fields = dict(line.split(":", 1) for line in file)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def save_checkpoint(path, model, opt, ix2word, feature_meta, unfinished=(), **training_state):
+    """Everything generate needs (weights, config, vocabulary, backbone, the words a caption cannot end
+    on) and a checksum of them, plus resumable state."""
+    checkpoint = {
         "model": model.state_dict(),
         "config": dataclasses.asdict(opt),
         "ix2word": ix2word,
         "end": EOS,
+        "unfinished": list(unfinished),
         "feature": {"backbone": feature_meta["backbone"], "weights": feature_meta["weights"],
                     "feature_dim": feature_meta["feature_dim"], "grid": feature_meta.get("grid", 0)},
         **training_state,
-    }, path)
+    }
+    atomic_save({**checkpoint, "checksum": checksum(checkpoint)}, path)
+
+
+def checksum(checkpoint):
+    """sha256 of what a caption depends on: the weights, the vocabulary and its end, the unfinished
+    words, the model's options; a disk or a copy that flips bits changes it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(checkpoint["model"].items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+    described = [checkpoint.get(key) for key in ("ix2word", "end", "unfinished", "config", "feature")]
+    digest.update(json.dumps(described, sort_keys=True, ensure_ascii=False, default=repr).encode())
+    return digest.hexdigest()
 
 
 def load_checkpoint(path):
@@ -443,6 +485,8 @@ def _checkpoint_problem(checkpoint):
     problem = vocabulary_problem(checkpoint["ix2word"])
     if problem:
         return problem
+    if checkpoint["config"].get("model") in READS_REGIONS and not feature.get("grid"):
+        return f"its {checkpoint['config']['model']} model reads region features, but its features have none (grid 0)"
     unfinished = checkpoint.get("unfinished", [])
     if not (isinstance(unfinished, list) and all(_whole(ix, 0) and ix < len(checkpoint["ix2word"])
                                                  for ix in unfinished)):
@@ -453,6 +497,8 @@ def _checkpoint_problem(checkpoint):
         return "its model weights are not float32"
     if not all(bool(torch.isfinite(w).all()) for w in weights.values() if w.is_floating_point()):
         return "its model weights hold NaN or infinite values (training diverged?)"
+    if "checksum" in checkpoint and checkpoint["checksum"] != checksum(checkpoint):
+        return "its weights or vocabulary differ from what was saved (checksum): the file is damaged"
     return None
 
 
@@ -460,9 +506,10 @@ def _whole(value, low):
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
-def model_from_checkpoint(checkpoint, path):
+def model_from_checkpoint(checkpoint, path, device=CPU):
     """Rebuild the model of a checkpoint (load_checkpoint's); a mismatch of sizes is a clear error."""
     opt = from_saved(checkpoint["config"], path)
+    check_fits(opt, len(checkpoint["ix2word"]), checkpoint["feature"]["feature_dim"], device, copies=1)
     model = build_model(opt, len(checkpoint["ix2word"]), checkpoint["feature"]["feature_dim"])
     try:  # the checkpoint's tensors (memory-mapped) replace the new ones: no second copy of the weights
         model.load_state_dict(checkpoint["model"], assign=True)

@@ -21,7 +21,7 @@ from encoder import STAGE_COUNTS, Encoder, TrainingImages, image_caption_batches
 from files import check_output_folder
 from images import build_backbone, pick_device, weights_file
 from metrics import METRICS, java_available, score_captions
-from model import ENCODES_REGIONS, READS_REGIONS, build_model
+from model import ENCODES_REGIONS, READS_REGIONS, build_model, check_fits
 from reporting import Reporter
 from self_critical import CorpusCider, reference_corpus, self_critical_loss
 
@@ -288,6 +288,7 @@ class Trainer:
         self.train_split, self.val_split = train_val_splits(opt)
         self.vocab = self.train_split.ix2word
         check_training_data(opt, self.train_split)
+        check_fits(opt, len(self.vocab), self.train_split.feature_dim, self.device, copies=4)
         self.model = build_model(opt, len(self.vocab), self.train_split.feature_dim).to(self.device)
         first = PRETRAINING if opt.pretrain_epoch else CROSS_ENTROPY
         self.phases, self.progress = phases(opt), Progress(phase=first, processes=self.processes)
@@ -385,14 +386,15 @@ class Trainer:
         improved = self.checkpoints.is_better(scores[opt.metric], progress.best_score)
         if improved:
             progress.best_score, progress.epochs_without_improvement = scores[opt.metric], 0
-            self._save(self.checkpoints.best)
         else:
             progress.epochs_without_improvement += 1
             if opt.lr_patience and progress.epochs_without_improvement % opt.lr_patience == 0:
                 lr = self.optimization.decay(opt.lr_decay, progress.phase_step)
                 self.report.say(f"no improvement for {progress.epochs_without_improvement} epochs: lr -> {lr:.2e}")
                 self.report.log("lr", lr, progress)
-        self._save(self.checkpoints.last)
+        self._save(self.checkpoints.last)  # first: what a resume needs (it writes best.pth if a kill came between)
+        if improved:
+            self._save(self.checkpoints.best)
         summary = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
         self.report.say(f"epoch {progress.epoch}: {summary}" + (" (best)" if improved else ""))
         if self._stalled():

@@ -11,7 +11,7 @@ from PIL import Image
 
 from images import features_path
 from main import generate, train
-from model import load_checkpoint
+from model import checksum, load_checkpoint
 from visualize import TITLE_HEIGHT, attention_figure, cjk_font
 
 SIZE = 224
@@ -97,3 +97,50 @@ def test_pooled_checkpoint_has_no_attention_to_draw(demo, tmp_path):
 def test_unknown_model_is_refused(demo, tmp_path):
     with pytest.raises(SystemExit, match="--model=lstm: choose one of pooled, attention, transformer"):
         train(**options(demo, tmp_path, model="lstm"))
+
+
+@pytest.fixture(scope="module")
+def attention_checkpoint(demo, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("attention")
+    train(**options(demo, folder, model="attention", epoch=1, eval_size=0, metric="val_loss"))
+    return str(folder / "checkpoints" / "best.pth")
+
+
+def test_a_region_model_checkpoint_without_regions_is_refused(demo, attention_checkpoint, tmp_path):
+    checkpoint = torch.load(attention_checkpoint, weights_only=True)
+    checkpoint["feature"]["grid"] = 0
+    checkpoint["checksum"] = checksum(checkpoint)  # written so: not damaged, wrong
+    torch.save(checkpoint, tmp_path / "grid0.pth")
+    with pytest.raises(SystemExit, match="grid0.pth: .*its attention model reads region features, but its features "
+                                         r"have none \(grid 0\)"):
+        generate(**options(demo, img=os.path.join(demo.img_path, "val_0001.jpg"),
+                           model_ckpt=f"{attention_checkpoint},{tmp_path / 'grid0.pth'}"))
+
+
+@needs_cjk_font
+def test_photos_of_one_name_get_a_map_each(demo, attention_checkpoint, tmp_path, capsys):
+    """p.jpg and p.png in one folder: two maps, neither over the other."""
+    (tmp_path / "photos").mkdir()
+    photo = Image.open(os.path.join(demo.img_path, "val_0001.jpg"))
+    photo.save(tmp_path / "photos" / "p.jpg")
+    photo.save(tmp_path / "photos" / "p.png")
+    generate(**options(demo, img=str(tmp_path / "photos"), model_ckpt=attention_checkpoint,
+                       attention_map=str(tmp_path / "maps")))
+    assert sorted(os.listdir(tmp_path / "maps")) == ["p-2.attention.png", "p.attention.png"]
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("attention map:")]
+    assert len(said) == len(set(said)) == 2
+
+
+@pytest.mark.parametrize("clash", ["folder", "output"])
+def test_a_map_path_that_cannot_be_written_is_refused_before_captioning(demo, attention_checkpoint, tmp_path,
+                                                                        capsys, clash):
+    if clash == "folder":
+        (tmp_path / "maps" / "val_0001.attention.png").mkdir(parents=True)
+        output, message = "", "val_0001.attention.png: is a folder; the attention map of .*val_0001.jpg goes there"
+    else:
+        output, message = str(tmp_path / "maps"), "--output=.*maps and --attention-map=.*maps: one path"
+    with pytest.raises(SystemExit, match=message):
+        generate(**options(demo, img=os.path.join(demo.img_path, "val_0001.jpg"), model_ckpt=attention_checkpoint,
+                           attention_map=str(tmp_path / "maps"), output=output))
+    assert capsys.readouterr().out == ""  # nothing captioned
+    assert os.path.isdir(tmp_path / "maps") == (clash == "folder")  # no folder made where --output goes

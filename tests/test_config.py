@@ -99,3 +99,16 @@ def test_a_comma_separated_list_of_files_reaches_its_option_as_typed(typed):
     fire.Fire({"probe": command(lambda opt: seen.append(opt.extra_annotation_file))},
               command=["probe", f"--extra-annotation-file={typed}"])
     assert seen == [typed]
+
+
+@pytest.mark.parametrize("typed", ["1,2", "007", "1e3"])
+def test_file_names_that_look_like_numbers_reach_their_option_as_typed(typed, monkeypatch):
+    """fire reads --model-ckpt=1,2 as a tuple of numbers and 007 as 7: names are names, as typed."""
+    import fire
+
+    from config import command
+    seen = []
+    arguments = ["probe", f"--model-ckpt={typed}", "--img", typed, "--epoch=3"]
+    monkeypatch.setattr("sys.argv", ["main.py", *arguments])
+    fire.Fire({"probe": command(lambda opt: seen.append((opt.model_ckpt, opt.img, opt.epoch)))}, command=arguments)
+    assert seen == [(typed, typed, 3)]

@@ -142,9 +142,11 @@ def test_extra_text_is_learned_from_but_never_a_reference(tmp_path):
     ("{x},", "an empty file name in the list"),
     ("{other}", "captions none of the images of --annotation-file"),
     ("{x},{missing}", "missing.json"),
+    ("{x},{annotations}", "is --annotation-file itself: it adds nothing"),
 ])
 def test_unusable_extra_text_is_one_line_and_writes_nothing(tmp_path, files, problem):
     names = {"x": write(tmp_path / "x.json", EXTRA), "missing": str(tmp_path / "missing.json"),
+             "annotations": str(tmp_path / "a.json"),
              "other": write(tmp_path / "other.json", [{"image_id": "q.jpg", "caption": ["猫"]}])}
     annotations, out = write(tmp_path / "a.json", ENTRIES), tmp_path / "c.pth"
     with pytest.raises(SystemExit) as exit_info:

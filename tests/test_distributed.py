@@ -12,7 +12,7 @@ from conftest import ROOT, command_line, mobilenet_weights, options
 
 from captions import load_caption_data
 from images import features_path
-from model import load_checkpoint, model_from_checkpoint
+from model import checksum, load_checkpoint, model_from_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -103,6 +103,7 @@ def test_self_critical_steps_whose_samples_all_end_at_once_train_under_two_proce
         path = tmp_path / "checkpoints" / name
         checkpoint = torch.load(path, weights_only=True)
         checkpoint["model"]["classifier.bias"][checkpoint["ix2word"].index("</EOS>")] += 100.0
+        checkpoint["checksum"] = checksum(checkpoint)
         torch.save(checkpoint, path)
     torchrun(2, "main.py", "train", *train_args(demo, tmp_path, **common, scst_epoch=1, resume=True))
     state = load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))["state"]

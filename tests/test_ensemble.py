@@ -12,7 +12,7 @@ from test_transformer import END, PAD, UNKNOWN, small_transformer
 from beam_search import beam_search
 from bench import textbook_beam_search
 from main import evaluate, generate, train
-from model import AttentionModel, CaptionModel, Ensemble, load_checkpoint
+from model import AttentionModel, CaptionModel, Ensemble, checksum, load_checkpoint
 
 
 def three_models():
@@ -98,7 +98,8 @@ def test_checkpoints_of_different_vocabularies_are_refused_in_one_line(demo, two
     ix2word = list(checkpoint["ix2word"])
     ix2word[-1], ix2word[-2] = ix2word[-2], ix2word[-1]  # the same words, two of them at each other's index
     other = str(tmp_path / "other.pth")
-    torch.save({**checkpoint, "ix2word": ix2word}, other)
+    changed = {**checkpoint, "ix2word": ix2word}
+    torch.save({**changed, "checksum": checksum(changed)}, other)  # saved so, not damaged
     with pytest.raises(SystemExit) as error:
         generate(**options(demo, img=os.path.join(demo.img_path, "val_0001.jpg"),
                            model_ckpt=f"{two_checkpoints[0]},{other}"))

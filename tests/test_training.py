@@ -15,7 +15,7 @@ from test_dataset import with_extra_text
 
 from images import features_path
 from main import train
-from model import load_checkpoint
+from model import checksum, load_checkpoint
 from trainer import Trainer, cross_entropy_loss, debug_requested, warmup_factor
 
 
@@ -119,15 +119,21 @@ def test_resume_with_another_vocabulary_is_refused(demo, tmp_path):
     train(**options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss"))
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.pth", weights_only=True)
     checkpoint["ix2word"] = checkpoint["ix2word"] + ["新词"]
+    checkpoint["checksum"] = checksum(checkpoint)  # saved so, not damaged
     torch.save(checkpoint, tmp_path / "checkpoints" / "last.pth")
     with pytest.raises(SystemExit, match="another vocabulary"):
         train(**options(demo, tmp_path, epoch=2, resume=True))
 
 
-def test_resume_with_another_model_configuration_is_refused(demo, tmp_path):
-    train(**options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss"))
-    with pytest.raises(SystemExit, match="last.pth: built for another model configuration"):
-        train(**options(demo, tmp_path, epoch=2, resume=True, hidden_size=demo.hidden_size * 2))
+@pytest.mark.parametrize("setting, value", [("hidden_size", 256), ("heads", 2), ("model", "attention"),
+                                            ("dropout", 0.1)])
+def test_resume_with_another_model_option_is_refused(demo, tmp_path, setting, value):
+    """--heads changes no weight's shape, and was once taken: every option that shapes the model is compared."""
+    train(**options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss", model="transformer", d_model=64))
+    flag = "--" + setting.replace("_", "-")
+    with pytest.raises(SystemExit, match=f"{flag}={value} but .*last.pth was trained with {flag}=.*shapes the model"):
+        train(**options(demo, tmp_path, epoch=2, resume=True, **{"model": "transformer", "d_model": 64,
+                                                                 setting: value}))
 
 
 def scripted_validation(monkeypatch, name, values):
@@ -176,7 +182,8 @@ def test_meteor_without_java_is_refused(demo, tmp_path, monkeypatch):
 def test_resume_refuses_another_data_order(demo, tmp_path, setting, value):
     run = options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss", val_caption_data_path="")
     train(**run)
-    with pytest.raises(SystemExit, match=f"--{setting}={value} but .*last.pth was trained with --{setting}="):
+    flag = "--" + setting.replace("_", "-")
+    with pytest.raises(SystemExit, match=f"{flag}={value} but .*last.pth was trained with {flag}="):
         train(**{**run, "epoch": 2, "resume": True, setting: value})
 
 

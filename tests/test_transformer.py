@@ -101,3 +101,11 @@ def test_the_bench_baseline_that_reruns_the_prefix_finds_what_the_cache_finds():
         assert [score for _, score, _ in mine] == pytest.approx([score for _, score, _ in theirs], abs=1e-4)
     row = cache(count=4, beam_size=2)
     assert row["same_captions"] == 1.0 and row["cache_images_per_s"] > 0 and row["mean_words"] > 0
+
+
+def test_a_transformer_too_large_for_the_memory_is_refused_before_it_is_built(demo, tmp_path):
+    """--d-model=4096 --heads=64 --transformer-layers=24: 11G weights, 168 GiB to train; no allocator traceback."""
+    huge = {"model": "transformer", "d_model": 4096, "heads": 64, "transformer_layers": 24}
+    with pytest.raises(SystemExit, match=r"--model=transformer at these sizes has \d+M weights: .* GiB free"):
+        train(**options(demo, tmp_path, **huge))
+    assert not os.path.exists(tmp_path / "checkpoints" / "last.pth")
