@@ -23,7 +23,7 @@ import distributed
 import images
 from captions import load_caption_data
 from config import Config, UserError, command
-from files import atomic_save, read_json, write_json
+from files import atomic_save, read_json, remove_leftovers, write_json
 
 
 @command
@@ -108,9 +108,12 @@ def _already_extracted(shapes, meta):
 
 
 def _remove_records(path):
-    """The progress records of every process, once the features are finished."""
+    """The progress records of every process, once the features are finished, and what a kill left
+    of the last writes."""
     for record in glob.glob(glob.escape(path) + ".partial.*"):  # and a .tmp a kill left
         os.remove(record)
+    for output in (path.replace(".npy", ".bad.tsv"), path.replace(".npy", ".json")):
+        remove_leftovers(os.path.dirname(os.path.abspath(output)), os.path.basename(output))
 
 
 def _same_job(saved, meta):

@@ -18,7 +18,7 @@ def atomic_save(obj, path, save=torch.save):
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=TEMPORARY, suffix=os.path.splitext(path)[1])
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=f"{TEMPORARY}{os.path.basename(path)}-")
     except OSError as error:
         raise UserError(f"cannot write {path}: {error.strerror}") from None
     try:
@@ -38,9 +38,10 @@ def atomic_save(obj, path, save=torch.save):
         raise
 
 
-def remove_leftovers(folder):
-    """Delete the temporary files of saves that a killed process never finished (atomic_save's)."""
-    for leftover in glob.glob(os.path.join(glob.escape(folder), TEMPORARY + "*")):
+def remove_leftovers(folder, name=""):
+    """Delete the temporary files of saves (of the file `name`, or all) that a killed process never
+    finished (atomic_save's)."""
+    for leftover in glob.glob(os.path.join(glob.escape(folder), glob.escape(TEMPORARY + name) + "*")):
         with contextlib.suppress(OSError):
             os.unlink(leftover)
 
