@@ -1,55 +1,48 @@
-"""Beam search over a batch of images and all their beams at once.
+"""Beam search and diverse beam search over a batch of images and all their beams at once, and
+caption_features, which captions features by every decoding method (--decoding; greedy decoding,
+sampling and the rules all methods obey are in decoding.py).
 
 At each time step one model step runs for all live beams of the images still searching (one
 beam per image at the first step, then K). Every live beam may end there: its caption + </EOS>
 joins the image's pool of finished captions, ranked by score / length**length_norm (length
 counts the </EOS>). The K live beams are the best continuations by other words, so a finished
 caption never competes with live ones. The n-best of the pool are returned. </PAD> and
-</UNKNOWN> are never emitted. Beam size 1 is greedy decoding.
+</UNKNOWN> are never emitted.
+
+Diverse beam search (Vijayakumar et al., 2018) splits the K beams into G groups of K/G, searched
+group after group at each step: a continuation of a group's beams ranks by its log-probability
+minus lambda x the times earlier groups chose its word at this step (Hamming diversity); the beams
+keep their log-probabilities, which rank the finished captions. The n-best are each group's best
+caption first (by score), then each group's second best, and so on, each caption once. One group
+is beam search.
 
 A model decodes through the interface model.py describes (start, step, embed, select,
 attention); with an attention model each caption comes with the region weights of its words.
 """
-import contextlib
-
 import torch
 from torch.nn import functional as F
 
 from captions import special_indices
-from config import UserError
-
-
-@contextlib.contextmanager
-def native_kernels():
-    """PyTorch's own CPU kernels instead of oneDNN's: for a search's small batches its LSTM is as fast
-    or faster (1.7x for one image), and generate's peak memory is 7 MB lower."""
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = enabled
+from decoding import Rules, check_search, greedy, image_generators, native_kernels, sample
 
 
 @torch.no_grad()
 @native_kernels()
 def beam_search(model, features, end, banned=(), beam_size=3, max_len=30, length_norm=0.0, n_best=1, min_len=1,
-                unfinished=()):
+                unfinished=(), no_repeat=False, groups=1, diversity=0.0):
     """features (B, F) or regions (B, R, F) -> for each image, up to n_best (word indices, score,
     attention) triples, best first.
 
     A caption has min_len to max_len words and stops before </EOS> (index `end`); its score is its
-    log-probability / length**length_norm; `banned` word indices are never emitted, and a caption
-    never ends on an `unfinished` word (一个, 的 ...) before max_len. attention is each word's region
-    weights (words, R), or None for a model without attention.
+    log-probability / length**length_norm; `banned` word indices are never emitted, a caption never
+    ends on an `unfinished` word (一个, 的 ...) before max_len, and with no_repeat no word follows
+    itself. groups > 1: diverse beam search, penalty `diversity` (lambda). attention is each word's
+    region weights (words, R), or None for a model without attention.
     """
     batch, k, vocab = features.size(0), beam_size, model.vocab_size
-    check_search(n_best, k, vocab - 1 - len(banned), min_len, max_len)
+    check_search(n_best, k, vocab - 1 - len(banned), min_len, max_len, groups, no_repeat)
     device = features.device
-    banned = torch.as_tensor(banned, dtype=torch.long, device=device)
-    with_end = torch.cat([banned, banned.new_tensor([end])])  # before min_len words a caption cannot end
-    cannot_end = torch.zeros(vocab, dtype=torch.bool, device=device)  # (V,): the unfinished words
-    cannot_end[list(unfinished)] = True
+    rules = Rules(vocab, end, banned, min_len, max_len, unfinished, no_repeat, device)
     inputs, state = model.start(features)  # one beam per image at first: (B, E)
     going = torch.arange(batch, device=device)  # (A,) the images still searching: A rows of what follows
     scores = torch.zeros(batch, 1, device=device)  # (A, beams): the live captions' log-probabilities
@@ -57,15 +50,13 @@ def beam_search(model, features, end, banned=(), beam_size=3, max_len=30, length
     regions = model.attention(state)  # (B, R) or None: does the model attend?
     weights = None if regions is None else regions.new_zeros(batch, 1, 0, regions.size(-1))  # (A, beams, t, R)
     pool_scores, pool_tokens, pool_weights = [], [], []  # per step: (B, K), (B, beams, t), (B, beams, t, R)
-    best_finished = scores.new_full((batch, n_best), float("-inf"))  # (A, n_best) pool scores so far
+    best_finished = scores.new_full((batch, groups, n_best), float("-inf"))  # (A, G, n_best) pool scores so far
     for t in range(max_len + 1):
-        log_probs, state = model.step(inputs, state, banned if t >= min_len else with_end)
+        log_probs, state = rules.step(model, inputs, state, t, tokens[:, :, -1].reshape(-1) if t else None)
         total = scores.unsqueeze(-1) + log_probs.view(len(going), -1, vocab)  # (A, beams, V)
-        if 0 < t < max_len:
-            total[:, :, end].masked_fill_(cannot_end[tokens[:, :, -1]], float("-inf"))  # by each beam's last word
         finished = total[:, :, end] / (t + 1) ** length_norm  # (A, beams): -inf before min_len words
-        best_finished = torch.cat([best_finished, finished], 1).topk(n_best, dim=1).values
         finished = F.pad(finished, (0, k - finished.size(1)), value=float("-inf"))  # (A, K)
+        best_finished = torch.cat([best_finished, finished.view(len(going), groups, -1)], 2).topk(n_best, 2).values
         pool_scores.append(_every_image(finished, going, batch, float("-inf")))
         pool_tokens.append(_every_image(tokens, going, batch, 0))
         pool_weights.append(None if weights is None else _every_image(weights, going, batch, 0.0))
@@ -73,17 +64,17 @@ def beam_search(model, features, end, banned=(), beam_size=3, max_len=30, length
             break
         total[:, :, end] = float("-inf")  # live beams go on with other words
         beams = total.size(1)
-        scores, best = total.view(len(going), -1).topk(k, dim=1)  # (A, K)
-        parent, word = best // vocab, best % vocab  # (A, K) each
+        scores, parent, word = _choose(total, groups, k // groups, diversity)  # (A, K) each
         tokens = torch.cat([_follow(tokens, parent), word.unsqueeze(-1)], -1)
         if weights is not None:
             step_weights = model.attention(state).view(len(going), beams, 1, -1)  # (A, beams, 1, R)
             weights = torch.cat([_follow(weights, parent), _follow(step_weights, parent)], 2)  # (A, K, t+1, R)
         state_rows = parent + torch.arange(len(going), device=device).unsqueeze(1) * beams  # (A, K)
         if length_norm == 0:
-            # Unnormalised scores only fall: once an image's n_best-th finished caption beats its best live
-            # beam, no later caption can enter its n-best, and its beams leave the batch.
-            searching = best_finished[:, -1] < scores.max(1).values  # (A,)
+            # Unnormalised scores only fall: once each group's n_best-th finished caption beats its best live
+            # beam, no later caption can enter an n-best of the image, and its beams leave the batch.
+            live_best = scores.view(len(going), groups, -1).max(2).values  # (A, G)
+            searching = (best_finished[:, :, -1] < live_best).any(1)  # (A,)
             if not bool(searching.any()):
                 break
             if not bool(searching.all()):
@@ -93,16 +84,27 @@ def beam_search(model, features, end, banned=(), beam_size=3, max_len=30, length
                 weights = None if weights is None else weights[keep]
         state = model.select(state, state_rows)
         inputs = model.embed(word.view(-1))  # (A*K, E)
-    return _n_best(torch.cat(pool_scores, 1), pool_tokens, pool_weights, k, n_best)
+    return _n_best(torch.cat(pool_scores, 1), pool_tokens, pool_weights, k, n_best, groups)
 
 
-def check_search(n_best, beam_size, usable_words, min_len=1, max_len=30):
-    """Refuse a search that cannot run: n_best <= beam_size <= the words a caption can use, min_len <= max_len."""
-    if not 1 <= n_best <= beam_size <= usable_words:
-        raise UserError(f"--n-best={n_best} and --beam-size={beam_size}: need n-best <= beam size <= the "
-                        f"{usable_words} words this vocabulary's captions can use")
-    if not 1 <= min_len <= max_len:
-        raise UserError(f"--min-len={min_len} and --max-gen-len={max_len}: need 1 <= min-len <= max-gen-len")
+def _choose(total, groups, width, diversity):
+    """total (A, beams, V): the log-probability of every continuation, beams 1 (the first step) or
+    groups * width -> the new beams' log-probabilities, parents (beam indices) and words, each
+    (A, groups * width): group after group, the `width` best continuations of the group's own beams
+    (at the first step, of the one beam), a word's rank lowered by diversity x the times earlier
+    groups chose it at this step."""
+    images, beams, vocab = total.shape
+    chosen = total.new_zeros(images, vocab)  # (A, V): how often earlier groups chose each word
+    picks = []
+    for group in range(groups):
+        first = group * width if beams > 1 else 0
+        own = total[:, first:first + width]  # (A, width, V), or (A, 1, V) at the first step
+        penalised = own - diversity * chosen.unsqueeze(1) if group else own
+        best = penalised.flatten(1).topk(width, dim=1).indices  # (A, width)
+        word = best % vocab
+        picks.append((own.flatten(1).gather(1, best), best // vocab + first, word))
+        chosen.scatter_add_(1, word, word.new_ones(word.shape, dtype=chosen.dtype))
+    return (torch.cat(part, 1) for part in zip(*picks))
 
 
 def _every_image(values, going, batch, fill):
@@ -118,29 +120,61 @@ def _follow(history, parent):
     return history.gather(1, index)
 
 
-def _n_best(pool_scores, pool_tokens, pool_weights, k, n_best):
-    """pool_scores (B, steps*K) -> per image the n_best finite (words, score, attention), best first."""
+def _n_best(pool_scores, pool_tokens, pool_weights, k, n_best, groups):
+    """pool_scores (B, steps*K) -> per image up to n_best different finite (words, score, attention):
+    each group's best caption first (by score), then each group's second best, and so on."""
+    batch, width = len(pool_scores), k // groups
+    by_group = pool_scores.view(batch, -1, groups, width).transpose(1, 2).reshape(batch, groups, -1)  # (B, G, steps*w)
+    values, indices = by_group.topk(min(n_best, by_group.size(2)), dim=2)  # (B, G, n)
     results = []
-    values, indices = pool_scores.topk(min(n_best, pool_scores.size(1)), dim=1)
     for image, (image_values, image_indices) in enumerate(zip(values.tolist(), indices.tolist())):
-        results.append([(pool_tokens[index // k][image, index % k].tolist(), value,
-                         None if pool_weights[index // k] is None else pool_weights[index // k][image, index % k])
-                        for value, index in zip(image_values, image_indices) if value != float("-inf")])
+        ranked = sorted((rank, -value, index // width * k + group * width + index % width)  # a column of pool_scores
+                        for group, (group_values, group_indices) in enumerate(zip(image_values, image_indices))
+                        for rank, (value, index) in enumerate(zip(group_values, group_indices))
+                        if value != float("-inf"))
+        captions = {}
+        for _, value, column in ranked:
+            step, beam = divmod(column, k)
+            words = tuple(pool_tokens[step][image, beam].tolist())
+            if words not in captions and len(captions) < n_best:
+                captions[words] = (list(words), -value,
+                                   None if pool_weights[step] is None else pool_weights[step][image, beam])
+        results.append(list(captions.values()))
     return results
 
 
+def decode(model, features, end, banned, opt, n_best=1, unfinished=()):
+    """features (B, F) or regions (B, R, F) -> for each image its captions by opt.decoding, as
+    (word indices, score, attention) best first: beam and diverse n_best, greedy one, sample n_best."""
+    if opt.decoding in ("beam", "diverse"):
+        groups = (opt.diversity_groups or opt.beam_size) if opt.decoding == "diverse" else 1
+        return beam_search(model, features, end, banned, opt.beam_size, opt.max_gen_len, opt.length_norm, n_best,
+                           opt.min_len, unfinished, opt.no_repeat, groups, opt.diversity_lambda)
+    rules = Rules(model.vocab_size, end, banned, opt.min_len, opt.max_gen_len, unfinished, opt.no_repeat,
+                  features.device)
+    if opt.decoding == "greedy":
+        return greedy(model, features, rules, opt.length_norm)
+    return sample(model, features, rules, image_generators(features, opt.seed), n_best, opt.temperature, opt.top_k,
+                  opt.top_p, opt.length_norm)
+
+
+def most_captions(opt):
+    """The most captions per photo opt's decoding gives: the beam's, one (greedy) or --n-best samples."""
+    return {"greedy": 1, "sample": opt.n_best}.get(opt.decoding, opt.beam_size)
+
+
 def caption_features(model, features, ix2word, opt, n_best=None, unfinished=()):
-    """features (N, F) or regions (N, R, F) -> for each row, the n-best (caption text, score,
-    words with their region weights [(word, (R,) weights)] or None), in batches of opt.batch_size;
-    with --ending-rule no caption ends on an `unfinished` word index."""
+    """features (N, F) or regions (N, R, F) -> for each row, its captions by --decoding (n_best, default
+    --n-best; greedy: one) as (caption text, score, words with their region weights [(word, (R,) weights)]
+    or None), best first, in batches of opt.batch_size; with --ending-rule no caption ends on an
+    `unfinished` word index."""
     end, banned = special_indices(ix2word)
     unfinished = unfinished if opt.ending_rule else ()
     results = []
     for start in range(0, len(features), opt.batch_size):
         batch = features[start:start + opt.batch_size]  # (B, F) or (B, R, F)
-        for beams in beam_search(model, batch, end, banned, opt.beam_size, opt.max_gen_len, opt.length_norm,
-                                 n_best or opt.n_best, opt.min_len, unfinished):
+        for captions in decode(model, batch, end, banned, opt, n_best or opt.n_best, unfinished):
             results.append([("".join(ix2word[ix] for ix in words), score,
                              None if weights is None else [(ix2word[ix], w.cpu()) for ix, w in zip(words, weights)])
-                            for words, score, weights in beams])
+                            for words, score, weights in captions])
     return results

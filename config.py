@@ -25,6 +25,7 @@ class UserError(Exception):
 
 BACKBONE_NAMES = ("resnet50", "resnet101", "resnet152", "mobilenet_v2", "efficientnet_lite2")
 MODEL_NAMES = ("pooled", "attention", "transformer")
+DECODING_NAMES = ("beam", "greedy", "sample", "diverse")
 METRIC_NAMES = ("CIDEr-D", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L",
                 "val_loss", "perplexity", "top5_accuracy")
 NAME = re.compile(r"[\w-][\w.-]*")  # a file-name-safe word: letters, digits, _ . - (not starting with .)
@@ -98,7 +99,8 @@ class Config:
     encoder_lr: float = option(1e-4, "(0, inf)", "learning rate of the fine-tuned stages")
     augment: bool = option(False, None, "fine-tuning: random crops and flips (never for images whose captions "
                                         "say 左/右)")
-    seed: int = option(0, "[0, 2147483647]", "seeds the split, the batch order and the weights")
+    seed: int = option(0, "[0, 2147483647]", "seeds the split, the batch order and the weights; and "
+                                             "--decoding=sample's draws (each photo's from this and its features)")
     use_gpu: bool = option(True, None, "use CUDA when there is one")
     checkpoint_dir: str = option("checkpoints", None, "where last.pth (resumable) and best.pth go")
     resume: bool = option(False, None, "continue from checkpoint_dir/last.pth")
@@ -129,8 +131,23 @@ class Config:
     # --- caption generation (main.py generate / evaluate, and validation) ---
     model_ckpt: str = option("", None, "empty: checkpoint_dir/best.pth, else the newest checkpoint there")
     img: str = option("", None, "image file, folder or glob")
-    beam_size: int = option(3, "[1, 1000]", "captions kept at each step of the search (1: greedy)")
-    n_best: int = option(1, "[1, 1000]", "captions printed per image (at most --beam-size)")
+    decoding: str = option("beam", DECODING_NAMES, "beam (beam search) | greedy (the likeliest word each step) | "
+                           "sample (--temperature, --top-k, --top-p) | diverse (diverse beam search: "
+                           "--diversity-groups, --diversity-lambda)")
+    beam_size: int = option(3, "[1, 1000]", "beam and diverse: captions kept at each step of the search")
+    n_best: int = option(1, "[1, 1000]", "captions per image (beam, diverse: at most --beam-size; greedy: 1; "
+                                         "sample: this many samples); generate prints them, evaluate scores the "
+                                         "first and counts the distinct ones")
+    temperature: float = option(1.0, "(0, inf)", "sample: word log-probabilities are divided by this (below 1: "
+                                                 "nearer greedy, above: more varied)")
+    top_k: int = option(0, "[0, inf)", "sample: draw from the K likeliest words only (0: all)")
+    top_p: float = option(1.0, "(0, 1]", "sample: draw from the nucleus, the fewest likeliest words whose "
+                                         "probabilities sum to P (1: all)")
+    diversity_groups: int = option(0, "[0, 1000]", "diverse: groups the beam is split into, searched one after "
+                                                   "the other (0: one per beam); must divide --beam-size")
+    diversity_lambda: float = option(0.5, "[0, inf)", "diverse: a word's score is lowered by this x the times "
+                                                      "earlier groups chose it at the same step")
+    no_repeat: bool = option(False, None, "never the same word twice in a row (every --decoding)")
     max_gen_len: int = option(30, "[1, 1000]", "words of a caption at most")
     min_len: int = option(1, "[1, 1000]", "words of a caption at least (the search never ends before)")
     ending_rule: bool = option(True, None, "never end a caption on a word the training captions do not end on "
@@ -145,8 +162,9 @@ class Config:
     metrics_path: str = option("", None, "evaluate: write the scores JSON here")
 
 
-_GENERATION = ("model_ckpt checkpoint_dir beam_size max_gen_len min_len length_norm ending_rule quantize batch_size "
-               "num_workers use_gpu")
+_DECODING = "decoding beam_size n_best temperature top_k top_p diversity_groups diversity_lambda no_repeat"
+_GENERATION = (f"model_ckpt checkpoint_dir {_DECODING} seed max_gen_len min_len length_norm ending_rule quantize "
+               "batch_size num_workers use_gpu")
 # The options each command reads (for its --help); every other field is still accepted and checked.
 COMMAND_OPTIONS = {
     "process": "annotation_file split extra_annotation_file caption_data_path vocab_from max_words min_appear "
@@ -159,8 +177,8 @@ COMMAND_OPTIONS = {
              "overwrite metric eval_size "
              "lr_decay lr_patience early_stop_patience scst_epoch scst_lr scst_samples scst_bleu_weight "
              "debug_file env vis_server vis_port vis_timeout plot_every log_dir batch_size num_workers "
-             "beam_size max_gen_len min_len length_norm ending_rule pretrain_epoch",
-    "generate": f"img n_best output attention_map {_GENERATION}",
+             f"{_DECODING} max_gen_len min_len length_norm ending_rule pretrain_epoch",
+    "generate": f"img output attention_map {_GENERATION}",
     "evaluate": f"annotation_file split img_path results output metrics_path {_GENERATION}",
     "replay": "log log_dir env vis_server vis_port",
 }
@@ -257,14 +275,24 @@ def check(opt: Config) -> Config:
         problem = _problem(value, field.metadata["valid"])
         if problem:
             raise UserError(f"--{_dashed(name)}={value}: {problem}")
-    if opt.n_best > opt.beam_size:
-        raise UserError(f"--n-best={opt.n_best} is more than --beam-size={opt.beam_size}: a search keeps "
-                        "--beam-size captions")
+    _check_decoding(opt)
     if opt.d_model % opt.heads:
         raise UserError(f"--heads={opt.heads} does not divide --d-model={opt.d_model}")
     if opt.min_len > opt.max_gen_len:
         raise UserError(f"--min-len={opt.min_len} is more than --max-gen-len={opt.max_gen_len}")
     return opt
+
+
+def _check_decoding(opt: Config):
+    """The decoding options that cannot go together."""
+    if opt.decoding in ("beam", "diverse") and opt.n_best > opt.beam_size:
+        raise UserError(f"--n-best={opt.n_best} is more than --beam-size={opt.beam_size}: a search keeps "
+                        "--beam-size captions")
+    if opt.decoding == "greedy" and opt.n_best > 1:
+        raise UserError(f"--n-best={opt.n_best}: greedy decoding gives one caption per image; --decoding=beam, "
+                        "sample or diverse give more")
+    if opt.decoding == "diverse" and opt.beam_size % (opt.diversity_groups or opt.beam_size):
+        raise UserError(f"--diversity-groups={opt.diversity_groups} does not divide --beam-size={opt.beam_size}")
 
 
 def _problem(value, valid):

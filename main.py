@@ -12,6 +12,7 @@ import dataclasses
 import glob
 import os
 import sys
+import time
 
 import fire
 import torch
@@ -115,9 +116,9 @@ def load_captioners(opt: Config, device):
     return model, captioners[0].ix2word, captioners, backbones
 
 
-def caption_images(paths, opt: Config):
-    """paths -> ({path: n-best [(caption, score)]}, {path: error}) with the checkpoint's model (or
-    the ensemble of several)."""
+def caption_images(paths, opt: Config, timing=None):
+    """paths -> ({path: n-best [(caption, score, attention)]}, {path: error}) with the checkpoint's model (or
+    the ensemble of several), decoded by --decoding; a `timing` dict gets the seconds spent decoding."""
     device = pick_device(opt.use_gpu)
     model, ix2word, captioners, backbones = load_captioners(opt, device)
     encodings = list(dict.fromkeys(captioner.encoding for captioner in captioners))
@@ -136,7 +137,10 @@ def caption_images(paths, opt: Config):
             features = features[0] if len(features) == 1 else torch.cat([f.flatten(1) for f in features], 1)
             if not captions:  # the first search is about to map the decoder's weights in
                 release_freed_memory()
+            started = time.perf_counter()
             beams = caption_features(model, features, ix2word, opt, unfinished=unfinished)
+            if timing is not None:
+                timing["decoding"] = timing.get("decoding", 0.0) + time.perf_counter() - started
             captions.update(zip([batch_paths[i] for i in readable], beams))
     return captions, errors
 
@@ -245,7 +249,8 @@ def read_results(path):
 
 @command
 def evaluate(opt: Config):
-    """Score a model (or --results) against --annotation-file with BLEU-1..4, METEOR, ROUGE-L, CIDEr-D."""
+    """Score a model (or --results) against --annotation-file with BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; a
+    model's first caption of each photo is scored, its --n-best counted for the different captions per photo."""
     from captions import load_annotations
     from metrics import format_table, score_captions
     if not opt.annotation_file:
@@ -257,7 +262,7 @@ def evaluate(opt: Config):
             check_output_file(output, inputs=[opt.annotation_file, opt.results,
                                               *([] if opt.results else find_checkpoints(opt))])
     references = {entry["image_id"]: entry["caption"] for entry in load_annotations(opt.annotation_file, opt.split)}
-    results = read_results(opt.results) if opt.results else caption_references(references, opt)
+    results, decoding = (read_results(opt.results), {}) if opt.results else caption_references(references, opt)
     try:
         scores = score_captions(results, references)
     except ValueError as error:
@@ -267,6 +272,10 @@ def evaluate(opt: Config):
         print(f"warning: {empty} of the captions are empty (scored as such)", file=sys.stderr)
     print(f"{len(results)} images scored against {opt.annotation_file}; {distinct} distinct captions "
           "(0-1 scale; CIDEr-D is unbounded)")
+    if decoding:
+        print(f"--decoding={opt.decoding}: {decoding['distinct_per_photo']:.2f} different captions per photo among "
+              f"its {decoding['captions_per_photo']:.2f} (the first is scored); {decoding['images_per_s']:.1f} "
+              f"images/s in all, {decoding['decoded_per_s']:.1f} decoding alone")
     print(format_table(scores))
     if opt.metrics_path:
         write_json({**scores, "images": len(results), "distinct_captions": distinct, "empty_captions": empty},
@@ -275,9 +284,13 @@ def evaluate(opt: Config):
 
 
 def caption_references(references, opt: Config):
-    """Caption every image of the references with the model -> {image_id: caption}; says what it skipped."""
+    """Caption every image of the references with the model -> {image_id: its first caption}, and how the
+    decoding went: captions and different captions per photo among its n-best (means over the photos),
+    images/s from loading the model to the last caption, and decoding alone; says what it skipped."""
     paths = [os.path.join(opt.img_path, image_id) for image_id in references]
-    captions, errors = caption_images(paths, dataclasses.replace(opt, n_best=1))
+    started, timing = time.perf_counter(), {}
+    captions, errors = caption_images(paths, opt, timing)
+    seconds = time.perf_counter() - started
     for path, error in errors.items():
         print(f"skipped {path}: {error}", file=sys.stderr)
     if errors:
@@ -287,7 +300,11 @@ def caption_references(references, opt: Config):
     if opt.output:
         write_results(opt.output, results)
         print(f"captions written to {opt.output}")
-    return results
+    photos, texts = max(len(captions), 1), [[text for text, *_ in beams] for beams in captions.values()]
+    return results, {"captions_per_photo": sum(map(len, texts)) / photos,
+                     "distinct_per_photo": sum(len(set(photo)) for photo in texts) / photos,
+                     "images_per_s": len(captions) / seconds,
+                     "decoded_per_s": len(captions) / max(timing.get("decoding", 0.0), 1e-9)}
 
 
 @command

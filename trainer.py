@@ -13,7 +13,7 @@ from torchnet.meter import AverageValueMeter
 
 import config
 import distributed
-from beam_search import caption_features, check_search
+from beam_search import caption_features, check_search, most_captions
 from checkpoints import CROSS_ENTROPY, FINE_TUNING, PRETRAINING, SELF_CRITICAL, Checkpoints, Progress, restore_random
 from config import Config, UserError
 from dataset import train_val_splits
@@ -134,8 +134,8 @@ def check_options(opt: Config):
 @torch.no_grad()
 def score_split(model, split, opt, device, process=0, processes=1, unfinished=()):
     """Validation loss, perplexity, top-5 word accuracy, and caption metrics on --eval-size images of a
-    split (each process takes its share; all get the same scores); no caption ends on an `unfinished`
-    word (see caption_features)."""
+    split, captioned by beam search whatever --decoding (each process takes its share; all get the same
+    scores); no caption ends on an `unfinished` word (see caption_features)."""
     model.eval()
     total, correct, count = 0.0, 0, 0
     for _, features, captions, lengths in split.batches(opt.batch_size, process=process, processes=processes):
@@ -149,8 +149,8 @@ def score_split(model, split, opt, device, process=0, processes=1, unfinished=()
     if len(rows):
         mine, captions = rows[process::processes], {}  # this process's share of the images
         if len(mine):
-            beams = caption_features(model, split.features_of(mine).to(device), split.ix2word, opt, n_best=1,
-                                     unfinished=unfinished)
+            beams = caption_features(model, split.features_of(mine).to(device), split.ix2word,
+                                     dataclasses.replace(opt, decoding="beam"), n_best=1, unfinished=unfinished)
             captions = {split.image_id(row): b[0][0] for row, b in zip(mine, beams)}
         results = distributed.merged(captions)
         scores.update(distributed.from_process_0(lambda: score_captions(results, split.references(rows))))
@@ -496,7 +496,7 @@ class Trainer:
         self.model.eval()
         features = (split.features_of([row]).to(self.device) if self.encoder is None
                     else self.encoder.features_of(split, [row], self.opt, self.device))  # (1, F) or (1, R, F)
-        beams = caption_features(self.model, features, self.vocab, self.opt, n_best=self.opt.beam_size,
+        beams = caption_features(self.model, features, self.vocab, self.opt, n_best=most_captions(self.opt),
                                  unfinished=split.unfinished)[0]
         self.model.train()
         self.report.training(self.progress, self.phase.measure, value,
