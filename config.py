@@ -179,7 +179,7 @@ COMMAND_OPTIONS = {
              "debug_file env vis_server vis_port vis_timeout plot_every log_dir batch_size num_workers "
              f"{_DECODING} max_gen_len min_len length_norm ending_rule pretrain_epoch",
     "generate": f"img output attention_map {_GENERATION}",
-    "evaluate": f"annotation_file split img_path results output metrics_path {_GENERATION}",
+    "evaluate": f"annotation_file split img_path results output metrics_path caption_data_path {_GENERATION}",
     "replay": "log log_dir env vis_server vis_port",
 }
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}

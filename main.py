@@ -173,9 +173,9 @@ def generate(opt: Config):
     """Print `image<TAB>caption` for every image of --img (n-best: one line each, with scores)."""
     if not opt.img:
         raise UserError("name the image(s) to caption with --img=FILE, FOLDER or GLOB")
-    if opt.output:
-        check_output_file(opt.output, inputs=[opt.img, *find_checkpoints(opt)])
     paths = list_images(opt.img)
+    if opt.output:  # the photos of a folder or a glob are inputs too
+        check_output_file(opt.output, inputs=[opt.img, *paths, *find_checkpoints(opt)])
     if not paths:
         raise UserError(f"--img={opt.img}: no images found")
     maps = attention_map_paths(paths, opt) if opt.attention_map else {}
@@ -276,11 +276,24 @@ def evaluate(opt: Config):
         print(f"--decoding={opt.decoding}: {decoding['distinct_per_photo']:.2f} different captions per photo among "
               f"its {decoding['captions_per_photo']:.2f} (the first is scored); {decoding['images_per_s']:.1f} "
               f"images/s in all, {decoding['decoded_per_s']:.1f} decoding alone")
+    statistics = training_statistics(results, opt)
     print(format_table(scores))
     if opt.metrics_path:
-        write_json({**scores, "images": len(results), "distinct_captions": distinct, "empty_captions": empty},
-                   opt.metrics_path)
+        write_json({**scores, "images": len(results), "distinct_captions": distinct, "empty_captions": empty,
+                    **statistics}, opt.metrics_path)
         print(f"scores written to {opt.metrics_path}")
+
+
+def training_statistics(results, opt: Config):
+    """caption_statistics against --caption-data-path (the training captions), printed; {} without it."""
+    from captions import load_caption_data
+    from metrics import caption_statistics
+    if not os.path.isfile(opt.caption_data_path):
+        return {}
+    statistics = caption_statistics(results, load_caption_data(opt.caption_data_path))
+    print(f"mean length {statistics['mean_length']:.2f} words; {statistics['unfinished']:.1%} end on an unfinished "
+          f"word; {statistics['copied_from_training']:.1%} copied from a training caption of {opt.caption_data_path}")
+    return statistics
 
 
 def caption_references(references, opt: Config):

@@ -11,7 +11,7 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor import meteor
 from pycocoevalcap.rouge.rouge import Rouge
 
-from captions import tokenize
+from captions import clean, tokenize, unfinished_words
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 # Which way is better for each score training can select best.pth by.
@@ -91,3 +91,17 @@ def java_available():
 def format_table(scores):
     """Scores as a two-column table on the 0-1 scale."""
     return "\n".join(f"{name:<8} {scores[name]:.4f}" for name in METRICS if name in scores)
+
+
+def caption_statistics(results, training):
+    """What the averages hide, of results {image_id: caption} against a training caption file's data:
+    the mean length in jieba words, the share of captions that end on a word the training captions
+    (almost) never end on (unfinished, e.g. 一个), and the share copied verbatim from a training caption."""
+    captions = [clean(caption) for caption in results.values()]
+    ix2word = training["ix2word"]
+    unfinished = {ix2word[ix] for ix in unfinished_words(training["caption"], ix2word)}
+    seen = {sentence for sentences in training["sentences"] for sentence in sentences}
+    words = [tokenize(caption) for caption in captions]
+    return {"mean_length": sum(map(len, words)) / len(words),
+            "unfinished": sum(bool(w) and w[-1] in unfinished for w in words) / len(words),
+            "copied_from_training": sum(caption in seen for caption in captions) / len(captions)}

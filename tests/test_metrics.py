@@ -2,7 +2,7 @@ import shutil
 
 import pytest
 
-from metrics import METRICS, score_captions, segment
+from metrics import METRICS, caption_statistics, score_captions, segment
 
 REFERENCES = {"a": ["一个男人在骑马。", "男人骑着一匹马"], "b": ["两个小孩在草地上玩耍", "孩子们在草地上"]}
 
@@ -42,3 +42,14 @@ def test_all_metrics_reported():
 def test_results_without_references_are_rejected():
     with pytest.raises(ValueError, match="no references"):
         score_captions({"zzz": "猫"}, REFERENCES)
+
+
+def test_caption_statistics_count_length_unfinished_endings_and_copies():
+    """一个 and 男人 never end the training captions (40 uses each): a caption ending on them is unfinished."""
+    ix2word = ["</PAD>", "</EOS>", "</UNKNOWN>", "一个", "男人", "在", "骑马"]
+    training = {"ix2word": ix2word, "caption": [[[3, 4, 5, 6]] * 40], "sentences": [["一个男人在骑马"]]}
+    statistics = caption_statistics({"a": "一个男人在骑马。", "b": "男人在骑马", "c": "一个男人", "d": "一个"},
+                                    training)
+    assert statistics["mean_length"] == pytest.approx((4 + 3 + 2 + 1) / 4)
+    assert statistics["unfinished"] == pytest.approx(2 / 4)  # 一个 and 男人 (40 uses, never an end)
+    assert statistics["copied_from_training"] == pytest.approx(1 / 4)
