@@ -51,7 +51,7 @@ def test_a_finetuned_checkpoint_captions_with_its_own_encoder(demo, finetuned, t
 
     def beams_with(trunk):
         _, regions, _ = next(encode_images(trunk.eval(), "mobilenet_v2", images, torch.device("cpu"), 8, 0, grid=7))
-        return caption_features(model, regions, vocab, type(demo)(**opt))
+        return caption_features(model, regions, vocab, type(demo)(**opt), unfinished=finetuned["unfinished"])
 
     own = build_backbone("mobilenet_v2", "none")
     own.load_state_dict(finetuned["encoder"])
