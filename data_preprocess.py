@@ -91,7 +91,11 @@ def extra_text(paths, image_ids):
         if not entries:
             raise UserError(f"{path}: captions none of the images of --annotation-file; the extra text must be "
                             "about the same images")
-        for entry, words in zip(entries, tokenize_entries(entries, os.path.basename(path))[0]):
+        tokenized = tokenize_entries(entries, os.path.basename(path))[0]
+        if not any(tokenized):
+            raise UserError(f"{path}: no caption of its images has a word left once 。 and spaces are removed; "
+                            "it adds nothing")
+        for entry, words in zip(entries, tokenized):
             extra[entry["image_id"]].extend(words)
     return [extra[image_id] for image_id in image_ids]
 

@@ -31,6 +31,7 @@ from images import (
     seen_photo,
 )
 from model import (
+    READS_REGIONS,
     CaptionModel,
     Ensemble,
     TransformerModel,
@@ -174,8 +175,13 @@ def generate(opt: Config):
     if not opt.img:
         raise UserError("name the image(s) to caption with --img=FILE, FOLDER or GLOB")
     paths = list_images(opt.img)
-    if opt.output:  # the photos of a folder or a glob are inputs too
+    if opt.output:  # the photos of a folder or a glob are inputs too, each with an image_id of its own
         check_output_file(opt.output, inputs=[opt.img, *paths, *find_checkpoints(opt)])
+        first = {}
+        for path in paths:
+            if first.setdefault(os.path.basename(path), path) != path:
+                raise UserError(f"--output={opt.output}: {first[os.path.basename(path)]} and {path} would have one "
+                                f"image_id, {os.path.basename(path)}; caption them in two runs")
     if not paths:
         raise UserError(f"--img={opt.img}: no images found")
     maps = attention_map_paths(paths, opt) if opt.attention_map else {}
@@ -194,9 +200,12 @@ def generate(opt: Config):
 
 
 def attention_map_paths(paths, opt: Config):
-    """Before captioning: the --attention-map folder, made, and a PNG name there for each photo
+    """Before captioning: a model that attends, the --attention-map folder, made, and a PNG name there for each photo
     (photo.attention.png; photo-2.attention.png for a second photo.*), none of them a folder or --output."""
     folder = opt.attention_map
+    if not any(load_checkpoint(path)["config"].get("model") in READS_REGIONS for path in find_checkpoints(opt)):
+        raise UserError("--attention-map: the pooled model has no attention to show; train with --model=attention "
+                        "or --model=transformer")
     if opt.output and os.path.abspath(opt.output) == os.path.abspath(folder):
         raise UserError(f"--output={opt.output} and --attention-map={folder}: one path for a file and a folder")
     check_output_folder(folder, "--attention-map folder")
@@ -215,9 +224,6 @@ def attention_map_paths(paths, opt: Config):
 def write_attention_maps(captions, targets):
     """One PNG per image, at targets[path]: where the best caption looked, word by word."""
     from visualize import attention_figure
-    if any(beams[0][2] is None for beams in captions.values()):
-        raise UserError("--attention-map: the pooled model has no attention to show; train with --model=attention "
-                        "or --model=transformer")
     for path, beams in captions.items():
         attention_figure(seen_photo(path), beams[0][2]).save(targets[path])
         print(f"attention map: {targets[path]}", file=sys.stderr)

@@ -458,7 +458,7 @@ def checksum(checkpoint):
     digest = hashlib.sha256()
     for name, tensor in sorted(checkpoint["model"].items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy())  # a scalar too: its bytes
     described = [checkpoint.get(key) for key in ("ix2word", "end", "unfinished", "config", "feature")]
     digest.update(json.dumps(described, sort_keys=True, ensure_ascii=False, default=repr).encode())
     return digest.hexdigest()
