@@ -50,7 +50,7 @@ def detect(path):
     """-> (the name of the format of the file at path, its reader, the content the reader takes)."""
     text = _read_text(path)
     if text.lstrip()[:1] in ("[", "{"):
-        data = read_json(path, "annotation file")
+        data = read_json(path, "caption file")
         if isinstance(data, list):
             return "AI Challenger JSON", read_ai_challenger, data
         if isinstance(data, dict) and "annotations" in data:
@@ -139,7 +139,7 @@ def read_table(text, path):
 
 def _read_text(path):
     """The file as text: UTF-8, with or without the BOM Windows editors write; else one line."""
-    check_input_file(path, "annotation file")
+    check_input_file(path, "caption file")
     try:
         with open(path, encoding="utf-8-sig") as file:
             return file.read()

@@ -263,11 +263,12 @@ def evaluate(opt: Config):
         raise UserError("give the references with --annotation-file=FILE.json")
     if opt.output and opt.output == opt.metrics_path:
         raise UserError(f"--output and --metrics-path are both {opt.output}; give them two files")
+    references = {entry["image_id"]: entry["caption"] for entry in load_annotations(opt.annotation_file, opt.split)}
+    photos = [] if opt.results else [os.path.join(opt.img_path, image_id) for image_id in references]
     for output in (opt.output, opt.metrics_path):
         if output:
-            check_output_file(output, inputs=[opt.annotation_file, opt.results,
+            check_output_file(output, inputs=[opt.annotation_file, opt.results, *photos,
                                               *([] if opt.results else find_checkpoints(opt))])
-    references = {entry["image_id"]: entry["caption"] for entry in load_annotations(opt.annotation_file, opt.split)}
     results, decoding = (read_results(opt.results), {}) if opt.results else caption_references(references, opt)
     try:
         scores = score_captions(results, references)

@@ -86,6 +86,7 @@ def test_a_model_that_would_end_at_once_still_says_a_word(demo, trained, tmp_pat
     checkpoint = torch.load(trained, weights_only=True)
     end = checkpoint["ix2word"].index(checkpoint["end"])
     checkpoint["model"]["classifier.bias"][end] += 100.0  # </EOS> near certain at every step
+    checkpoint["checksum"] = checksum(checkpoint)  # trained so, not damaged
     torch.save(checkpoint, tmp_path / "eager.pth")
     generate(**options(demo, tmp_path, img=os.path.join(demo.img_path, "val_0001.jpg"),
                        model_ckpt=str(tmp_path / "eager.pth")))
@@ -405,3 +406,16 @@ def test_an_interrupted_run_with_dropout_resumes_as_if_never_stopped(demo, tmp_p
     straight, resumed = (load_checkpoint(str(tmp_path / run / "checkpoints" / "last.pth"))["model"]
                          for run in ("straight", "resumed"))
     torch.testing.assert_close(resumed, straight, rtol=0, atol=0)
+
+
+def test_evaluate_never_writes_its_output_over_a_photo(demo, trained, tmp_path):
+    (tmp_path / "images").mkdir()
+    shutil.copy(os.path.join(demo.img_path, "val_0001.jpg"), tmp_path / "images" / "val_0001.jpg")
+    photo = tmp_path / "images" / "val_0001.jpg"
+    before = photo.read_bytes()
+    references = tmp_path / "val.json"
+    references.write_text(json.dumps([{"image_id": "val_0001.jpg", "caption": ["一个红色的圆"]}]), encoding="utf-8")
+    with pytest.raises(SystemExit, match="val_0001.jpg: is also an input of this command"):
+        evaluate(**options(demo, tmp_path, annotation_file=str(references), img_path=str(tmp_path / "images"),
+                           model_ckpt=trained, output=str(photo)))
+    assert photo.read_bytes() == before
