@@ -419,3 +419,13 @@ def test_evaluate_never_writes_its_output_over_a_photo(demo, trained, tmp_path):
         evaluate(**options(demo, tmp_path, annotation_file=str(references), img_path=str(tmp_path / "images"),
                            model_ckpt=trained, output=str(photo)))
     assert photo.read_bytes() == before
+
+
+@pytest.mark.parametrize("content, kind", [(b'{"model": 1}', "JSON"), (b"\xff\xd8\xff\xe0 photo", "a JPEG image"),
+                                           (bytes(range(7, 200)), "not a PyTorch file"), (b"", "an empty file")])
+def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(demo, tmp_path, content, kind):
+    (tmp_path / "model.pth").write_bytes(content)
+    with pytest.raises(SystemExit) as error:
+        generate(**options(demo, img=os.path.join(demo.img_path, "val_0001.jpg"),
+                           model_ckpt=str(tmp_path / "model.pth")))
+    one_line_error(error, "model.pth: not a readable checkpoint", f"{kind}, not a file this toolkit wrote")
