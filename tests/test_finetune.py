@@ -58,7 +58,7 @@ def test_a_finetuned_checkpoint_captions_with_its_own_encoder(demo, finetuned, t
     expected = beams_with(own)
     for got, want in zip(captions.values(), expected):
         assert [text for text, _, _ in got] == [text for text, _, _ in want]
-        assert [score for _, score, _ in got] == pytest.approx([score for _, score, _ in want], abs=1e-5)
+        assert [score for _, score, _ in got] == pytest.approx([score for _, score, _ in want], rel=1e-5)  # fp noise
     pretrained = beams_with(build_backbone("mobilenet_v2", "default"))
     assert [b[0][1] for b in pretrained] != pytest.approx([b[0][1] for b in expected], abs=1e-5)
 
