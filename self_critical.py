@@ -11,6 +11,8 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from decoding import Rules
+
 
 class CorpusCider(CiderScorer):
     """pycocoevalcap's CIDEr-D, with n-gram document frequencies taken once from a whole corpus.
@@ -76,18 +78,14 @@ def sample(model, features, end, banned, max_len, samples=1, unfinished=()):
     (</PAD>, </UNKNOWN>) are never sampled, nor </EOS> after an `unfinished` word (一个, 的 ...).
     """
     device = features.device
-    banned = torch.as_tensor(banned, dtype=torch.long, device=device)
-    cannot_end = torch.zeros(model.vocab_size, dtype=torch.bool, device=device)  # (V,)
-    cannot_end[list(unfinished)] = True
+    rules = Rules(model.vocab_size, end, banned, min_len=0, max_len=max_len, unfinished=unfinished, device=device)
     inputs, state = model.start(features)
     rows = torch.arange(len(features), device=device).unsqueeze(1).expand(-1, samples)  # (B, samples)
     inputs, state = inputs[rows.reshape(-1)], model.select(state, rows)  # (N, E), N rows
     words, masks = [], []
     alive = torch.ones(rows.numel(), dtype=torch.bool, device=device)
-    for _ in range(max_len):
-        step_log_probs, state = model.step(inputs, state, banned)  # (N, V)
-        if words:
-            step_log_probs[:, end].masked_fill_(cannot_end[words[-1]], float("-inf"))
+    for t in range(max_len):
+        step_log_probs, state = rules.step(model, inputs, state, t, words[-1] if words else None)  # (N, V)
         word = draw(step_log_probs.exp())  # (N,)
         words.append(word)
         masks.append(alive)
