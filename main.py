@@ -257,7 +257,7 @@ def read_results(path):
 def evaluate(opt: Config):
     """Score a model (or --results) against --annotation-file with BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; a
     model's first caption of each photo is scored, its --n-best counted for the different captions per photo."""
-    from captions import load_annotations
+    from captions import load_annotations, load_caption_data
     from metrics import format_table, score_captions
     if not opt.annotation_file:
         raise UserError("give the references with --annotation-file=FILE.json")
@@ -269,6 +269,7 @@ def evaluate(opt: Config):
         if output:
             check_output_file(output, inputs=[opt.annotation_file, opt.results, *photos,
                                               *([] if opt.results else find_checkpoints(opt))])
+    training = load_caption_data(opt.caption_data_path) if os.path.isfile(opt.caption_data_path) else None  # first
     results, decoding = (read_results(opt.results), {}) if opt.results else caption_references(references, opt)
     try:
         scores = score_captions(results, references)
@@ -283,7 +284,7 @@ def evaluate(opt: Config):
         print(f"--decoding={opt.decoding}: {decoding['distinct_per_photo']:.2f} different captions per photo among "
               f"its {decoding['captions_per_photo']:.2f} (the first is scored); {decoding['images_per_s']:.1f} "
               f"images/s in all, {decoding['decoded_per_s']:.1f} decoding alone")
-    statistics = training_statistics(results, opt)
+    statistics = training_statistics(results, training, opt.caption_data_path)
     print(format_table(scores))
     if opt.metrics_path:
         write_json({**scores, "images": len(results), "distinct_captions": distinct, "empty_captions": empty,
@@ -291,15 +292,14 @@ def evaluate(opt: Config):
         print(f"scores written to {opt.metrics_path}")
 
 
-def training_statistics(results, opt: Config):
-    """caption_statistics against --caption-data-path (the training captions), printed; {} without it."""
-    from captions import load_caption_data
+def training_statistics(results, training, path):
+    """caption_statistics against the training caption data of `path`, printed; {} without it."""
     from metrics import caption_statistics
-    if not os.path.isfile(opt.caption_data_path):
+    if training is None:
         return {}
-    statistics = caption_statistics(results, load_caption_data(opt.caption_data_path))
+    statistics = caption_statistics(results, training)
     print(f"mean length {statistics['mean_length']:.2f} words; {statistics['unfinished']:.1%} end on an unfinished "
-          f"word; {statistics['copied_from_training']:.1%} copied from a training caption of {opt.caption_data_path}")
+          f"word; {statistics['copied_from_training']:.1%} copied from a training caption of {path}")
     return statistics
 
 

@@ -429,3 +429,11 @@ def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(demo, tmp_path, co
         generate(**options(demo, img=os.path.join(demo.img_path, "val_0001.jpg"),
                            model_ckpt=str(tmp_path / "model.pth")))
     one_line_error(error, "model.pth: not a readable checkpoint", f"{kind}, not a file this toolkit wrote")
+
+
+def test_a_damaged_training_caption_file_for_evaluate_is_one_line_before_captioning(demo, trained, tmp_path, capsys):
+    (tmp_path / "train.pth").write_bytes(b"PK\x03\x04 half written")
+    with pytest.raises(SystemExit) as error:
+        evaluate(**options(demo, tmp_path, model_ckpt=trained, caption_data_path=str(tmp_path / "train.pth")))
+    one_line_error(error, "train.pth: not a readable caption data file")
+    assert "images scored" not in capsys.readouterr().out
