@@ -41,7 +41,7 @@ def option(default, valid=None, help=""):
 @dataclasses.dataclass
 class Config:
     # --- data (data_preprocess.py) ---
-    annotation_file: str = option("", None, "AI Challenger caption JSON: [{image_id, caption: [sentences]}]")
+    annotation_file: str = option("", None, "captions: AI Challenger, COCO or Karpathy JSON, IMAGE#N lines, CSV/TSV")
     caption_data_path: str = option("caption.pth", None, "encoded captions + vocabulary")
     extra_annotation_file: str = option("", None, "more training text for the same images (e.g. machine "
                                         "translations; comma-separated files): cross-entropy learns from it "
