@@ -116,7 +116,11 @@ class Config:
     scst_lr: float = option(2e-4, "(0, inf)", "learning rate of self-critical training")
     scst_samples: int = option(5, "[2, 1024]", "captions sampled per image; each one's baseline is the others' "
                                                "mean reward")
+    scst_dropout: bool = option(True, None, "dropout in self-critical training (false: the model samples "
+                                            "and learns with dropout off, as COCO recipes do)")
     scst_bleu_weight: float = option(4.0, "[0, inf)", "reward = CIDEr-D + this * mean(BLEU-1..4)")
+    scst_diversity_weight: float = option(0.0, "[0, inf)", "... - this * the sample's CIDEr-D against the "
+                                                           "image's other samples (variety)")
     debug_file: str = option("/tmp/debugc", None, "if this file exists, training drops into ipdb")
 
     # --- Visdom dashboard ---
@@ -175,7 +179,8 @@ COMMAND_OPTIONS = {
              "weight_decay epoch grad_clip "
              "scheduled_sampling finetune_encoder finetune_epoch encoder_lr augment seed use_gpu checkpoint_dir resume "
              "overwrite metric eval_size "
-             "lr_decay lr_patience early_stop_patience scst_epoch scst_lr scst_samples scst_bleu_weight "
+             "lr_decay lr_patience early_stop_patience "
+             "scst_epoch scst_lr scst_samples scst_dropout scst_bleu_weight scst_diversity_weight "
              "debug_file env vis_server vis_port vis_timeout plot_every log_dir batch_size num_workers "
              f"{_DECODING} max_gen_len min_len length_norm ending_rule pretrain_epoch",
     "generate": f"img output attention_map {_GENERATION}",

@@ -5,6 +5,8 @@ against the image's references (plus, optionally, a weight times its mean BLEU-1
 its baseline the mean reward of the image's other samples (so no greedy decode is needed).
 The loss raises the log-probability of the captions that beat their baseline and lowers the rest.
 """
+import dataclasses
+
 import numpy as np
 import torch
 from pycocoevalcap.bleu.bleu import Bleu
@@ -36,8 +38,14 @@ class CorpusCider(CiderScorer):
 
     def score(self, keys, candidates):
         """CIDEr-D of each candidate sentence against the references of its key -> (N,) array."""
-        self.crefs = [self.references[key] for key in keys]
-        self.ctest = [cook_test(candidate) for candidate in candidates]
+        return self._cider([self.references[key] for key in keys], candidates)
+
+    def score_against(self, references, candidates):
+        """CIDEr-D of each candidate against its own list of sentences (N lists) -> (N,) array."""
+        return self._cider([cook_refs(sentences) for sentences in references], candidates)
+
+    def _cider(self, cooked_references, candidates):
+        self.crefs, self.ctest = cooked_references, [cook_test(candidate) for candidate in candidates]
         return np.array(self.compute_cider())
 
 
@@ -57,15 +65,29 @@ def reference_corpus(captions, end, unknown):
             for key, refs in captions.items()}
 
 
-def rewards(cider, keys, candidates, bleu_weight):
-    """CIDEr-D + bleu_weight * mean(BLEU-1..4) of each candidate against its key's references -> (N,)."""
-    reward = cider.score(keys, candidates)
-    if bleu_weight:
-        references = {i: cider.corpus[key] for i, key in enumerate(keys)}
-        hypotheses = {i: [candidate or "</EMPTY>"] for i, candidate in enumerate(candidates)}
-        _, bleu = Bleu(4).compute_score(references, hypotheses, verbose=0)  # 4 lists of N scores
-        reward = reward + bleu_weight * np.mean(bleu, axis=0)
-    return reward
+@dataclasses.dataclass
+class Reward:
+    """What a sampled caption earns: its CIDEr-D against its image's references, plus bleu_weight times
+    its mean BLEU-1..4, minus diversity_weight times its CIDEr-D against the image's other samples (how
+    much it repeats them: a leave-one-out form of the self-CIDEr diversity of Luo & Shakhnarovich 2020)."""
+
+    cider: CorpusCider
+    bleu_weight: float = 0.0
+    diversity_weight: float = 0.0
+
+    def __call__(self, keys, candidates, samples=1):
+        """keys: each candidate's image, the `samples` candidates of an image side by side -> (N,)."""
+        reward = self.cider.score(keys, candidates)
+        if self.bleu_weight:
+            references = {i: self.cider.corpus[key] for i, key in enumerate(keys)}
+            hypotheses = {i: [candidate or "</EMPTY>"] for i, candidate in enumerate(candidates)}
+            _, bleu = Bleu(4).compute_score(references, hypotheses, verbose=0)  # 4 lists of N scores
+            reward = reward + self.bleu_weight * np.mean(bleu, axis=0)
+        if self.diversity_weight and samples > 1:
+            images = [candidates[i:i + samples] for i in range(0, len(candidates), samples)]
+            others = [group[:j] + group[j + 1:] for group in images for j in range(samples)]
+            reward = reward - self.diversity_weight * self.cider.score_against(others, candidates)
+        return reward
 
 
 @torch.no_grad()
@@ -125,13 +147,12 @@ def sentence(indices, end):
     return " ".join(str(ix) for ix in (indices[:indices.index(end) + 1] if end in indices else indices))
 
 
-def self_critical_loss(model, features, keys, cider, end, banned, samples, max_len, bleu_weight=0.0, unfinished=()):
-    """features (B, F), keys: the B images' keys in `cider` -> loss, mean reward of the samples
-    (none of which ends on an `unfinished` word)."""
+def self_critical_loss(model, features, keys, reward, end, banned, samples, max_len, unfinished=()):
+    """features (B, F), keys: the B images' keys in the Reward's corpus -> loss, mean reward of the
+    samples (none of which ends on an `unfinished` word)."""
     words, mask = sample(model, features, end, banned, max_len, samples, unfinished)  # (B*S, T) each
     candidates = [sentence(row, end) for row in words.tolist()]
-    reward = rewards(cider, [key for key in keys for _ in range(samples)], candidates, bleu_weight)
-    reward = reward.reshape(-1, samples)  # (B, S)
+    reward = reward([key for key in keys for _ in range(samples)], candidates, samples).reshape(-1, samples)  # (B, S)
     baseline = (reward.sum(1, keepdims=True) - reward) / (samples - 1)  # mean of the other samples
     lengths = mask.sum(1).cpu()  # (B*S,): up to and including </EOS>
     log_probs = log_probabilities(model, features, words, lengths, banned, samples)  # (K,)

@@ -23,7 +23,7 @@ from images import build_backbone, pick_device, weights_file
 from metrics import METRICS, java_available, score_captions
 from model import ENCODES_REGIONS, READS_REGIONS, build_model, check_fits
 from reporting import Reporter
-from self_critical import CorpusCider, reference_corpus, self_critical_loss
+from self_critical import CorpusCider, Reward, reference_corpus, self_critical_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,7 @@ class Phase:
     measure: str  # what a step returns and the dashboard plots: loss or reward
     warmup_steps: int = 0  # of the lr (see warmup_factor): for the phase that starts from random weights
     extra_text: bool = True  # cross-entropy learns from the extra training text too (see CaptionSplit)
+    dropout: bool = True  # the model learns in train mode (dropout on), else in eval mode
 
 
 def phases(opt: Config):
@@ -50,7 +51,7 @@ def phases(opt: Config):
                   warmup_steps=0 if pretrain else opt.warmup_steps, extra_text=not pretrain),
             Phase(FINE_TUNING, opt.finetune_epoch if finetune else 0, opt.lr, True, False, "loss",
                   extra_text=not pretrain),
-            Phase(SELF_CRITICAL, opt.scst_epoch, opt.scst_lr, finetune, True, "reward")]
+            Phase(SELF_CRITICAL, opt.scst_epoch, opt.scst_lr, finetune, True, "reward", dropout=opt.scst_dropout)]
 
 
 @dataclasses.dataclass
@@ -297,7 +298,7 @@ class Trainer:
         cuda = self.device.type == "cuda"
         self.half = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler(enabled=cuda and self.half == torch.float16)  # one for the whole run
-        self.encoder = self.training_images = self.cider = None  # made when a phase needs them
+        self.encoder = self.training_images = self.reward = None  # made when a phase needs them
         self._prepare_phase()
         if opt.resume:
             self._resume()
@@ -346,13 +347,14 @@ class Trainer:
         self._prepare_phase(best.get("encoder"))
         self._save(self.checkpoints.last)
         learning = f", the last {self.opt.finetune_encoder} encoder stages learning" if self.encoder else ""
-        reward = f"; reward: CIDEr-D + {self.opt.scst_bleu_weight} x mean BLEU-1..4" if phase.per_image else ""
+        reward = (f"; reward: CIDEr-D + {self.opt.scst_bleu_weight} x mean BLEU-1..4 - "
+                  f"{self.opt.scst_diversity_weight} x CIDEr-D against the other samples" if phase.per_image else "")
         self.report.say(f"{phase.name} phase: {phase.epochs} epochs from {self.checkpoints.best}{learning}{reward}")
 
     def train_epoch(self, stop):
         """One pass over the training data (every caption, or every image); False when a stop was requested."""
         opt, phase, progress = self.opt, self.phase, self.progress
-        self.model.train()
+        self.model.train(phase.dropout)
         meter = AverageValueMeter()  # the dashboard shows this epoch's running mean
         step = (self.self_critical_step if phase.per_image
                 else functools.partial(self.cross_entropy_step, sampling=self._sampling_probability()))
@@ -418,12 +420,13 @@ class Trainer:
     def self_critical_step(self, batch):
         """One self-critical step -> the mean reward of the sampled captions."""
         opt, split = self.opt, self.train_split
-        if self.cider is None:  # CIDEr-D over the training captions, built once
-            self.cider = CorpusCider(reference_corpus(split.word_captions(), split.end, split.unknown))
+        if self.reward is None:  # CIDEr-D over the training captions, built once
+            cider = CorpusCider(reference_corpus(split.word_captions(), split.end, split.unknown))
+            self.reward = Reward(cider, opt.scst_bleu_weight, opt.scst_diversity_weight)
         with self._autocast():
-            loss, reward = self.objective(self_critical_loss, batch.inputs, batch.rows.tolist(), self.cider,
+            loss, reward = self.objective(self_critical_loss, batch.inputs, batch.rows.tolist(), self.reward,
                                           split.end, split.banned, opt.scst_samples, opt.max_gen_len,
-                                          opt.scst_bleu_weight, split.unfinished if opt.ending_rule else ())
+                                          split.unfinished if opt.ending_rule else ())
         self.optimization.step(loss, self.progress)
         return reward
 
@@ -498,7 +501,7 @@ class Trainer:
                     else self.encoder.features_of(split, [row], self.opt, self.device))  # (1, F) or (1, R, F)
         beams = caption_features(self.model, features, self.vocab, self.opt, n_best=most_captions(self.opt),
                                  unfinished=split.unfinished)[0]
-        self.model.train()
+        self.model.train(self.phase.dropout)
         self.report.training(self.progress, self.phase.measure, value,
                              (split.image_id(row), split.image_path(row), split.human_caption(row), beams))
 

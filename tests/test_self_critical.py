@@ -18,10 +18,10 @@ from main import train
 from model import CaptionModel, load_checkpoint
 from self_critical import (
     CorpusCider,
+    Reward,
     draw,
     log_probabilities,
     reference_corpus,
-    rewards,
     sample,
     self_critical_loss,
     sentence,
@@ -56,9 +56,38 @@ def test_corpus_cider_keeps_the_corpus_document_frequencies_for_a_batch():
 def test_bleu_weight_adds_the_mean_bleu_to_the_reward():
     cider = CorpusCider(REFERENCES)
     keys, candidates = ["a", "b", "c"], ["一只 狗 在 草地 上 奔跑", "狗 跑", ""]
-    plain, mixed = rewards(cider, keys, candidates, 0.0), rewards(cider, keys, candidates, 2.0)
+    plain, mixed = Reward(cider)(keys, candidates), Reward(cider, bleu_weight=2.0)(keys, candidates)
     np.testing.assert_allclose(mixed[0] - plain[0], 2.0, rtol=1e-6)  # a reference itself: every BLEU is 1
     np.testing.assert_allclose(mixed[1:] - plain[1:], 0.0, atol=1e-6)  # no shared word, or no word at all
+
+
+def test_the_diversity_weight_takes_from_a_sample_what_it_shares_with_its_images_other_samples():
+    """Image a's first two samples repeat each other; its third and image b's three share no word."""
+    cider = CorpusCider(REFERENCES)
+    keys = ["a"] * 3 + ["b"] * 3
+    candidates = ["狗 在 草地 上", "狗 在 草地 上", "奔跑 的 黑狗", "两个 孩子", "海边 的 沙子", "在 玩"]
+    plain, varied = Reward(cider)(keys, candidates, 3), Reward(cider, diversity_weight=0.5)(keys, candidates, 3)
+    penalty = plain - varied
+    repeated = cider.score_against([["狗 在 草地 上", "奔跑 的 黑狗"]], ["狗 在 草地 上"])[0]
+    np.testing.assert_allclose(penalty[:2], 0.5 * repeated, rtol=1e-6)
+    assert repeated > 1.0
+    np.testing.assert_allclose(penalty[2:], 0.0, atol=1e-9)  # no n-gram in common with the image's others
+
+
+def test_without_scst_dropout_the_model_samples_and_learns_in_eval_mode(demo, tmp_path, monkeypatch):
+    modes = []
+    self_critical_step = Trainer.self_critical_step
+
+    def record_mode(self, batch):
+        modes.append(self.model.training)
+        return self_critical_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "self_critical_step", record_mode)
+    run = options(demo, tmp_path, epoch=1, scst_epoch=1, eval_size=0, metric="val_loss", plot_every=1)
+    train(**{**run, "scst_dropout": False})
+    train(**{**run, "overwrite": True})
+    batches = len(modes) // 2
+    assert batches and modes == [False] * batches + [True] * batches
 
 
 def test_sentence_keeps_the_end_token_and_stops_there():
@@ -106,7 +135,7 @@ def test_self_critical_steps_teach_each_image_its_own_caption():
     optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
     rewards = []
     for _ in range(150):
-        loss, reward = self_critical_loss(model, features, [0, 1], cider, end, [], samples=8, max_len=6)
+        loss, reward = self_critical_loss(model, features, [0, 1], Reward(cider), end, [], samples=8, max_len=6)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
