@@ -56,6 +56,12 @@ def unfinished_words(captions, ix2word):
                   and ends[ix] < UNFINISHED_END_SHARE * count)
 
 
+def caption_texts(data, row):
+    """Every caption of a row of caption data, its extra training text too, as text."""
+    extra = (data.get("extra_caption") or [[]] * len(data["caption"]))[row]
+    return ["".join(data["ix2word"][ix] for ix in caption) for caption in data["caption"][row] + extra]
+
+
 def load_annotations(path, split=""):
     """Read and validate a caption file of any format caption_formats.py reads (split: only that split
     of a Karpathy file) -> AI Challenger entries [{"image_id", "caption": [...]}]."""

@@ -60,6 +60,8 @@ class Config:
                                            "PATH to a state dict")
     batch_size: int = option(64, "[1, 65536]", "images (extract, generate) or captions (train) per batch")
     num_workers: int = option(2, "[0, 256]", "DataLoader workers reading images")
+    view: int = option(0, "[0, 3]", "extract: features of this view of the photos: 0 as they are, 1 mirrored (never "
+                                    "one whose captions say 左/右), 2 their central 80%, 3 both (see --feature-views)")
     grid: int = option(0, "[0, 9]", "also keep G x G region features (for --model=attention; 7 is the "
                                     "backbones' own map)")
 
@@ -97,6 +99,8 @@ class Config:
     finetune_epoch: int = option(3, "[0, 100000]", "epochs of that fine-tuning (cross-entropy), before "
                                                    "self-critical training")
     encoder_lr: float = option(1e-4, "(0, inf)", "learning rate of the fine-tuned stages")
+    feature_views: int = option(1, "[1, 4]", "training epoch e reads the features of view e % N of the training "
+                                             "photos (extracted with --view), validation the photos as they are")
     augment: bool = option(False, None, "fine-tuning: random crops and flips (never for images whose captions "
                                         "say 左/右)")
     seed: int = option(0, "[0, 2147483647]", "seeds the split, the batch order and the weights; and "
@@ -173,11 +177,12 @@ _GENERATION = (f"model_ckpt checkpoint_dir {_DECODING} seed max_gen_len min_len 
 COMMAND_OPTIONS = {
     "process": "annotation_file split extra_annotation_file caption_data_path vocab_from max_words min_appear "
                "max_caption_len",
-    "extract": "caption_data_path img_path backbone weights batch_size num_workers grid use_gpu",
+    "extract": "caption_data_path img_path backbone weights batch_size num_workers grid view use_gpu",
     "train": "caption_data_path val_caption_data_path val_fraction model embedding_dim hidden_size num_layers "
              "dropout attention_dim alpha_c d_model heads transformer_layers lr warmup_steps label_smoothing "
              "weight_decay epoch grad_clip "
-             "scheduled_sampling finetune_encoder finetune_epoch encoder_lr augment seed use_gpu checkpoint_dir resume "
+             "scheduled_sampling finetune_encoder finetune_epoch encoder_lr feature_views augment seed use_gpu "
+             "checkpoint_dir resume "
              "overwrite metric eval_size "
              "lr_decay lr_patience early_stop_patience "
              "scst_epoch scst_lr scst_samples scst_dropout scst_bleu_weight scst_diversity_weight "

@@ -41,6 +41,14 @@ class CaptionSplit:
         """The same rows, learning from their captions alone."""
         return CaptionSplit(self._data, self._features, self.meta, self.rows, extra_text=False)
 
+    @property
+    def features(self):
+        return self._features
+
+    @property
+    def image_ids(self):
+        return self._data["ix2id"]
+
     def with_features(self, features):
         """The same rows with other features (indexed by row like the stored ones)."""
         return CaptionSplit(self._data, features, self.meta, self.rows, self.extra_text)
@@ -157,6 +165,19 @@ def _shuffled_chunks(count, batch_size, seed, skip, process=0, processes=1):
     starts = _batch_starts(count, batch_size, processes)
     for start, stop in list(zip(starts, [*starts[1:], count]))[skip:]:
         yield order[start:stop][process::processes]
+
+
+def training_views(opt: Config, split):
+    """The training features of each of --feature-views views of the photos (view 0: the split's own),
+    each checked to come from the split's encoder; view e % N is read in epoch e."""
+    grid, views = opt.model in READS_REGIONS, [split.features]
+    for view in range(1, opt.feature_views):
+        features, meta = load_features(opt.caption_data_path, split.image_ids, grid, view)
+        if _encoder(meta, grid) != _encoder(split.meta, grid):
+            raise UserError(f"{opt.caption_data_path}: view {view}'s features come from {_encoder(meta, grid)}, "
+                            f"view 0's from {_encoder(split.meta, grid)}; extract them with the same --backbone")
+        views.append(features)
+    return views
 
 
 def load_split(caption_data_path, ix2word=None, grid=False):

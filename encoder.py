@@ -17,12 +17,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from config import UserError
-from images import UNREADABLE, encode_images, image_transform, load_image, pooled, regions
+from images import SIDES, UNREADABLE, encode_images, image_transform, load_image, pooled, regions
 
 MOBILENET_V2_STAGE_BLOCKS = (1, 2, 3, 4, 3, 3, 1)  # torchvision's inverted_residual_setting, n column
 # How many stages each backbone has (what `stages` finds), known before one is built.
 STAGE_COUNTS = {"resnet50": 4, "resnet101": 4, "resnet152": 4, "mobilenet_v2": 7, "efficientnet_lite2": 7}
-SIDES = ("左", "右")  # a caption that says left or right is wrong for the mirrored image
 
 
 def stages(backbone, trunk):

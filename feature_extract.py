@@ -3,8 +3,10 @@ with --grid=G also the G*G region features the attention model looks at.
 
     python feature_extract.py extract --caption-data-path=caption.pth --img-path=images/ --backbone=resnet50
     python feature_extract.py extract --caption-data-path=caption.pth --img-path=images/ --grid=7
+    python feature_extract.py extract --caption-data-path=caption.pth --img-path=images/ --grid=7 --view=1
 
-The features go beside the caption data (caption.pth -> caption.features.npy, caption.regions.npy),
+The features go beside the caption data (caption.pth -> caption.features.npy, caption.regions.npy;
+--view=V, an augmented view of the photos for `main.py train --feature-views`: caption.viewV.*),
 with a .json describing them and a .bad.tsv listing images that could not be read. An
 interrupted run resumes where it stopped. `torchrun --nproc-per-node=N feature_extract.py extract ...`
 splits the images into N contiguous parts, one per process (and GPU), written into the same files.
@@ -21,7 +23,7 @@ from tqdm import tqdm
 
 import distributed
 import images
-from captions import load_caption_data
+from captions import caption_texts, load_caption_data
 from config import Config, UserError, command
 from files import atomic_save, read_json, remove_leftovers, write_json
 
@@ -30,8 +32,9 @@ from files import atomic_save, read_json, remove_leftovers, write_json
 def extract(opt: Config):
     """Write the features of every image of opt.caption_data_path; resumes an interrupted run.
     Under torchrun each process encodes its own contiguous rows of the same files."""
-    image_ids = load_caption_data(opt.caption_data_path)["ix2id"]
-    path = images.features_path(opt.caption_data_path)
+    data = load_caption_data(opt.caption_data_path)
+    image_ids = data["ix2id"]
+    path = images.features_path(opt.caption_data_path, view=opt.view)
     _check_images(opt, image_ids)
     device = images.pick_device(opt.use_gpu)
     distributed.start(device)
@@ -43,10 +46,11 @@ def extract(opt: Config):
         feature_dim = network(torch.zeros(1, 3, size, size, device=device)).shape[1]
     meta = {"backbone": opt.backbone, "weights": weights, "num_images": len(image_ids),
             "feature_dim": feature_dim, "grid": opt.grid, "img_path": os.path.abspath(opt.img_path),
-            "image_ids_sha1": images.image_list_hash(image_ids), "bad": {}}
+            "image_ids_sha1": images.image_list_hash(image_ids), "bad": {}, **({"view": opt.view} if opt.view else {})}
     shapes = {path: (len(image_ids), feature_dim)}  # every file written: path -> array shape
     if opt.grid:
-        shapes[images.features_path(opt.caption_data_path, grid=True)] = (len(image_ids), opt.grid ** 2, feature_dim)
+        regions_path = images.features_path(opt.caption_data_path, grid=True, view=opt.view)
+        shapes[regions_path] = (len(image_ids), opt.grid ** 2, feature_dim)
     if _already_extracted(shapes, meta):
         print(f"{path}: already extracted with these settings; delete it to extract again")
         return
@@ -54,7 +58,9 @@ def extract(opt: Config):
     arrays, row = _open_partial(path, shapes, meta, first)
     paths = [os.path.join(opt.img_path, image_id) for image_id in image_ids[row:stop]]
     progress = tqdm(total=stop - first, initial=row - first, desc=f"{opt.backbone} features", unit="img")
-    encoded = images.encode_images(network, opt.backbone, paths, device, opt.batch_size, opt.num_workers, opt.grid)
+    captions = [caption_texts(data, i) for i in range(row, stop)] if opt.view else None
+    encoded = images.encode_images(network, opt.backbone, paths, device, opt.batch_size, opt.num_workers, opt.grid,
+                                   opt.view, captions)
     for *batches, errors in encoded:
         for array, batch in zip(arrays.values(), batches):  # pooled (B, F), then regions (B, G*G, F)
             array[row:row + len(batch)] = batch.numpy()

@@ -331,19 +331,43 @@ def sha256(path):
 
 
 # --- images -> features ---------------------------------------------------------------------------
+# The views of a training photo that `feature_extract.py --view=V` encodes, for `main.py train --feature-views`:
+# 0 the photo, 1 mirrored, 2 its central ZOOM of each side, 3 both. A photo whose captions say 左 or 右
+# (SIDES) is never mirrored: its view 1 is view 0, its view 3 view 2.
+VIEWS = 4
+ZOOM = 0.8
+SIDES = ("左", "右")  # a caption that says left or right is wrong for the mirrored image
+
+
+def photo_view(image, view, captions=()):
+    """View `view` (see VIEWS) of an RGB PIL image whose captions are `captions`."""
+    if view >= 2:
+        width, height = image.size
+        left, top = round(width * (1 - ZOOM) / 2), round(height * (1 - ZOOM) / 2)
+        image = image.crop((left, top, width - left, height - top))
+    if view % 2 and not any(side in caption for caption in captions for side in SIDES):
+        image = ImageOps.mirror(image)
+    return image
+
+
 class ImageFiles(Dataset):
     """Image files in the given order, resized and cropped for a backbone (uint8, normalised later by
-    the transform's `normalize`); an unreadable one gives zeros and its error."""
+    the transform's `normalize`), each seen as `view` (see photo_view; captions: each image's); an
+    unreadable one gives zeros and its error."""
 
-    def __init__(self, paths, backbone):
+    def __init__(self, paths, backbone, view=0, captions=None):
         self.paths, self.transform, self.size = paths, image_transform(backbone), BACKBONES[backbone].size
+        self.view, self.captions = view, captions
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
         try:
-            return self.transform.crop(load_image(self.paths[index], at_least=self.size)), ""
+            image = load_image(self.paths[index], at_least=self.size)
+            if self.view:
+                image = photo_view(image, self.view, self.captions[index])
+            return self.transform.crop(image), ""
         except UNREADABLE as error:
             return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), f"{type(error).__name__}: {error}"
 
@@ -363,12 +387,12 @@ def prepare_backbone(network, backbone, device):
 
 
 @torch.inference_mode()
-def encode_images(network, backbone, paths, device, batch_size, num_workers, grid=0):
+def encode_images(network, backbone, paths, device, batch_size, num_workers, grid=0, view=0, captions=None):
     """Yield (pooled (B, F), regions (B, grid*grid, F) or None, errors (B,)) in order; features are
-    float32 rounded to the float16 they are stored in. Images are read by DataLoader workers; an
-    error is "" for a readable image."""
+    float32 rounded to the float16 they are stored in. Images are read by DataLoader workers, each
+    seen as `view` (see photo_view; captions: each image's); an error is "" for a readable image."""
     workers = num_workers if len(paths) > batch_size else 0  # a few images: workers cost more than they save
-    files = ImageFiles(paths, backbone)
+    files = ImageFiles(paths, backbone, view, captions)
     if workers:  # they are forked from this process: see release_freed_memory
         release_freed_memory()
     on_cpu = device.type == "cpu"
@@ -408,10 +432,12 @@ def release_freed_memory():
 
 
 # --- stored feature files -------------------------------------------------------------------------
-def features_path(caption_data_path, grid=False):
+def features_path(caption_data_path, grid=False, view=0):
     """caption.pth -> caption.features.npy (its description: .json, bad images: .bad.tsv),
-    or with grid, caption.regions.npy: the G*G region features of each image."""
-    return os.path.splitext(caption_data_path)[0] + (".regions.npy" if grid else ".features.npy")
+    or with grid, caption.regions.npy: the G*G region features of each image; a view V > 0 of the
+    photos (see photo_view) -> caption.viewV.features.npy, caption.viewV.regions.npy."""
+    view_part = f".view{view}" if view else ""
+    return os.path.splitext(caption_data_path)[0] + view_part + (".regions.npy" if grid else ".features.npy")
 
 
 def image_list_hash(image_ids):
@@ -423,19 +449,19 @@ FEATURE_META = {"backbone": str, "weights": str, "num_images": int, "feature_dim
                 "img_path": str, "image_ids_sha1": str, "bad": dict}  # a features description: key -> type
 
 
-def load_features(caption_data_path, image_ids, grid=False):
-    """Memory-map the pooled (N, F) or, with grid, region (N, G*G, F) features of a caption file,
-    checked to belong to its images, in its order, and to be what extraction writes."""
-    path = features_path(caption_data_path)
+def load_features(caption_data_path, image_ids, grid=False, view=0):
+    """Memory-map the pooled (N, F) or, with grid, region (N, G*G, F) features of a caption file (of
+    a view of its photos), checked to belong to its images, in its order, and to be what extraction writes."""
+    path = features_path(caption_data_path, view=view)
     meta_path = path.replace(".npy", ".json")
     if not os.path.isfile(meta_path):
         raise UserError(f"{path}: no features for {caption_data_path}; run `python feature_extract.py extract "
-                        f"--caption-data-path={caption_data_path}` first")
+                        f"--caption-data-path={caption_data_path}{f' --view={view}' if view else ''}` first")
     meta = _feature_meta(meta_path)
     if grid and not meta["grid"]:
         raise UserError(f"{path}: extracted without region features, which the attention model needs; "
                         f"run `python feature_extract.py extract --grid=7 --caption-data-path={caption_data_path}`")
-    features = _feature_array(features_path(caption_data_path, grid), meta["grid"] ** 2 if grid else None)
+    features = _feature_array(features_path(caption_data_path, grid, view), meta["grid"] ** 2 if grid else None)
     expected = (len(image_ids), meta["feature_dim"])
     if (len(features), features.shape[-1]) != expected or meta["num_images"] != len(image_ids):
         raise UserError(f"{path}: holds {features.shape[0]}x{features.shape[-1]} features but "

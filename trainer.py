@@ -16,7 +16,7 @@ import distributed
 from beam_search import caption_features, check_search, most_captions
 from checkpoints import CROSS_ENTROPY, FINE_TUNING, PRETRAINING, SELF_CRITICAL, Checkpoints, Progress, restore_random
 from config import Config, UserError
-from dataset import train_val_splits
+from dataset import train_val_splits, training_views
 from encoder import STAGE_COUNTS, Encoder, TrainingImages, image_caption_batches
 from files import check_output_folder
 from images import build_backbone, pick_device, weights_file
@@ -287,6 +287,7 @@ class Trainer:
         distributed.start(self.device)
         self.process, self.processes = distributed.rank_and_size()
         self.train_split, self.val_split = train_val_splits(opt)
+        self.views = training_views(opt, self.train_split)  # the training features of each view of the photos
         self.vocab = self.train_split.ix2word
         check_training_data(opt, self.train_split)
         check_fits(opt, len(self.vocab), self.train_split.feature_dim, self.device, copies=4)
@@ -354,6 +355,8 @@ class Trainer:
     def train_epoch(self, stop):
         """One pass over the training data (every caption, or every image); False when a stop was requested."""
         opt, phase, progress = self.opt, self.phase, self.progress
+        if len(self.views) > 1:
+            self.train_split = self.train_split.with_features(self.views[progress.epoch % len(self.views)])
         self.model.train(phase.dropout)
         meter = AverageValueMeter()  # the dashboard shows this epoch's running mean
         step = (self.self_critical_step if phase.per_image
