@@ -9,9 +9,10 @@
 # Tried, and not the recipe (docs/quality.md): PRETRAIN=zhb pre-trains 2 epochs on the machine
 # translations zhb with the captions (zhc's vocabulary), then learns from zhc alone; TRANSLATIONS=zhb
 # (or zhb,zhg) mixes them into the cross-entropy text, with 6 epochs. ENSEMBLE=N trains N runs that
-# differ in --seed and scores their ensemble too.
+# differ in --seed and scores their ensemble too. VIEWS=N (2-4) also extracts N-1 augmented views of
+# the training photos (feature_extract.py --view) and trains epoch e on view e % N.
 # Usage: [MODEL=pooled|attention|transformer] [BACKBONE=efficientnet_lite2|mobilenet_v2] [PRETRAIN=zhb]
-#        [TRANSLATIONS=zhb] [ENSEMBLE=1] bash flickr8k_cn.sh [DATA_DIR] [WORK_DIR]
+#        [TRANSLATIONS=zhb] [ENSEMBLE=1] [VIEWS=1] bash flickr8k_cn.sh [DATA_DIR] [WORK_DIR]
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA=${1:-../shared/data/flickr8k-cn}
@@ -27,6 +28,7 @@ EPOCH=$([ "$MODEL" = transformer ] && echo 8 || echo 10)  # cross-entropy epochs
 TRANSLATIONS=${TRANSLATIONS:-}
 PRETRAIN=${PRETRAIN:-}
 ENSEMBLE=${ENSEMBLE:-1}
+VIEWS=${VIEWS:-1}
 translations() { for name in ${1//,/ }; do printf '%s,' "$DATA/annotations/flickr8kcn_train_$name.json"; done; }
 if [ -n "$TRANSLATIONS" ]; then EPOCH=6; PRETRAIN=; fi
 mkdir -p "$WORK"
@@ -39,13 +41,19 @@ for split in train val; do
   python feature_extract.py extract --caption-data-path="$WORK/$split.pth" --img-path="$DATA/images" \
       --backbone="$BACKBONE" --grid="$GRID"
 done
+for view in $(seq 1 $((VIEWS - 1))); do
+  python feature_extract.py extract --caption-data-path="$WORK/train.pth" --img-path="$DATA/images" \
+      --backbone="$BACKBONE" --grid="$GRID" --view="$view"
+done
+EXTRA="$EXTRA --feature-views=$VIEWS"
 TRAIN="$WORK/train.pth"
 if [ -n "$PRETRAIN" ]; then  # the same images and features, with the translations as extra text
   TRAIN="$WORK/train_pretrain.pth"
   python data_preprocess.py process --annotation-file="$DATA/annotations/flickr8kcn_train_zhc.json" \
       --caption-data-path="$TRAIN" --vocab-from="$WORK/train.pth" \
       --extra-annotation-file="$(translations "$PRETRAIN" | sed 's/,$//')"
-  for file in "$WORK"/train.features.* "$WORK"/train.regions.*; do
+  for file in "$WORK"/train.features.* "$WORK"/train.regions.* "$WORK"/train.view*.*; do
+    [ -e "$file" ] || continue
     ln -sf "$(basename "$file")" "$WORK/train_pretrain.${file#"$WORK"/train.}"
   done
   EXTRA="$EXTRA --pretrain-epoch=2"
