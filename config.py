@@ -203,6 +203,8 @@ def parse(**kwargs) -> Config:
     values = {}
     for key, value in kwargs.items():
         name = key.replace("-", "_")
+        if name not in FIELDS and "no" + name in FIELDS and value is False:  # fire reads a bare --no_repeat as
+            name, value = "no" + name, True  # --no + _repeat: the flag --noX means X=False to it
         if name not in FIELDS:
             close = difflib.get_close_matches(name, FIELDS, n=1)
             hint = f" (did you mean --{_dashed(close[0])}?)" if close else ""

@@ -2,10 +2,11 @@ import os
 import subprocess
 import sys
 
+import fire
 import pytest
 from conftest import ROOT
 
-from config import Config, UserError, parse
+from config import Config, UserError, command, parse
 
 
 def test_every_field_settable_with_hyphens_or_underscores():
@@ -112,3 +113,11 @@ def test_file_names_that_look_like_numbers_reach_their_option_as_typed(typed, mo
     monkeypatch.setattr("sys.argv", ["main.py", *arguments])
     fire.Fire({"probe": command(lambda opt: seen.append((opt.model_ckpt, opt.img, opt.epoch)))}, command=arguments)
     assert seen == [(typed, typed, 3)]
+
+
+@pytest.mark.parametrize("flag, on", [("--no_repeat", True), ("--no-repeat", True), ("--no_repeat=false", False)])
+def test_a_bare_no_repeat_flag_turns_it_on(flag, on):
+    """fire reads a bare --noX as X=False: --no_repeat must still mean no_repeat=True (a fuzz find)."""
+    seen = []
+    fire.Fire({"probe": command(lambda opt: seen.append(opt.no_repeat))}, command=["probe", flag])
+    assert seen == [on]
