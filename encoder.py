@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from config import UserError
-from images import SIDES, UNREADABLE, encode_images, image_transform, load_image, pooled, regions
+from images import UNREADABLE, encode_images, image_transform, load_image, pooled, regions, says_side
 
 MOBILENET_V2_STAGE_BLOCKS = (1, 2, 3, 4, 3, 3, 1)  # torchvision's inverted_residual_setting, n column
 # How many stages each backbone has (what `stages` finds), known before one is built.
@@ -96,8 +96,7 @@ class TrainingImages(Dataset):
         if augment:
             from torchvision.transforms import RandomResizedCrop
             self.crop = RandomResizedCrop(self.transform.size, scale=(0.6, 1.0))
-        self.sided = {int(row) for row in split.rows
-                      if any(side in text for text in split.training_text(row) for side in SIDES)}
+        self.sided = {int(row) for row in split.rows if says_side(split.training_text(row))}
 
     def __len__(self):
         return len(self.split.rows)

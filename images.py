@@ -333,10 +333,15 @@ def sha256(path):
 # --- images -> features ---------------------------------------------------------------------------
 # The views of a training photo that `feature_extract.py --view=V` encodes, for `main.py train --feature-views`:
 # 0 the photo, 1 mirrored, 2 its central ZOOM of each side, 3 both. A photo whose captions say 左 or 右
-# (SIDES) is never mirrored: its view 1 is view 0, its view 3 view 2.
+# (says_side) is never mirrored: its view 1 is view 0, its view 3 view 2.
 VIEWS = 4
 ZOOM = 0.8
 SIDES = ("左", "右")  # a caption that says left or right is wrong for the mirrored image
+
+
+def says_side(captions):
+    """Does any of the captions say 左 or 右 (so the photo must never be mirrored)?"""
+    return any(side in caption for caption in captions for side in SIDES)
 
 
 def photo_view(image, view, captions=()):
@@ -345,7 +350,7 @@ def photo_view(image, view, captions=()):
         width, height = image.size
         left, top = round(width * (1 - ZOOM) / 2), round(height * (1 - ZOOM) / 2)
         image = image.crop((left, top, width - left, height - top))
-    if view % 2 and not any(side in caption for caption in captions for side in SIDES):
+    if view % 2 and not says_side(captions):
         image = ImageOps.mirror(image)
     return image
 
