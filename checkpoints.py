@@ -54,16 +54,17 @@ class Checkpoints:
             return True
         return score > best if HIGHER_IS_BETTER[self.opt.metric] else score < best
 
-    def save(self, path, progress, model, optimization, encoder=None):
+    def save(self, path, progress, model, optimization, encoder=None, **training):
         """The model, everything generate needs, and what resuming needs: optimizer and gradient scaler
         (trainer.Optimization's state_dict), progress and random number generators (with the fine-tuned
-        backbone, when there is one)."""
+        backbone, when there is one, and `training`: the weights that learn, where `model` is their
+        moving average)."""
         if not self.writer:
             return
         trunk = {"encoder": encoder.trunk.state_dict()} if encoder is not None else {}
         save_checkpoint(path, model, self.opt, self.split.ix2word, self.split.meta, **optimization.state_dict(),
                         unfinished=self.split.unfinished, state=dataclasses.asdict(progress), random=random_state(),
-                        **trunk)
+                        **trunk, **training)
 
     def resume(self, processes):
         """last.pth, checked to continue this run: its vocabulary, features, data order and progress

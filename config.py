@@ -92,6 +92,9 @@ class Config:
                                                    "captions alone (pre-training on machine translations)")
     epoch: int = option(10, "[0, 100000]", "cross-entropy epochs")
     grad_clip: float = option(5.0, "(0, inf)", "gradients are clipped to this norm")
+    ema_decay: float = option(0.0, "[0, 1)", "keep an exponential moving average of the weights, this much of "
+                                         "it kept each step (e.g. 0.995; 0: none); validation, best.pth and "
+                                         "the next phase use the average")
     scheduled_sampling: float = option(0.0, "[0, 1]", "feed the model its own word with a probability rising "
                                                       "from 0 to this")
     finetune_encoder: int = option(0, "[0, 64]", "then train the backbone's last N stages too, from images "
@@ -180,7 +183,7 @@ COMMAND_OPTIONS = {
     "extract": "caption_data_path img_path backbone weights batch_size num_workers grid view use_gpu",
     "train": "caption_data_path val_caption_data_path val_fraction model embedding_dim hidden_size num_layers "
              "dropout attention_dim alpha_c d_model heads transformer_layers lr warmup_steps label_smoothing "
-             "weight_decay epoch grad_clip "
+             "weight_decay epoch grad_clip ema_decay "
              "scheduled_sampling finetune_encoder finetune_epoch encoder_lr feature_views augment seed use_gpu "
              "checkpoint_dir resume "
              "overwrite metric eval_size "

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchnet.meter import AverageValueMeter
 
 import config
@@ -274,6 +275,9 @@ class Trainer:
     best.pth by `--metric`, decays the lr and stops a phase early when the metric stalls. `progress`
     says where training is and last.pth holds it, so Ctrl-C, SIGTERM or a crash lose at most a batch.
 
+    With --ema-decay the model that validates, goes into best.pth and starts the next phase is the
+    moving average of the weights (`scored_model`); last.pth holds both.
+
     Under torchrun every process trains on its share of each batch (`--batch-size` is the batch of the
     whole run) and DistributedDataParallel averages the gradients; validation is shared out and
     gathered; process 0 alone writes checkpoints and reports.
@@ -370,6 +374,8 @@ class Trainer:
                 ipdb.set_trace()
             self.optimization.schedule(progress.phase_step)
             meter.add(step(batch))
+            if self.average is not None:
+                self.average.update_parameters(self.model)
             progress.stepped()
             if progress.step % opt.plot_every == 0 and self.report.speaks:
                 bar.set_postfix({phase.measure: f"{meter.value()[0]:.3f}"})
@@ -436,33 +442,44 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.half, enabled=self.device.type == "cuda")
 
+    @property
+    def scored_model(self):
+        """The model that validates and is kept: the moving average of the weights, or the weights."""
+        return self.model if self.average is None else self.average.module
+
     def validate(self):
         """Validation scores (see score_split), with the learning encoder's features when there is one."""
         val = self.val_split if self.encoder is None else self.encoder.encoded_split(self.val_split, self.opt,
                                                                                      self.device)
-        return score_split(self.model, val, self.opt, self.device, self.process, self.processes,
+        return score_split(self.scored_model, val, self.opt, self.device, self.process, self.processes,
                            self.train_split.unfinished)
 
     # --- what a phase needs -----------------------------------------------------------------------
     def _prepare_phase(self, encoder_state=None):
         """The learning encoder (and its training images) when the phase learns from images, a new
-        Optimization, and the objective DistributedDataParallel wraps."""
+        Optimization, a new moving average of the weights (--ema-decay; it copies the weights at its
+        first step), and the objective DistributedDataParallel wraps."""
         opt, phase, meta = self.opt, self.phase, self.train_split.meta
         self.encoder = learning_encoder(opt, meta, encoder_state, self.device) if phase.from_images else None
         if phase.from_images:
             self.training_images = self.training_images or TrainingImages(self._learning_split(), meta["backbone"],
                                                                           opt.augment)
         self.optimization = Optimization(opt, phase, self.model, self.encoder, self.scaler)
+        self.average = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(opt.ema_decay), use_buffers=True)
+                        if opt.ema_decay else None)
         self.objective = distributed.parallel(_Objective(self.model, self.encoder), self.device,
                                               find_unused=phase.per_image)
 
     def _resume(self):
-        """Go on from last.pth: its weights, optimizer, progress and random states."""
+        """Go on from last.pth: its weights (and their moving average), optimizer, progress and random states."""
         checkpoint = self.checkpoints.resume(self.processes)
         self.progress = checkpoint["progress"]
         try:
-            self.model.load_state_dict(checkpoint["model"])
+            self.model.load_state_dict(checkpoint.get("training_model", checkpoint["model"]))
             self._prepare_phase(checkpoint.get("encoder"))
+            if self.average is not None and "training_model" in checkpoint:
+                self.average.module.load_state_dict(checkpoint["model"])
+                self.average.n_averaged.fill_(1)  # averaging goes on (0 would copy the weights at the next step)
             self.optimization.restore(checkpoint)
             if checkpoint.get("random"):  # an older version's last.pth has none: the run goes on from a fresh state
                 restore_random(checkpoint["random"])
@@ -498,11 +515,11 @@ class Trainer:
 
     def _plot(self, row, value):
         """The loss (or reward) curve, a training photo with its human caption and what the model now says."""
-        split = self.train_split
-        self.model.eval()
+        split, model = self.train_split, self.scored_model
+        model.eval()
         features = (split.features_of([row]).to(self.device) if self.encoder is None
                     else self.encoder.features_of(split, [row], self.opt, self.device))  # (1, F) or (1, R, F)
-        beams = caption_features(self.model, features, self.vocab, self.opt, n_best=most_captions(self.opt),
+        beams = caption_features(model, features, self.vocab, self.opt, n_best=most_captions(self.opt),
                                  unfinished=split.unfinished)[0]
         self.model.train(self.phase.dropout)
         self.report.training(self.progress, self.phase.measure, value,
@@ -515,4 +532,5 @@ class Trainer:
         return probability
 
     def _save(self, path):
-        self.checkpoints.save(path, self.progress, self.model, self.optimization, self.encoder)
+        training = {} if self.average is None else {"training_model": self.model.state_dict()}
+        self.checkpoints.save(path, self.progress, self.scored_model, self.optimization, self.encoder, **training)

@@ -13,6 +13,7 @@ import torch
 from conftest import ROOT, command_line, options
 from test_dataset import with_extra_text
 
+import trainer
 from images import features_path
 from main import train
 from model import checksum, load_checkpoint
@@ -310,3 +311,40 @@ def test_pre_training_learns_the_extra_text_then_the_captions_alone(demo, tmp_pa
 def test_pre_training_without_extra_text_is_refused_before_any_work(demo, tmp_path):
     with pytest.raises(SystemExit, match="--pretrain-epoch=2: .* holds no extra training text"):
         train(**options(demo, tmp_path, pretrain_epoch=2))
+
+
+def test_the_moving_average_validates_is_kept_and_resumes(demo, tmp_path, monkeypatch):
+    """--ema-decay=d: what validates and goes into the checkpoints is the average of the weights after
+    each step (the first step's weights, then average = d * average + (1 - d) * weights); last.pth keeps
+    the learning weights too, and a run stopped after an epoch and resumed ends where one run does."""
+    decay, steps, validated = 0.7, [], []
+    step = trainer.Optimization.step
+
+    def recorded_step(self, loss, progress):
+        value = step(self, loss, progress)
+        steps.append([p.detach().clone() for p in self.optimizer.param_groups[0]["params"]])
+        return value
+
+    def recorded_validation(model, *args, **kwargs):
+        validated.append([p.detach().clone() for p in model.parameters()])
+        return {"val_loss": 1.0}
+
+    monkeypatch.setattr(trainer.Optimization, "step", recorded_step)
+    monkeypatch.setattr(trainer, "score_split", recorded_validation)
+    settings = dict(eval_size=0, metric="val_loss", lr_patience=0, early_stop_patience=0, ema_decay=decay)
+    train(**options(demo, tmp_path / "whole", epoch=2, **settings))
+    average = steps[0]
+    for weights in steps[1:]:
+        average = [decay * a + (1 - decay) * w for a, w in zip(average, weights)]
+    last = load_checkpoint(str(tmp_path / "whole" / "checkpoints" / "last.pth"))
+    names = list(last["training_model"])  # the parameters' order: model.parameters() has no buffers here
+    assert all(torch.allclose(mine, theirs, atol=1e-6) for mine, theirs in zip(validated[-1], average))
+    assert all(torch.allclose(last["model"][name], theirs, atol=1e-6) for name, theirs in zip(names, average))
+    assert all(torch.equal(last["training_model"][name], theirs) for name, theirs in zip(names, steps[-1]))
+    assert not torch.equal(last["model"][names[0]], last["training_model"][names[0]])
+
+    train(**options(demo, tmp_path / "resumed", epoch=1, **settings))
+    train(**options(demo, tmp_path / "resumed", epoch=2, resume=True, **settings))
+    resumed = load_checkpoint(str(tmp_path / "resumed" / "checkpoints" / "last.pth"))
+    for key in ("model", "training_model"):
+        assert all(torch.allclose(resumed[key][name], last[key][name], atol=1e-6) for name in names), key
