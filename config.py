@@ -92,9 +92,9 @@ class Config:
                                                    "captions alone (pre-training on machine translations)")
     epoch: int = option(10, "[0, 100000]", "cross-entropy epochs")
     grad_clip: float = option(5.0, "(0, inf)", "gradients are clipped to this norm")
-    ema_decay: float = option(0.0, "[0, 1)", "keep an exponential moving average of the weights, this much of "
-                                         "it kept each step (e.g. 0.995; 0: none); validation, best.pth and "
-                                         "the next phase use the average")
+    ema_decay: float = option(0.0, "[0, 1)", "keep an exponential moving average of the caption model's "
+                                         "weights, this much of it kept each step (e.g. 0.995; 0: none); "
+                                         "validation, best.pth and the next phase use the average")
     scheduled_sampling: float = option(0.0, "[0, 1]", "feed the model its own word with a probability rising "
                                                       "from 0 to this")
     finetune_encoder: int = option(0, "[0, 64]", "then train the backbone's last N stages too, from images "

@@ -276,7 +276,8 @@ class Trainer:
     says where training is and last.pth holds it, so Ctrl-C, SIGTERM or a crash lose at most a batch.
 
     With --ema-decay the model that validates, goes into best.pth and starts the next phase is the
-    moving average of the weights (`scored_model`); last.pth holds both.
+    moving average of the caption model's weights (`scored_model`; a fine-tuned backbone is not
+    averaged); last.pth and best.pth hold the learning weights too.
 
     Under torchrun every process trains on its share of each batch (`--batch-size` is the batch of the
     whole run) and DistributedDataParallel averages the gradients; validation is shared out and
@@ -294,7 +295,7 @@ class Trainer:
         self.views = training_views(opt, self.train_split)  # the training features of each view of the photos
         self.vocab = self.train_split.ix2word
         check_training_data(opt, self.train_split)
-        check_fits(opt, len(self.vocab), self.train_split.feature_dim, self.device, copies=4)
+        check_fits(opt, len(self.vocab), self.train_split.feature_dim, self.device, copies=4 + bool(opt.ema_decay))
         self.model = build_model(opt, len(self.vocab), self.train_split.feature_dim).to(self.device)
         first = PRETRAINING if opt.pretrain_epoch else CROSS_ENTROPY
         self.phases, self.progress = phases(opt), Progress(phase=first, processes=self.processes)
@@ -479,7 +480,8 @@ class Trainer:
             self._prepare_phase(checkpoint.get("encoder"))
             if self.average is not None and "training_model" in checkpoint:
                 self.average.module.load_state_dict(checkpoint["model"])
-                self.average.n_averaged.fill_(1)  # averaging goes on (0 would copy the weights at the next step)
+                # averaging goes on; before the phase's first step (last.pth of a phase start) it copies that step's
+                self.average.n_averaged.fill_(int(self.progress.phase_step > 0))
             self.optimization.restore(checkpoint)
             if checkpoint.get("random"):  # an older version's last.pth has none: the run goes on from a fresh state
                 restore_random(checkpoint["random"])

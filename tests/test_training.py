@@ -348,3 +348,27 @@ def test_the_moving_average_validates_is_kept_and_resumes(demo, tmp_path, monkey
     resumed = load_checkpoint(str(tmp_path / "resumed" / "checkpoints" / "last.pth"))
     for key in ("model", "training_model"):
         assert all(torch.allclose(resumed[key][name], last[key][name], atol=1e-6) for name in names), key
+
+
+def test_a_run_stopped_as_a_phase_starts_resumes_to_the_same_average(demo, tmp_path, monkeypatch):
+    """last.pth written as self-critical training starts holds an average that has not stepped yet: the
+    resumed run starts it afresh, and ends where one run does."""
+    settings = dict(eval_size=0, metric="val_loss", lr_patience=0, early_stop_patience=0, ema_decay=0.7, epoch=1,
+                    scst_epoch=1, scst_bleu_weight=0.0)
+    train(**options(demo, tmp_path / "whole", **settings))
+    epoch = Trainer.train_epoch
+
+    def killed_in_self_critical_training(self, stop):
+        if self.progress.phase == "self-critical":
+            raise KeyboardInterrupt  # as a kill: the files stay as start_phase left them
+        return epoch(self, stop)
+
+    monkeypatch.setattr(Trainer, "train_epoch", killed_in_self_critical_training)
+    with pytest.raises(KeyboardInterrupt):
+        train(**options(demo, tmp_path / "killed", **settings))
+    monkeypatch.setattr(Trainer, "train_epoch", epoch)
+    train(**options(demo, tmp_path / "killed", resume=True, **settings))
+    whole, resumed = (load_checkpoint(str(tmp_path / run / "checkpoints" / "last.pth")) for run in ("whole", "killed"))
+    assert resumed["state"]["phase"] == "self-critical" and resumed["state"]["phase_step"] > 0
+    for key in ("model", "training_model"):
+        assert all(torch.allclose(resumed[key][name], whole[key][name], atol=1e-6) for name in whole[key]), key
