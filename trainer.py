@@ -480,7 +480,7 @@ class Trainer:
             self._prepare_phase(checkpoint.get("encoder"))
             if self.average is not None and "training_model" in checkpoint:
                 self.average.module.load_state_dict(checkpoint["model"])
-                # averaging goes on; before the phase's first step (last.pth of a phase start) it copies that step's
+                # averaging goes on (n 1); at a phase start (no step yet: n 0) the next step's weights start it
                 self.average.n_averaged.fill_(int(self.progress.phase_step > 0))
             self.optimization.restore(checkpoint)
             if checkpoint.get("random"):  # an older version's last.pth has none: the run goes on from a fresh state
