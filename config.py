@@ -24,7 +24,7 @@ class UserError(Exception):
 
 
 BACKBONE_NAMES = ("resnet50", "resnet101", "resnet152", "mobilenet_v2", "efficientnet_lite2")
-MODEL_NAMES = ("pooled", "attention", "transformer")
+MODEL_NAMES = ("pooled", "attention", "updown", "transformer")
 DECODING_NAMES = ("beam", "greedy", "sample", "diverse")
 METRIC_NAMES = ("CIDEr-D", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L",
                 "val_loss", "perplexity", "top5_accuracy")
@@ -65,14 +65,15 @@ class Config:
     grid: int = option(0, "[0, 9]", "also keep G x G region features (for --model=attention; 7 is the "
                                     "backbones' own map)")
 
-    # --- model (model.py) ---
+    # --- model (model.py; each captioner in its own file) ---
     model: str = option("pooled", MODEL_NAMES, "pooled (one image vector) | attention (Show-Attend-Tell over "
-                                               "--grid regions) | transformer (over --grid regions)")
+                                               "--grid regions) | updown (Up-Down's two LSTMs over --grid "
+                                               "regions) | transformer (over --grid regions)")
     embedding_dim: int = option(256, "[1, 65536]", "size of the word embeddings")
     hidden_size: int = option(512, "[1, 65536]", "size of the LSTM state")
     num_layers: int = option(2, "[1, 64]", "pooled model: LSTM layers")
     dropout: float = option(0.3, "[0, 1)", "dropout probability")
-    attention_dim: int = option(512, "[1, 65536]", "attention model: size of the additive attention layer")
+    attention_dim: int = option(512, "[1, 65536]", "attention and updown models: size of the additive attention layer")
     alpha_c: float = option(1.0, "[0, inf)", "attention model: weight of the doubly stochastic attention penalty")
     d_model: int = option(256, "[8, 4096]", "transformer: width of its layers (and of its tied word embedding)")
     heads: int = option(4, "[1, 64]", "transformer: attention heads (they must divide --d-model)")

@@ -13,7 +13,7 @@
 # The model that validates and is kept is the moving average of the weights (--ema-decay=0.995).
 # ENSEMBLE=N (default 2) trains N runs that differ in --seed, side by side, and scores seed 0's
 # best.pth and their ensemble (ENSEMBLE=1: one run).
-# Usage: [MODEL=pooled|attention|transformer] [BACKBONE=efficientnet_lite2|mobilenet_v2] [PRETRAIN=zhb]
+# Usage: [MODEL=pooled|attention|updown|transformer] [BACKBONE=efficientnet_lite2|mobilenet_v2] [PRETRAIN=zhb]
 #        [TRANSLATIONS=zhb] [ENSEMBLE=2] [VIEWS=1] bash flickr8k_cn.sh [DATA_DIR] [WORK_DIR]
 set -euo pipefail
 cd "$(dirname "$0")"

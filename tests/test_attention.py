@@ -1,4 +1,4 @@
-"""The attention captioner end to end, and the attention maps it draws."""
+"""The attending captioners (attention, updown) end to end, and the attention maps they draw."""
 import json
 import os
 import shutil
@@ -49,10 +49,11 @@ def test_attention_png_has_one_panel_per_word_and_follows_the_attention(tmp_path
 
 
 @needs_cjk_font
-def test_attention_model_trains_self_critically_and_draws_where_it_looked(demo, tmp_path, capsys):
-    train(**options(demo, tmp_path, model="attention", epoch=2, scst_epoch=1, lr=3e-3, plot_every=3))
+@pytest.mark.parametrize("kind", ["attention", "updown"])
+def test_attending_model_trains_self_critically_and_draws_where_it_looked(demo, tmp_path, capsys, kind):
+    train(**options(demo, tmp_path, model=kind, epoch=2, scst_epoch=1, lr=3e-3, plot_every=3))
     checkpoint = load_checkpoint(str(tmp_path / "checkpoints" / "best.pth"))
-    assert checkpoint["config"]["model"] == "attention" and checkpoint["feature"]["grid"] == 7
+    assert checkpoint["config"]["model"] == kind and checkpoint["feature"]["grid"] == 7
     log = [json.loads(line) for line in open(tmp_path / "logs" / "caption.metrics.jsonl")]
     assert {"train_loss", "train_reward", "CIDEr-D"} <= {r["name"] for r in log}
     recorded = [json.loads(line)[1] for line in open(tmp_path / "logs" / "caption.visdom.log")]
@@ -95,7 +96,7 @@ def test_pooled_checkpoint_has_no_attention_to_draw(demo, tmp_path):
 
 
 def test_unknown_model_is_refused(demo, tmp_path):
-    with pytest.raises(SystemExit, match="--model=lstm: choose one of pooled, attention, transformer"):
+    with pytest.raises(SystemExit, match="--model=lstm: choose one of pooled, attention, updown, transformer"):
         train(**options(demo, tmp_path, model="lstm"))
 
 

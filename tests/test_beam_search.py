@@ -6,21 +6,24 @@ import torch
 from beam_search import beam_search
 from bench import bench_model, textbook_beam_search
 from config import UserError
-from model import AttentionModel, CaptionModel, quantized
+from model import AttentionModel, CaptionModel, UpDownModel, quantized
 
 PAD, END, UNKNOWN = 0, 1, 2
 
 
 def small_model(kind):
-    """A random pooled or attention model over 9 words, and features for 8 images (4 regions each)."""
+    """A random pooled, attention or updown model over 9 words, and features for 8 images (4 regions each)."""
     if kind == "pooled":
         return CaptionModel(vocab_size=9, feature_dim=5, embedding_dim=6, hidden_size=8, num_layers=2,
                             dropout=0).eval(), torch.randn(8, 5)
+    if kind == "updown":
+        return UpDownModel(vocab_size=9, feature_dim=5, embedding_dim=6, hidden_size=8, attention_dim=7,
+                           dropout=0).eval(), torch.randn(8, 4, 5)
     return AttentionModel(vocab_size=9, feature_dim=5, embedding_dim=6, hidden_size=8, attention_dim=7,
                           dropout=0, alpha_c=1.0).eval(), torch.randn(8, 4, 5)
 
 
-@pytest.mark.parametrize("kind", ["pooled", "attention"])
+@pytest.mark.parametrize("kind", ["pooled", "attention", "updown"])
 @pytest.mark.parametrize("seed, beam_size, length_norm", [(0, 1, 0.0), (1, 3, 0.0), (2, 4, 0.7), (3, 2, 1.0),
                                                           (4, 3, 0.0), (5, 5, 0.0)])
 @torch.no_grad()
@@ -178,7 +181,7 @@ def test_a_caption_of_unfinished_words_only_still_ends_at_max_len():
     assert words == [A] * 4
 
 
-@pytest.mark.parametrize("kind", ["pooled", "attention"])
+@pytest.mark.parametrize("kind", ["pooled", "attention", "updown"])
 @torch.no_grad()
 def test_quantized_model_has_int8_weights_and_nearly_the_same_word_probabilities(kind):
     torch.manual_seed(0)

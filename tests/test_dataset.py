@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dataset import train_val_splits
-from model import AttentionModel, CaptionModel
+from model import AttentionModel, CaptionModel, UpDownModel
 
 
 def test_collate_pads_ends_and_keeps_each_caption_with_its_own_image(demo):
@@ -51,10 +51,13 @@ def test_training_reads_the_extra_text_and_validation_never_does(demo, tmp_path)
 
 
 def tiny_model(kind):
-    """A small model of either kind without dropout, and features for 3 images."""
+    """A small model of the kind without dropout, and features for 3 images."""
     torch.manual_seed(0)
     if kind == "pooled":
         return CaptionModel(11, 5, embedding_dim=6, hidden_size=8, num_layers=2, dropout=0).eval(), torch.randn(3, 5)
+    if kind == "updown":
+        model = UpDownModel(11, 5, embedding_dim=6, hidden_size=8, attention_dim=7, dropout=0)
+        return model.eval(), torch.randn(3, 4, 5)
     model = AttentionModel(11, 5, embedding_dim=6, hidden_size=8, attention_dim=7, dropout=0, alpha_c=1.0)
     return model.eval(), torch.randn(3, 4, 5)  # 4 regions
 
@@ -76,7 +79,7 @@ def stepwise_loss(model, features, own_words):
     return loss
 
 
-@pytest.mark.parametrize("kind", ["pooled", "attention"])
+@pytest.mark.parametrize("kind", ["pooled", "attention", "updown"])
 def test_forward_predicts_each_word_from_the_words_before_it(kind):
     """forward's packed logits/targets give the same loss as teacher-forced decoding step by step:
     the image predicts word 1, word t predicts word t+1, the last word predicts </EOS>."""
@@ -102,7 +105,7 @@ def test_attention_penalty_is_zero_when_every_region_is_looked_at_once():
     assert penalty.item() == pytest.approx(2.0 * (0 + 0.25) / 2)
 
 
-@pytest.mark.parametrize("kind", ["pooled", "attention"])
+@pytest.mark.parametrize("kind", ["pooled", "attention", "updown"])
 def test_scheduled_sampling_feeds_the_models_own_best_word(kind):
     """At probability 1 every input after the first is the model's best word of the step before:
     the loss is that of greedy decoding scored against the human captions. At 0 it is teacher forcing."""
