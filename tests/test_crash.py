@@ -33,9 +33,9 @@ def run(point, script, *arguments):
     return done.returncode, int(renames.group(1)) if renames else None
 
 
-def training_arguments(demo, folder):
+def training_arguments(demo, folder, **changes):
     return command_line(options(demo, folder, epoch=2, eval_size=0, metric="val_loss", lr_patience=0,
-                                early_stop_patience=0, num_workers=0))
+                                early_stop_patience=0, num_workers=0, **changes))
 
 
 def going_on(arguments, folder):
@@ -45,7 +45,9 @@ def going_on(arguments, folder):
 
 
 def weights(path):
-    return load_checkpoint(str(path))["model"]
+    """The weights a checkpoint captions with, and with --ema-decay those it learns with too."""
+    checkpoint = load_checkpoint(str(path))
+    return {**checkpoint["model"], **{f"training {k}": v for k, v in checkpoint.get("training_model", {}).items()}}
 
 
 def check_training_folder(folder):
@@ -56,13 +58,16 @@ def check_training_folder(folder):
         load_checkpoint(str(folder / name))
 
 
-def test_training_killed_at_any_rename_goes_on_to_the_same_weights(demo, tmp_path):
+@pytest.mark.parametrize("changes", [{}, {"ema_decay": 0.9}])
+def test_training_killed_at_any_rename_goes_on_to_the_same_weights(demo, tmp_path, changes):
+    """With --ema-decay the checkpoints hold the moving average and the learning weights: both go on."""
     reference = tmp_path / "reference"
-    status, renames = run(-1, "main.py", "train", *training_arguments(demo, reference))
+    status, renames = run(-1, "main.py", "train", *training_arguments(demo, reference, **changes))
     assert status == 0 and renames >= 4  # last.pth and best.pth, twice
+    assert ("training classifier.weight" in weights(reference / "checkpoints" / "last.pth")) == bool(changes)
     for point in range(2 * renames):
         folder = tmp_path / f"killed-{point}"
-        arguments = training_arguments(demo, folder)
+        arguments = training_arguments(demo, folder, **changes)
         assert run(point, "main.py", "train", *arguments)[0] == -signal.SIGKILL
         assert run(-1, "main.py", "train", *going_on(arguments, folder))[0] == 0, point
         check_training_folder(folder / "checkpoints")
