@@ -14,11 +14,8 @@ class AttentionModel(RegionAttention):
     (1 - sum over words of the region's weight)^2 asks every region to be looked at about once."""
 
     def __init__(self, vocab_size, feature_dim, embedding_dim, hidden_size, attention_dim, dropout, alpha_c):
-        super().__init__()
+        super().__init__(feature_dim, hidden_size, attention_dim)
         self.alpha_c = alpha_c
-        self.region_projection = nn.Linear(feature_dim, attention_dim)
-        self.hidden_projection = nn.Linear(hidden_size, attention_dim)
-        self.attention_score = nn.Linear(attention_dim, 1)
         self.image_to_state = nn.Linear(feature_dim, 2 * hidden_size)
         self.gate = nn.Linear(hidden_size, feature_dim)
         self.start_input = nn.Parameter(torch.zeros(embedding_dim))  # read at the first step, before any word

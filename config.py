@@ -62,8 +62,8 @@ class Config:
     num_workers: int = option(2, "[0, 256]", "DataLoader workers reading images")
     view: int = option(0, "[0, 3]", "extract: features of this view of the photos: 0 as they are, 1 mirrored (never "
                                     "one whose captions say 左/右), 2 their central 80%, 3 both (see --feature-views)")
-    grid: int = option(0, "[0, 9]", "also keep G x G region features (for --model=attention; 7 is the "
-                                    "backbones' own map)")
+    grid: int = option(0, "[0, 9]", "also keep G x G region features (for --model=attention, updown or transformer; "
+                                    "7 is the backbones' own map)")
 
     # --- model (model.py; each captioner in its own file) ---
     model: str = option("pooled", MODEL_NAMES, "pooled (one image vector) | attention (Show-Attend-Tell over "

@@ -75,6 +75,12 @@ class RegionAttention(Decoder):
     ..., regions (M, R, F), their projection (M, R, A), last weights (N, R)). A state may hold several
     rows (beams) of each image: N = M * beams rows, image by image; the regions are kept once per image."""
 
+    def __init__(self, feature_dim, hidden_size, attention_dim):
+        super().__init__()
+        self.region_projection = nn.Linear(feature_dim, attention_dim)
+        self.hidden_projection = nn.Linear(hidden_size, attention_dim)
+        self.attention_score = nn.Linear(attention_dim, 1)
+
     def attend(self, query, regions, projected):
         """query (N, H) -> weights (N, R) and glimpse (N, F), each row's weighted mean region."""
         rows = len(query)

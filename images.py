@@ -464,7 +464,8 @@ def load_features(caption_data_path, image_ids, grid=False, view=0):
                         f"--caption-data-path={caption_data_path}{f' --view={view}' if view else ''}` first")
     meta = _feature_meta(meta_path)
     if grid and not meta["grid"]:
-        raise UserError(f"{path}: extracted without region features, which the attention model needs; "
+        raise UserError(f"{path}: extracted without region features, which the models over regions (attention, "
+                        "updown, transformer) need; "
                         f"run `python feature_extract.py extract --grid=7 --caption-data-path={caption_data_path}`")
     features = _feature_array(features_path(caption_data_path, grid, view), meta["grid"] ** 2 if grid else None)
     expected = (len(image_ids), meta["feature_dim"])

@@ -13,10 +13,7 @@ class UpDownModel(RegionAttention):
     Both LSTMs start from zero, as in the paper."""
 
     def __init__(self, vocab_size, feature_dim, embedding_dim, hidden_size, attention_dim, dropout):
-        super().__init__()
-        self.region_projection = nn.Linear(feature_dim, attention_dim)
-        self.hidden_projection = nn.Linear(hidden_size, attention_dim)
-        self.attention_score = nn.Linear(attention_dim, 1)
+        super().__init__(feature_dim, hidden_size, attention_dim)
         self.start_input = nn.Parameter(torch.zeros(embedding_dim))  # read at the first step, before any word
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
         self.attention_lstm = nn.LSTMCell(hidden_size + feature_dim + embedding_dim, hidden_size)
