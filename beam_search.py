@@ -22,27 +22,36 @@ attention); with an attention model each caption comes with the region weights o
 import torch
 from torch.nn import functional as F
 
-from captions import special_indices
-from decoding import Rules, check_search, greedy, image_generators, native_kernels, sample
+from captions import NO_HABITS, special_indices
+from decoding import (
+    FLOAT32_LARGE,
+    Rules,
+    check_search,
+    finished_prefix,
+    greedy,
+    image_generators,
+    native_kernels,
+    sample,
+)
 
 
 @torch.no_grad()
 @native_kernels()
 def beam_search(model, features, end, banned=(), beam_size=3, max_len=30, length_norm=0.0, n_best=1, min_len=1,
-                unfinished=(), no_repeat=False, groups=1, diversity=0.0):
+                unfinished=(), repeatable=None, groups=1, diversity=0.0):
     """features (B, F) or regions (B, R, F) -> for each image, up to n_best (word indices, score,
     attention) triples, best first.
 
     A caption has min_len to max_len words and stops before </EOS> (index `end`); its score is its
     log-probability / length**length_norm; `banned` word indices are never emitted, a caption never
-    ends on an `unfinished` word (一个, 的 ...) before max_len, and with no_repeat no word follows
-    itself. groups > 1: diverse beam search, penalty `diversity` (lambda). attention is each word's
-    region weights (words, R), or None for a model without attention.
+    ends on an `unfinished` word (一个, 的 ...) before max_len, and no word but the `repeatable` ones
+    (None: every word) follows itself. groups > 1: diverse beam search, penalty `diversity` (lambda).
+    attention is each word's region weights (words, R), or None for a model without attention.
     """
     batch, k, vocab = features.size(0), beam_size, model.vocab_size
-    check_search(n_best, k, vocab - 1 - len(banned), min_len, max_len, groups, no_repeat)
+    check_search(n_best, k, vocab - 1 - len(banned), min_len, max_len, groups, repeatable)
     device = features.device
-    rules = Rules(vocab, end, banned, min_len, max_len, unfinished, no_repeat, device)
+    rules = Rules(vocab, end, banned, min_len, max_len, unfinished, repeatable, device)
     inputs, state = model.start(features)  # one beam per image at first: (B, E)
     going = torch.arange(batch, device=device)  # (A,) the images still searching: A rows of what follows
     scores = torch.zeros(batch, 1, device=device)  # (A, beams): the live captions' log-probabilities
@@ -95,6 +104,7 @@ def _choose(total, groups, width, diversity):
     groups chose it at this step."""
     images, beams, vocab = total.shape
     chosen = total.new_zeros(images, vocab)  # (A, V): how often earlier groups chose each word
+    diversity = min(diversity, FLOAT32_LARGE)  # an inf penalty x 0 choices would be NaN, which topk ranks first
     picks = []
     for group in range(groups):
         first = group * width if beams > 1 else 0
@@ -143,14 +153,16 @@ def _n_best(pool_scores, pool_tokens, pool_weights, k, n_best, groups):
     return results
 
 
-def decode(model, features, end, banned, opt, n_best=1, unfinished=()):
+def decode(model, features, end, banned, opt, n_best=1, habits=NO_HABITS):
     """features (B, F) or regions (B, R, F) -> for each image its captions by opt.decoding, as
-    (word indices, score, attention) best first: beam and diverse n_best, greedy one, sample n_best."""
+    (word indices, score, attention) best first: beam and diverse n_best, greedy one, sample n_best;
+    the captions keep the training captions' `habits` (see captions.Habits.of)."""
+    unfinished, repeatable = habits.of(opt)
     if opt.decoding in ("beam", "diverse"):
         groups = (opt.diversity_groups or opt.beam_size) if opt.decoding == "diverse" else 1
         return beam_search(model, features, end, banned, opt.beam_size, opt.max_gen_len, opt.length_norm, n_best,
-                           opt.min_len, unfinished, opt.no_repeat, groups, opt.diversity_lambda)
-    rules = Rules(model.vocab_size, end, banned, opt.min_len, opt.max_gen_len, unfinished, opt.no_repeat,
+                           opt.min_len, unfinished, repeatable, groups, opt.diversity_lambda)
+    rules = Rules(model.vocab_size, end, banned, opt.min_len, opt.max_gen_len, unfinished, repeatable,
                   features.device)
     if opt.decoding == "greedy":
         return greedy(model, features, rules, opt.length_norm)
@@ -163,18 +175,23 @@ def most_captions(opt):
     return {"greedy": 1, "sample": opt.n_best}.get(opt.decoding, opt.beam_size)
 
 
-def caption_features(model, features, ix2word, opt, n_best=None, unfinished=()):
+def caption_features(model, features, ix2word, opt, n_best=None, habits=NO_HABITS):
     """features (N, F) or regions (N, R, F) -> for each row, its captions by --decoding (n_best, default
     --n-best; greedy: one) as (caption text, score, words with their region weights [(word, (R,) weights)]
-    or None), best first, in batches of opt.batch_size; with --ending-rule no caption ends on an
-    `unfinished` word index."""
+    or None), best first, in batches of opt.batch_size. The captions keep the training captions' habits
+    (--ending-rule); one that ran to --max-gen-len without ending well is cut back to its finished prefix."""
     end, banned = special_indices(ix2word)
-    unfinished = unfinished if opt.ending_rule else ()
+    unfinished = habits.of(opt).unfinished
     results = []
     for start in range(0, len(features), opt.batch_size):
         batch = features[start:start + opt.batch_size]  # (B, F) or (B, R, F)
-        for captions in decode(model, batch, end, banned, opt, n_best or opt.n_best, unfinished):
-            results.append([("".join(ix2word[ix] for ix in words), score,
-                             None if weights is None else [(ix2word[ix], w.cpu()) for ix, w in zip(words, weights)])
+        for captions in decode(model, batch, end, banned, opt, n_best or opt.n_best, habits):
+            results.append([_said(finished_prefix(words, opt.max_gen_len, unfinished), score, weights, ix2word)
                             for words, score, weights in captions])
     return results
+
+
+def _said(words, score, weights, ix2word):
+    """A caption's word indices -> (text, score, [(word, its region weights)] or None)."""
+    return ("".join(ix2word[ix] for ix in words), score,
+            None if weights is None else [(ix2word[ix], w.cpu()) for ix, w in zip(words, weights)])

@@ -64,7 +64,7 @@ def textbook_beam_search(model, feature, end, banned, beam_size, max_len, length
         if t == max_len:
             break
         best = sorted(candidates, key=lambda c: c[1], reverse=True)[:beam_size]
-        if stop_early and length_norm == 0 and max(score for _, score in pool) >= best[0][1]:
+        if stop_early and length_norm == 0 and pool and max(score for _, score in pool) >= best[0][1]:
             break  # scores only fall: no live caption can beat the best finished one
         live = [(words, score, model.embed(feature.new_tensor([words[-1]], dtype=torch.long)), state)
                 for words, score, state in best]

@@ -18,12 +18,14 @@ import os
 import posixpath
 import re
 
-from config import UserError
+from config import INT_LIMIT, UserError
 from files import check_input_file, read_json
 
 IMAGE_COLUMNS = ("image", "image_id", "file_name", "filename")
 CAPTION_COLUMNS = ("caption", "sentence", "text")
-LINE = re.compile(r"([^#\s]+)#\S*(?:\s+(.*))?")  # IMAGE#N SENTENCE, on a stripped line
+# IMAGE#N SENTENCE, on a stripped line: the tag after # is ASCII (#0, #zhc#0), so a sentence glued to it
+# (x.jpg#7一只猫) is not a line of this format
+LINE = re.compile(r"([^#\s]+)#[!-~]*(?:\s+(.*))?")
 FORMATS = ('a list of {"image_id", "caption"} entries (AI Challenger JSON), {"images", "annotations"} (COCO '
            'JSON), {"images": [{"filename", "sentences"}]} (Karpathy JSON), IMAGE#N SENTENCE lines (Flickr8k-CN, '
            "COCO-CN) or CSV/TSV with a header naming the image and caption columns")
@@ -53,7 +55,7 @@ def detect(path):
         data = read_json(path, "caption file")
         if isinstance(data, list):
             return "AI Challenger JSON", read_ai_challenger, data
-        if isinstance(data, dict) and "annotations" in data:
+        if isinstance(data, dict) and ("annotations" in data or _names_coco_images(data)):
             return "COCO JSON", read_coco, data
         if isinstance(data, dict) and "images" in data:
             return "Karpathy JSON", read_karpathy, data
@@ -122,19 +124,38 @@ def read_lines(text, path):
 
 def read_table(text, path):
     """CSV (or TSV: a tab in the header) with image and caption columns -> entries, an image's rows
-    gathered in file order."""
-    rows = csv.reader(io.StringIO(text), delimiter=_delimiter(_first_line(text)))
-    filled = (row for row in rows if "".join(row).strip())  # blank lines left out
+    gathered in file order. A row that repeats the header (files joined with cat) is left out."""
+    rows = _table_rows(text, path)
+    _, header = next(rows)
+    image, caption = _columns(header)
     pairs = []
-    try:
-        image, caption = _columns(next(filled))
-        for row in filled:
-            if len(row) <= max(image, caption):
-                raise UserError(f"{path}: line {rows.line_num}: fewer columns than the header names")
-            pairs.append((row[image].strip(), row[caption]))
-    except csv.Error as error:
-        raise UserError(f"{path}: line {rows.line_num}: not valid CSV: {error}") from None
+    for line, row in rows:
+        if row == header:
+            continue
+        if len(row) <= max(image, caption):
+            raise UserError(f"{path}: line {line}: fewer columns than the header names")
+        pairs.append((row[image].strip(), row[caption]))
     return _gather(pairs)
+
+
+def _table_rows(text, path):
+    """(the line a row begins on, the row) for each row of a CSV/TSV that is not blank. A field may be as
+    long as a caption line may (no csv field limit); a quote that never closes is one line naming where
+    it opens."""
+    csv.field_size_limit(INT_LIMIT - 1)
+    rows = csv.reader(io.StringIO(text), delimiter=_delimiter(_first_line(text)), strict=True)
+    while True:
+        line = rows.line_num + 1  # a quoted field may span lines: the row begins here
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            if "end of data" in str(error):
+                raise UserError(f"{path}: line {line}: a quoted field opens there and never closes") from None
+            raise UserError(f"{path}: line {line}: not valid CSV: {error}") from None
+        if "".join(row).strip():
+            yield line, row
 
 
 def _read_text(path):
@@ -156,6 +177,12 @@ def _field(item, key, kinds, where):
         names = " or ".join(kind.__name__ for kind in kinds) if isinstance(kinds, tuple) else kinds.__name__
         raise UserError(f"{where}: expected an object with {key!r} ({names})")
     return item[key]
+
+
+def _names_coco_images(data):
+    """Whether data's "images" are COCO's ({"id", "file_name"}), whatever else it lacks."""
+    images = data.get("images")
+    return isinstance(images, list) and bool(images) and isinstance(images[0], dict) and "file_name" in images[0]
 
 
 def _first_line(text):

@@ -4,6 +4,8 @@ import functools
 import logging
 import os
 import re
+import sys
+import typing
 import warnings
 
 from caption_formats import read_entries
@@ -56,6 +58,29 @@ def unfinished_words(captions, ix2word):
                   and ends[ix] < UNFINISHED_END_SHARE * count)
 
 
+def repeated_words(captions):
+    """The words the training captions (rows of word-index captions) say twice in a row somewhere -> sorted
+    indices (哈哈 may be one; 的 never is): a word not among them never follows itself (--ending-rule)."""
+    return sorted({a for row in captions for caption in row for a, b in zip(caption, caption[1:]) if a == b})
+
+
+class Habits(typing.NamedTuple):
+    """What the training captions never do, as rules for decoding (--ending-rule): end on an `unfinished`
+    word, say a word twice in a row unless it is `repeatable` (None: not known, e.g. an older
+    checkpoint's: every word may)."""
+
+    unfinished: tuple = ()
+    repeatable: tuple | None = None
+
+    def of(self, opt):
+        """The habits that decoding with opt keeps: none without --ending-rule, no repeats with --no-repeat."""
+        habits = self if opt.ending_rule else NO_HABITS
+        return habits._replace(repeatable=()) if opt.no_repeat else habits
+
+
+NO_HABITS = Habits()
+
+
 def caption_texts(data, row):
     """Every caption of a row of caption data, its extra training text too, as text."""
     extra = (data.get("extra_caption") or [[]] * len(data["caption"]))[row]
@@ -64,7 +89,8 @@ def caption_texts(data, row):
 
 def load_annotations(path, split=""):
     """Read and validate a caption file of any format caption_formats.py reads (split: only that split
-    of a Karpathy file) -> AI Challenger entries [{"image_id", "caption": [...]}]."""
+    of a Karpathy file) -> AI Challenger entries [{"image_id", "caption": [...]}]; an image with no
+    caption (a COCO image no annotation names, a Karpathy image without sentences) is left out and counted."""
     entries = read_entries(path, split)
     if not entries:
         raise UserError(f"{path}: the annotation list is empty")
@@ -76,7 +102,12 @@ def load_annotations(path, split=""):
         if problem:
             raise UserError(f"{path}: entry {index}: {problem}")
         seen[entry["image_id"]] = index
-    return entries
+    captioned = [entry for entry in entries if entry["caption"]]
+    if not captioned:
+        raise UserError(f"{path}: none of its {len(entries)} images has a caption")
+    if len(captioned) < len(entries):
+        print(f"warning: {path}: left out {len(entries) - len(captioned)} images with no caption", file=sys.stderr)
+    return captioned
 
 
 def _entry_problem(entry):
@@ -90,8 +121,8 @@ def _entry_problem(entry):
     if not image_id.isprintable() or not _encodable(image_id):
         return f"image_id {image_id!r} holds a control character or is not valid Unicode"
     captions = entry.get("caption")
-    if not isinstance(captions, list) or not captions:
-        return "caption must be a non-empty list of sentences"
+    if not isinstance(captions, list):
+        return "caption must be a list of sentences"
     for number, caption in enumerate(captions):
         if not isinstance(caption, str):
             return f"caption {number} is a {type(caption).__name__}, not a string"

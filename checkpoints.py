@@ -63,7 +63,7 @@ class Checkpoints:
             return
         trunk = {"encoder": encoder.trunk.state_dict()} if encoder is not None else {}
         save_checkpoint(path, model, self.opt, self.split.ix2word, self.split.meta, **optimization.state_dict(),
-                        unfinished=self.split.unfinished, state=dataclasses.asdict(progress), random=random_state(),
+                        habits=self.split.habits, state=dataclasses.asdict(progress), random=random_state(),
                         **trunk, **training)
 
     def resume(self, processes):

@@ -163,7 +163,8 @@ class Config:
     max_gen_len: int = option(30, "[1, 1000]", "words of a caption at most")
     min_len: int = option(1, "[1, 1000]", "words of a caption at least (the search never ends before)")
     ending_rule: bool = option(True, None, "never end a caption on a word the training captions do not end on "
-                                           "(一个, 的, 在 ...; found in them); false: wherever the model ends it")
+                                           "(一个, 的, 在 ...; found in them; an ensemble: on no member's such "
+                                           "word); false: wherever the model ends it")
     length_norm: float = option(0.0, "[0, 10]", "rank finished captions by score / length**length_norm")
     quantize: bool = option(False, None, "generate / evaluate on CPU: int8 weights for the decoder's LSTM and "
                                          "Linear layers")
@@ -311,12 +312,29 @@ def _check_decoding(opt: Config):
         raise UserError(f"--diversity-groups={opt.diversity_groups} does not divide --beam-size={opt.beam_size}")
 
 
+# The decoding options each --decoding reads; one given for a method that does not read it is refused.
+READ_BY = {"beam_size": ("beam", "diverse"), "temperature": ("sample",), "top_k": ("sample",),
+           "top_p": ("sample",), "diversity_groups": ("diverse",), "diversity_lambda": ("diverse",)}
+
+
+def check_read_by_decoding(opt: Config, command_name):
+    """A decoding option set (away from its default) for a --decoding that does not read it is a mistake,
+    not a no-op (train's validation searches with --beam-size whatever --decoding)."""
+    for name, methods in READ_BY.items():
+        if (getattr(opt, name) != FIELDS[name].default and opt.decoding not in methods
+                and (command_name, name) != ("train", "beam_size")):
+            readers = " or ".join(f"--decoding={method}" for method in methods)
+            raise UserError(f"--{_dashed(name)} is read by {readers} only, not --decoding={opt.decoding}; "
+                            "leave it out or choose that decoding")
+
+
 def _problem(value, valid):
     """Why value is not one of `valid` (see option), or None."""
     if valid is None:
         return None
     if isinstance(valid, tuple):
-        return None if value in valid else f"choose one of {', '.join(valid)}"
+        empty = ", or leave it empty" if "" in valid else ""
+        return None if value in valid else f"choose one of {', '.join(filter(None, valid))}{empty}"
     if valid is NAME:
         return None if NAME.fullmatch(value) else "use letters, digits, _ . - only (not starting with .)"
     low_bracket, low, high, high_bracket = _INTERVAL.fullmatch(valid).groups()
@@ -367,7 +385,9 @@ def command(function):
         try:
             if arguments:
                 raise UserError(f"unexpected argument {arguments[0]!r}: options are given as --name=value")
-            function(parse(**_as_typed(kwargs, sys.argv[1:])))
+            opt = parse(**_as_typed(kwargs, sys.argv[1:]))
+            check_read_by_decoding(opt, function.__name__)
+            function(opt)
         except UserError as error:  # one line, whatever a library put in the message
             sys.exit("error: " + " ".join(line.strip() for line in str(error).splitlines()))
 

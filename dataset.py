@@ -5,7 +5,7 @@ import os
 import numpy as np
 import torch
 
-from captions import load_caption_data, special_indices, unfinished_words
+from captions import Habits, load_caption_data, repeated_words, special_indices, unfinished_words
 from config import Config, UserError
 from images import load_features
 from model import READS_REGIONS
@@ -29,9 +29,11 @@ class CaptionSplit:
         self.pairs = self.pairs_of(self.rows)  # one (row, caption number) pair per training caption
 
     @functools.cached_property
-    def unfinished(self):
-        """The words no caption should end on, read from the captions of every row of the file."""
-        return unfinished_words(self._data["caption"], self.ix2word)
+    def habits(self):
+        """What no caption should do (end on 一个, say 的 twice in a row...), read from the captions of
+        every row of the file."""
+        return Habits(tuple(unfinished_words(self._data["caption"], self.ix2word)),
+                      tuple(repeated_words(self._data["caption"])))
 
     @property
     def has_extra_text(self):

@@ -21,6 +21,10 @@ import torch
 from config import UserError
 
 NUCLEUS_BOUND = 128  # the nucleus is looked for among the likeliest 128 words first (192 x 5000: 9 ms, a sort 54)
+# float32 holds numbers of about 1e-38 to 3e38: a temperature or a diversity lambda beyond these bounds
+# rounds to 0 or inf in it, and 0 x inf or inf - inf is NaN. At 1e-30 sampling is already greedy, at 1e30
+# uniform over the words the rules allow, and a lambda of 1e30 ranks any chosen word below every other.
+FLOAT32_SMALL, FLOAT32_LARGE = 1e-30, 1e30
 
 
 @contextlib.contextmanager
@@ -35,9 +39,9 @@ def native_kernels():
         torch.backends.mkldnn.enabled = enabled
 
 
-def check_search(n_best, beam_size, usable_words, min_len=1, max_len=30, groups=1, no_repeat=False):
+def check_search(n_best, beam_size, usable_words, min_len=1, max_len=30, groups=1, repeatable=None):
     """Refuse a search that cannot run: n_best <= beam_size <= the words a caption can use, groups dividing
-    beam_size, min_len <= max_len, and a second word to go on with under no_repeat."""
+    beam_size, min_len <= max_len, and a second word to go on with where no word may follow itself."""
     if not 1 <= n_best <= beam_size <= usable_words:
         raise UserError(f"--n-best={n_best} and --beam-size={beam_size}: need n-best <= beam size <= the "
                         f"{usable_words} words this vocabulary's captions can use")
@@ -45,23 +49,27 @@ def check_search(n_best, beam_size, usable_words, min_len=1, max_len=30, groups=
         raise UserError(f"--diversity-groups={groups} does not divide --beam-size={beam_size}")
     if not 1 <= min_len <= max_len:
         raise UserError(f"--min-len={min_len} and --max-gen-len={max_len}: need 1 <= min-len <= max-gen-len")
-    if no_repeat and usable_words < 2:
-        raise UserError("--no-repeat: this vocabulary's captions can use one word only, so no caption could go on")
+    if repeatable is not None and not len(repeatable) and usable_words < 2:
+        raise UserError("no word may follow itself (--no-repeat or the training captions' rule), and this "
+                        "vocabulary's captions can use one word only, so no caption could go on")
 
 
 class Rules:
     """The rules of every decoding method: `banned` words (</PAD>, </UNKNOWN>) never come out; </EOS>
     (index `end`) neither before min_len words nor, before max_len words, after an `unfinished` word
-    (一个, 的 ...); a caption ends at max_len words; with no_repeat no word follows itself."""
+    (一个, 的 ...); a caption ends at max_len words; no word follows itself except the `repeatable`
+    ones (None: every word may)."""
 
-    def __init__(self, vocab_size, end, banned=(), min_len=1, max_len=30, unfinished=(), no_repeat=False,
+    def __init__(self, vocab_size, end, banned=(), min_len=1, max_len=30, unfinished=(), repeatable=None,
                  device=None):
-        self.end, self.min_len, self.max_len, self.no_repeat = end, min_len, max_len, no_repeat
+        self.end, self.min_len, self.max_len, self.repeatable = end, min_len, max_len, repeatable
         self.usable_words = vocab_size - 1 - len(banned)
         self.banned = torch.as_tensor(banned, dtype=torch.long, device=device)
         self.with_end = torch.cat([self.banned, self.banned.new_tensor([end])])  # before min_len words
         self.cannot_end = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # (V,): the unfinished words
         self.cannot_end[list(unfinished)] = True
+        self.cannot_repeat = torch.ones(vocab_size, dtype=torch.bool, device=device)  # (V,)
+        self.cannot_repeat[list(repeatable or ())] = False
 
     def step(self, model, inputs, state, t, last=None):
         """Step t of the model for N rows whose last words are `last` (N,), None at t = 0 -> the
@@ -70,9 +78,20 @@ class Rules:
         if last is not None:
             if t < self.max_len:
                 log_probs[:, self.end].masked_fill_(self.cannot_end[last], float("-inf"))
-            if self.no_repeat:
-                log_probs.scatter_(1, last.unsqueeze(1), float("-inf"))
+            if self.repeatable is not None:
+                said_again = log_probs.gather(1, last.unsqueeze(1))  # (N, 1)
+                said_again.masked_fill_(self.cannot_repeat[last].unsqueeze(1), float("-inf"))
+                log_probs.scatter_(1, last.unsqueeze(1), said_again)
         return log_probs, state
+
+
+def finished_prefix(words, max_len, unfinished):
+    """A caption the search ended at max_len on an unfinished word -> its longest prefix that ends on a
+    word that may end a caption (the run that could not end well cut back); any other caption as it is."""
+    if len(words) < max_len or not words or words[-1] not in unfinished:
+        return words
+    ends = [i for i, word in enumerate(words) if word not in unfinished]
+    return words[:ends[-1] + 1] if ends else words
 
 
 def greedy(model, features, rules, length_norm=0.0):
@@ -110,6 +129,7 @@ def cut(log_probs, temperature=1.0, top_k=0, top_p=1.0):
     kept to the top_k likeliest words (0: all) and, of those, the nucleus: the likeliest words, in
     order, until their share reaches top_p (the likeliest word always stays)."""
     top = log_probs.max(-1, keepdim=True).values  # (N, 1): 0 / temperature stays 0 at any temperature
+    temperature = min(max(temperature, FLOAT32_SMALL), FLOAT32_LARGE)  # greedy below, uniform above
     probabilities = ((log_probs - top) / temperature).softmax(-1)  # (N, V)
     if 0 < top_k < probabilities.size(-1):
         kth = probabilities.topk(top_k, dim=-1).values[:, -1:]  # (N, 1)
@@ -119,8 +139,9 @@ def cut(log_probs, temperature=1.0, top_k=0, top_p=1.0):
         ordered, order = probabilities.topk(min(NUCLEUS_BOUND, probabilities.size(-1)), dim=-1)  # (N, n) each
         if bool((ordered.sum(-1, keepdim=True) < top_p * total).any()):  # a wider nucleus: sort all words
             ordered, order = probabilities.sort(-1, descending=True)  # (N, V) each
-        before = ordered.cumsum(-1) - ordered  # the share of the likelier words
-        ordered = ordered.masked_fill(before >= top_p * total, 0.0)
+        outside = ordered.cumsum(-1) - ordered >= top_p * total  # the likelier words' share is already top_p
+        outside[:, 0] = False  # the likeliest word, even where top_p * total rounds to 0 in float32
+        ordered = ordered.masked_fill(outside, 0.0)
         probabilities = torch.zeros_like(probabilities).scatter_(-1, order, ordered)
     return probabilities
 
@@ -142,7 +163,7 @@ def _decode(model, features, rules, samples, pick, length_norm):
     per image), each row's next word pick(log_probs (A*S, V), going (A,)) -> (A*S,); a row ends at
     </EOS> and an image leaves the batch once all its rows have ended -> per image its rows'
     (words, score, attention), best first."""
-    check_search(1, 1, rules.usable_words, rules.min_len, rules.max_len, no_repeat=rules.no_repeat)
+    check_search(1, 1, rules.usable_words, rules.min_len, rules.max_len, repeatable=rules.repeatable)
     batch, vocab, end, device = len(features), model.vocab_size, rules.end, features.device
     inputs, state = model.start(features)  # one row per image at first: (B, E)
     going = torch.arange(batch, device=device)  # (A,) the images still decoding: A rows of what follows

@@ -1,6 +1,7 @@
 """Safe file writing and loading shared by every step of the pipeline."""
 import contextlib
 import glob
+import io
 import json
 import os
 import tempfile
@@ -15,6 +16,8 @@ TEMPORARY = ".tmp-"  # the name prefix of atomic_save's temporary files
 def atomic_save(obj, path, save=torch.save):
     """save(obj, file) (torch.save, or torch.jit.save) to a temporary file beside `path`, then
     rename: a crash leaves the old file."""
+    content = io.BytesIO()
+    save(obj, content)  # in memory first: torch.save into the file would hide the OS's reason for a failed write
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -23,16 +26,15 @@ def atomic_save(obj, path, save=torch.save):
         raise UserError(f"cannot write {path}: {error.strerror}") from None
     try:
         with os.fdopen(handle, "wb") as file:
-            save(obj, file)
+            file.write(content.getbuffer())
             file.flush()
             os.fsync(file.fileno())
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode
         os.replace(temporary, path)
-    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+    except OSError as error:
         os.unlink(temporary)
-        reason = getattr(error, "strerror", None) or "the write failed (disk full?)"
         kept = "; the previous file is kept" if os.path.isfile(path) else ""
-        raise UserError(f"cannot write {path}: {reason}{kept}") from None
+        raise UserError(f"cannot write {path}: {error.strerror or error}{kept}") from None
     except BaseException:
         os.unlink(temporary)
         raise

@@ -19,6 +19,7 @@ import torch
 
 import config
 from beam_search import caption_features
+from captions import Habits
 from config import Config, UserError, command
 from files import check_output_file, check_output_folder, read_json, write_json
 from images import (
@@ -76,7 +77,7 @@ class Captioner:
     ix2word: list
     encoding: tuple
     shape: tuple
-    unfinished: list  # words its captions never end on (see captions.unfinished_words); [] in older checkpoints
+    habits: Habits  # what its training captions never do (see captions.Habits)
 
 
 def load_captioner(path, opt: Config, device):
@@ -93,7 +94,16 @@ def load_captioner(path, opt: Config, device):
     grid = feature.get("grid", 0) if not isinstance(model, CaptionModel) else 0
     encoding = (feature["backbone"], path if "encoder" in checkpoint else feature["weights"], grid)
     shape = (grid * grid, feature["feature_dim"]) if grid else (feature["feature_dim"],)
-    return Captioner(model, checkpoint["ix2word"], encoding, shape, checkpoint.get("unfinished", [])), checkpoint
+    repeatable = checkpoint.get("repeatable")  # None in older checkpoints: every word may repeat
+    habits = Habits(tuple(checkpoint.get("unfinished", [])), None if repeatable is None else tuple(repeatable))
+    return Captioner(model, checkpoint["ix2word"], encoding, shape, habits), checkpoint
+
+
+def ensemble_habits(captioners):
+    """An ensemble's habits: it ends on no member's unfinished word and repeats only what every member may."""
+    repeatable = [set(c.habits.repeatable) for c in captioners if c.habits.repeatable is not None]
+    return Habits(tuple(sorted(set().union(*(c.habits.unfinished for c in captioners)))),
+                  tuple(sorted(set.intersection(*repeatable))) if repeatable else None)
 
 
 def load_captioners(opt: Config, device):
@@ -123,7 +133,7 @@ def caption_images(paths, opt: Config, timing=None):
     device = pick_device(opt.use_gpu)
     model, ix2word, captioners, backbones = load_captioners(opt, device)
     encodings = list(dict.fromkeys(captioner.encoding for captioner in captioners))
-    unfinished = sorted(set().union(*(captioner.unfinished for captioner in captioners)))
+    habits = ensemble_habits(captioners)
     streams = [encode_images(backbones[encoding[:2]], encoding[0], paths, device, opt.batch_size, opt.num_workers,
                              encoding[2]) for encoding in encodings]
     captions, errors = {}, {}
@@ -139,7 +149,7 @@ def caption_images(paths, opt: Config, timing=None):
             if not captions:  # the first search is about to map the decoder's weights in
                 release_freed_memory()
             started = time.perf_counter()
-            beams = caption_features(model, features, ix2word, opt, unfinished=unfinished)
+            beams = caption_features(model, features, ix2word, opt, habits=habits)
             if timing is not None:
                 timing["decoding"] = timing.get("decoding", 0.0) + time.perf_counter() - started
             captions.update(zip([batch_paths[i] for i in readable], beams))

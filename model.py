@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from attention import AttentionModel
-from captions import EOS, vocabulary_problem
+from captions import EOS, NO_HABITS, vocabulary_problem
 from config import BACKBONE_NAMES, MODEL_NAMES, Config, UserError, from_saved
 from files import atomic_save, load_pth
 from pooled import CaptionModel
@@ -115,15 +115,17 @@ def free_memory(device):
     return int(fields["MemAvailable"].split()[0]) * 1024
 
 
-def save_checkpoint(path, model, opt, ix2word, feature_meta, unfinished=(), **training_state):
-    """Everything generate needs (weights, config, vocabulary, backbone, the words a caption cannot end
-    on) and a checksum of them, plus resumable state."""
+def save_checkpoint(path, model, opt, ix2word, feature_meta, habits=NO_HABITS, **training_state):
+    """Everything generate needs (weights, config, vocabulary, backbone, the training captions' habits:
+    the words a caption cannot end on, those it may say twice in a row) and a checksum of them, plus
+    resumable state."""
     checkpoint = {
         "model": model.state_dict(),
         "config": dataclasses.asdict(opt),
         "ix2word": ix2word,
         "end": EOS,
-        "unfinished": list(unfinished),
+        "unfinished": list(habits.unfinished),
+        **({} if habits.repeatable is None else {"repeatable": list(habits.repeatable)}),
         "feature": {"backbone": feature_meta["backbone"], "weights": feature_meta["weights"],
                     "feature_dim": feature_meta["feature_dim"], "grid": feature_meta.get("grid", 0)},
         **training_state,
@@ -139,6 +141,7 @@ def checksum(checkpoint):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy())  # a scalar too: its bytes
     described = [checkpoint.get(key) for key in ("ix2word", "end", "unfinished", "config", "feature")]
+    described += [checkpoint["repeatable"]] if "repeatable" in checkpoint else []  # older checkpoints have none
     digest.update(json.dumps(described, sort_keys=True, ensure_ascii=False, default=repr).encode())
     return digest.hexdigest()
 
@@ -166,10 +169,10 @@ def _checkpoint_problem(checkpoint):
         return problem
     if checkpoint["config"].get("model") in READS_REGIONS and not feature.get("grid"):
         return f"its {checkpoint['config']['model']} model reads region features, but its features have none (grid 0)"
-    unfinished = checkpoint.get("unfinished", [])
-    if not (isinstance(unfinished, list) and all(_whole(ix, 0) and ix < len(checkpoint["ix2word"])
-                                                 for ix in unfinished)):
-        return "its list of words a caption cannot end on is not a list of word indices"
+    for key, words in (("unfinished", "words a caption cannot end on"), ("repeatable", "words a caption may repeat")):
+        indices = checkpoint.get(key, [])
+        if not (isinstance(indices, list) and all(_whole(ix, 0) and ix < len(checkpoint["ix2word"]) for ix in indices)):
+            return f"its list of {words} is not a list of word indices"
     if not isinstance(weights, dict) or not all(isinstance(w, torch.Tensor) for w in weights.values()):
         return "its model weights are not a dict of tensors"
     if not all(w.dtype == torch.float32 for w in weights.values() if w.is_floating_point() or w.is_complex()):

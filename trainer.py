@@ -15,6 +15,7 @@ from torchnet.meter import AverageValueMeter
 import config
 import distributed
 from beam_search import caption_features, check_search, most_captions
+from captions import NO_HABITS
 from checkpoints import CROSS_ENTROPY, FINE_TUNING, PRETRAINING, SELF_CRITICAL, Checkpoints, Progress, restore_random
 from config import Config, UserError
 from dataset import train_val_splits, training_views
@@ -134,10 +135,10 @@ def check_options(opt: Config):
 
 
 @torch.no_grad()
-def score_split(model, split, opt, device, process=0, processes=1, unfinished=()):
+def score_split(model, split, opt, device, process=0, processes=1, habits=NO_HABITS):
     """Validation loss, perplexity, top-5 word accuracy, and caption metrics on --eval-size images of a
     split, captioned by beam search whatever --decoding (each process takes its share; all get the same
-    scores); no caption ends on an `unfinished` word (see caption_features)."""
+    scores); the captions keep the training captions' `habits` (see caption_features)."""
     model.eval()
     total, correct, count = 0.0, 0, 0
     for _, features, captions, lengths in split.batches(opt.batch_size, process=process, processes=processes):
@@ -152,7 +153,7 @@ def score_split(model, split, opt, device, process=0, processes=1, unfinished=()
         mine, captions = rows[process::processes], {}  # this process's share of the images
         if len(mine):
             beams = caption_features(model, split.features_of(mine).to(device), split.ix2word,
-                                     dataclasses.replace(opt, decoding="beam"), n_best=1, unfinished=unfinished)
+                                     dataclasses.replace(opt, decoding="beam"), n_best=1, habits=habits)
             captions = {split.image_id(row): b[0][0] for row, b in zip(mine, beams)}
         results = distributed.merged(captions)
         scores.update(distributed.from_process_0(lambda: score_captions(results, split.references(rows))))
@@ -436,7 +437,7 @@ class Trainer:
         with self._autocast():
             loss, reward = self.objective(self_critical_loss, batch.inputs, batch.rows.tolist(), self.reward,
                                           split.end, split.banned, opt.scst_samples, opt.max_gen_len,
-                                          split.unfinished if opt.ending_rule else ())
+                                          split.habits.unfinished if opt.ending_rule else ())
         self.optimization.step(loss, self.progress)
         return reward
 
@@ -453,7 +454,7 @@ class Trainer:
         val = self.val_split if self.encoder is None else self.encoder.encoded_split(self.val_split, self.opt,
                                                                                      self.device)
         return score_split(self.scored_model, val, self.opt, self.device, self.process, self.processes,
-                           self.train_split.unfinished)
+                           self.train_split.habits)
 
     # --- what a phase needs -----------------------------------------------------------------------
     def _prepare_phase(self, encoder_state=None):
@@ -522,7 +523,7 @@ class Trainer:
         features = (split.features_of([row]).to(self.device) if self.encoder is None
                     else self.encoder.features_of(split, [row], self.opt, self.device))  # (1, F) or (1, R, F)
         beams = caption_features(model, features, self.vocab, self.opt, n_best=most_captions(self.opt),
-                                 unfinished=split.unfinished)[0]
+                                 habits=split.habits)[0]
         self.model.train(self.phase.dropout)
         self.report.training(self.progress, self.phase.measure, value,
                              (split.image_id(row), split.image_path(row), split.human_caption(row), beams))

@@ -20,3 +20,15 @@ def test_an_img_path_without_images_is_an_error_not_the_demo_set(tmp_path):
     with pytest.raises(UserError, match="no images to bench with"):
         bench.extract(work=str(tmp_path / "work"), img_path=str(tmp_path / "missing"))
     assert not os.path.exists(tmp_path / "work")
+
+
+def test_the_textbook_search_stopping_early_runs_and_finds_beam_searchs_caption():
+    """`bench.py beam` (and `all`) ended in max() of an empty pool: the pool is empty before min_len words."""
+    from beam_search import beam_search
+    model, features = bench.bench_model("pooled")
+    for feature in features[:2]:
+        words, score = bench.textbook_beam_search(model, feature, bench.END, (bench.PAD, bench.UNKNOWN), 3,
+                                                  bench.MAX_LEN, stop_early=True)
+        (found, found_score, _), = beam_search(model, feature[None], bench.END, (bench.PAD, bench.UNKNOWN), 3,
+                                               bench.MAX_LEN)[0]
+        assert words == found and score == pytest.approx(found_score, abs=1e-4)

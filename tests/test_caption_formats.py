@@ -150,13 +150,16 @@ def test_extra_text_may_be_in_another_format_than_the_captions(tmp_path, entries
     ('"Image";"Caption"\na.jpg;狗\n', "CSV/TSV with a header naming the image and caption columns"),
     ("a.jpg#0 狗\nb.jpg 猫\n", "line 2 is not IMAGE#N SENTENCE: 'b.jpg 猫'"),
     ("image,caption\na.jpg\n", "line 2: fewer columns than the header names"),
-    ("image,caption\na.jpg," + "狗" * 200000, "line 2: not valid CSV: field larger than field limit"),
+    ("image,caption\nA,一只狗在跑\nB,\"一只猫在\nc.jpg,一只鸟在飞\nd.jpg,一匹马\n",
+     "line 3: a quoted field opens there and never closes"),
+    ("a.jpg#0 狗\n2903617548_d3e38d7f88.jpg#7一只猫在跑\n", "line 2 is not IMAGE#N SENTENCE"),
+    ('{"images": [{"id": 1, "file_name": "a.jpg"}]}', "expected an object with 'annotations' (list)"),
     ("image,caption\n../a.jpg,狗\n", "entry 0: image_id '../a.jpg' points outside"),
     ('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 2, "caption": "狗"}]}',
      'annotations[0]: image_id 2 is not the id of one of "images"'),
     ('{"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}], "annotations": []}',
      "images[1]: id 1 already appears"),
-    ('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": []}', "entry 0: caption must be"),
+    ('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": []}', "none of its 1 images has a caption"),
     ('{"images": [{"filename": "a.jpg", "sentences": [{"tokens": ["狗"]}]}]}',
      "images[0].sentences[0]: expected an object with 'raw' (str)"),
     ('{"images": [{"filename": "a.jpg", "sentences": [{"raw": "狗"}]}, '
@@ -172,6 +175,28 @@ def test_a_bad_file_of_any_format_is_one_line(tmp_path, content, problem):
     assert "\n" not in str(error.value) and not (tmp_path / "c.pth").exists()
 
 
+def test_an_image_without_captions_is_left_out_and_counted_in_every_format(tmp_path, capsys):
+    coco = ('{"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}], '
+            '"annotations": [{"image_id": 2, "caption": "狗"}]}')
+    karpathy = ('{"images": [{"filename": "a.jpg", "sentences": []}, '
+                '{"filename": "b.jpg", "sentences": [{"raw": "狗"}]}]}')
+    challenger = '[{"image_id": "a.jpg", "caption": []}, {"image_id": "b.jpg", "caption": ["狗"]}]'
+    for name, content in (("coco", coco), ("karpathy", karpathy), ("challenger", challenger)):
+        path = write(tmp_path / name, content)
+        assert [(e["image_id"], e["caption"]) for e in load_annotations(path)] == [("b.jpg", ["狗"])]
+        assert f"{path}: left out 1 images with no caption" in capsys.readouterr().err
+
+
+def test_a_header_repeated_mid_file_is_not_a_caption_and_a_long_caption_reads_as_in_caption_lines(tmp_path):
+    joined = write(tmp_path / "joined.csv", "image,caption\na.jpg,一只狗\nimage,caption\nb.jpg,一只猫\n")
+    assert load_annotations(joined) == [{"image_id": "a.jpg", "caption": ["一只狗"]},
+                                        {"image_id": "b.jpg", "caption": ["一只猫"]}]
+    long = "狗" * 1_000_000
+    as_csv = load_annotations(write(tmp_path / "long.csv", f"image,caption\na.jpg,{long}\n"))
+    assert as_csv == load_annotations(write(tmp_path / "long.txt", f"a.jpg#0 {long}\n")) == [
+        {"image_id": "a.jpg", "caption": [long]}]
+
+
 def test_a_file_not_in_utf8_is_one_line(tmp_path):
     (tmp_path / "gbk.csv").write_bytes("image,caption\na.jpg,一只狗\n".encode("gbk"))
     with pytest.raises(UserError, match="gbk.csv: not UTF-8 text; caption files are read as UTF-8"):
@@ -183,7 +208,7 @@ def test_a_split_for_a_file_without_splits_or_one_that_selects_nothing_is_one_li
         load_annotations(write(tmp_path / "c.csv", table(entries)), "train")
     with pytest.raises(UserError, match="--split=restval selects no image; the file's splits: test, train, val$"):
         load_annotations(write(tmp_path / "k.json", karpathy(entries)), "restval")
-    with pytest.raises(SystemExit, match="--split=dev: choose one of"):
+    with pytest.raises(SystemExit, match="--split=dev: choose one of train, val, test, restval, or leave it empty$"):
         process(annotation_file=str(tmp_path / "k.json"), split="dev")
 
 

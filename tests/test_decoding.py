@@ -6,6 +6,7 @@ import math
 import os
 import re
 
+import fire
 import pytest
 import torch
 from conftest import options
@@ -15,6 +16,7 @@ from test_ensemble import three_models
 import config
 from beam_search import beam_search, caption_features
 from bench import _count_words
+from captions import Habits, repeated_words
 from config import Config, UserError
 from decoding import Rules, cut, draw, greedy, image_generators, sample
 from main import evaluate, generate, train
@@ -183,7 +185,7 @@ def test_batched_diverse_search_matches_per_image_reference(kind, seed, beam_siz
                                                                                "top_p": 0.8})])
 def test_batched_sampling_matches_per_image_reference(kind, seed, samples, cuts):
     model, features = ending_model(kind, seed)
-    ruled = rules(model, no_repeat=seed % 2 == 1, min_len=2)
+    ruled = rules(model, repeatable=() if seed % 2 else None, min_len=2)
     found = sample(model, features, ruled, image_generators(features, seed), samples, **cuts)
     for image, generator in enumerate(image_generators(features, seed)):
         reference = textbook_sample(model, features[image], ruled, generator, samples, **cuts)
@@ -251,11 +253,11 @@ def test_each_word_comes_with_the_region_weights_that_chose_it(decoding):
     assert all(c[2] is None for image in caption_features(pooled, features, NINE_WORDS, opt) for c in image)
 
 
-def markov_captions(model, decoding, unfinished=(), **changes):
+def markov_captions(model, decoding, unfinished=(), repeatable=None, **changes):
     """Every caption of the method on 4 copies of the model's one image: [words] per caption."""
     opt = Config(decoding=decoding, n_best=1 if decoding == "greedy" else 2, beam_size=2, max_gen_len=6,
                  **changes)
-    found = caption_features(model, torch.zeros(4, 1), IX2WORD, opt, unfinished=unfinished)
+    found = caption_features(model, torch.zeros(4, 1), IX2WORD, opt, habits=Habits(tuple(unfinished), repeatable))
     return [[IX2WORD.index(word) for word in text] if text else [] for image in found for text, _, _ in image]
 
 
@@ -297,7 +299,7 @@ def test_impossible_decoding_options_are_refused_in_one_line(changes, message):
 
 
 def test_possible_decoding_options_pass():
-    config.parse(decoding="sample", n_best=10, beam_size=3, temperature=0.7, top_p=0.9, top_k=40, no_repeat=True)
+    config.parse(decoding="sample", n_best=10, temperature=0.7, top_p=0.9, top_k=40, no_repeat=True)
     config.parse(decoding="diverse", beam_size=6, n_best=6, diversity_groups=3, diversity_lambda=0.0)
     config.parse(decoding="diverse", beam_size=5, diversity_groups=0)  # one group per beam
     for command in ("generate", "evaluate", "train"):
@@ -331,3 +333,85 @@ def test_evaluate_counts_the_different_captions_of_each_photo(demo, attention_ch
                         r"is scored\); ([\d.]+) images/s in all, ([\d.]+) decoding alone", capsys.readouterr().out)
     distinct, speed, decoding_speed = map(float, summary.groups())
     assert 1 < distinct <= 4 and 0 < speed <= decoding_speed
+
+
+# --- issue 39: decoding options at float32's edges, options the method does not read, weak models ----------
+def test_a_temperature_beyond_float32_samples_greedily_or_uniformly_never_nan():
+    log_probs = torch.tensor([[-0.5, -1.5, -3.0, -math.inf]])
+    for tiny in (1e-9, 1e-50, 5e-324):
+        assert cut(log_probs, temperature=tiny).tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    for huge in (1e39, 1e300):
+        assert cut(log_probs, temperature=huge)[0].tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0.0])  # -inf: out
+
+
+def test_a_top_p_below_float32_keeps_the_likeliest_word():
+    log_probs = torch.tensor([[-2.0, -0.5, -1.5]])
+    for small in (1e-9, 1e-300, 5e-324):
+        assert (cut(log_probs, top_p=small) > 0).tolist() == [[False, True, False]]
+
+
+@pytest.mark.parametrize("kind", ["pooled", "attention"])
+def test_samples_at_a_tiny_temperature_are_the_greedy_caption_even_beyond_float32(kind):
+    model, features = ending_model(kind, 9)
+    greedy_opt = Config(decoding="greedy", max_gen_len=MAX_LEN)
+    expected = [image[0][0] for image in caption_features(model, features, NINE_WORDS, greedy_opt)]
+    for temperature in (1e-9, 1e-50, 5e-324):
+        opt = Config(decoding="sample", n_best=3, seed=3, temperature=temperature, max_gen_len=MAX_LEN)
+        assert [{text for text, _, _ in image} for image in caption_features(model, features, NINE_WORDS, opt)] == [
+            {text} for text in expected]
+
+
+def test_a_diversity_lambda_beyond_float32_gives_the_captions_of_any_large_lambda():
+    model, features = ending_model("attention", 5)
+    def said(diversity):
+        return [[words for words, _, _ in image] for image in search(model, features, beam_size=3, n_best=3, groups=3,
+                                                                     diversity=diversity)]
+
+    assert said(1e39) == said(1e300) == said(1e6)
+
+
+@pytest.mark.parametrize("decoding, flag, reader", [
+    ("beam", "--top-p=0.5", "--decoding=sample"), ("beam", "--temperature=2", "--decoding=sample"),
+    ("beam", "--top-k=5", "--decoding=sample"), ("beam", "--diversity-lambda=2", "--decoding=diverse"),
+    ("greedy", "--temperature=0.5", "--decoding=sample"), ("greedy", "--top-k=3", "--decoding=sample"),
+    ("greedy", "--diversity-groups=3", "--decoding=diverse"), ("diverse", "--top-p=0.9", "--decoding=sample"),
+    ("sample", "--diversity-groups=2", "--decoding=diverse"), ("sample", "--beam-size=5", "--decoding=beam"),
+])
+def test_an_option_the_chosen_decoding_does_not_read_is_refused_naming_its_reader(decoding, flag, reader):
+    seen = []
+    with pytest.raises(SystemExit, match=f"error: {flag.split('=')[0]} is read by {reader}"):
+        fire.Fire({"generate": config.command(lambda opt: seen.append(opt))},
+                  command=["generate", f"--decoding={decoding}", flag])
+    assert not seen
+
+    def train(opt):
+        seen.append(opt)
+
+    fire.Fire({"train": config.command(train)}, command=["train", "--decoding=sample", "--beam-size=5"])
+    assert seen[0].beam_size == 5  # train's validation searches with it
+
+
+@pytest.mark.parametrize("decoding", METHODS)
+def test_a_word_the_training_captions_never_say_twice_in_a_row_is_never_repeated(decoding):
+    """A weak model's favourite: A again and again (的的的). The training captions never repeat A, so
+    the rule (on by default, from the data) refuses it; a word they do repeat (B, 哈哈) may follow itself."""
+    model = MarkovModel({7: {A: 0.9, B: 0.1}, A: {A: 0.97, B: 0.01, END: 0.02}, B: {B: 0.97, A: 0.01, END: 0.02}}, 7)
+    for words in markov_captions(model, decoding, min_len=3, repeatable=(B,)):
+        assert words and all(a != b or a == B for a, b in zip(words, words[1:])), words
+    assert any(a == b == A for words in markov_captions(model, decoding, min_len=3) for a, b in zip(words, words[1:]))
+    assert any(a == b == A for words in markov_captions(model, decoding, min_len=3, repeatable=(B,),
+                                                        ending_rule=False) for a, b in zip(words, words[1:]))
+
+
+@pytest.mark.parametrize("decoding", METHODS)
+def test_a_caption_that_cannot_end_well_is_cut_back_to_its_finished_prefix(decoding):
+    """B (a finished word) then unfinished words (A, C) to the end: the run that reached --max-gen-len
+    comes back as B, not as BACACA."""
+    model = MarkovModel({7: {B: 1.0}, B: {A: 0.9, END: 0.1}, A: {C: 0.9, END: 0.1}, C: {A: 0.9, END: 0.1}}, 7)
+    said = markov_captions(model, decoding, unfinished=[A, C], repeatable=())
+    assert [B] in said and not any(len(words) == 6 for words in said), said
+
+
+def test_repeated_words_are_those_a_training_caption_says_twice_in_a_row():
+    assert repeated_words([[[3, 4, 4, 5]], [[5, 3], [6, 6, 6]]]) == [4, 6]
+    assert repeated_words([[[3, 4, 3]]]) == []

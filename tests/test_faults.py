@@ -115,8 +115,18 @@ def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(demo, tmp_
                          preexec_fn=limit_file_size, timeout=300)
     assert run.returncode == 1
     assert f"error: cannot write {tmp_path / 'checkpoints'}" in run.stderr and "the previous file is kept" in run.stderr
+    assert "File too large" in run.stderr  # the OS's own reason (EFBIG here), not a guess
     assert last.read_bytes() == before
     assert load_checkpoint(str(last))["state"]["epoch"] == 1
+
+
+def test_a_failed_write_gives_the_os_reason_and_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "big.pth"
+    script = (f"import sys; sys.path.insert(0, {ROOT!r}); import torch; from files import atomic_save; "
+              f"atomic_save({{'n': 1}}, {str(path)!r}); atomic_save(torch.zeros(100_000), {str(path)!r})")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, preexec_fn=limit_file_size)
+    assert f"UserError: cannot write {path}: File too large; the previous file is kept" in run.stderr
+    assert torch.load(path, weights_only=True) == {"n": 1} and os.listdir(tmp_path) == ["big.pth"]
 
 
 def test_unwritable_checkpoint_folder_is_a_clear_error(demo, tmp_path):

@@ -7,6 +7,7 @@ import torch
 from conftest import mobilenet_weights, options
 
 from beam_search import caption_features
+from captions import Habits
 from config import UserError
 from dataset import CaptionSplit
 from encoder import Encoder, TrainingImages
@@ -48,10 +49,11 @@ def test_a_finetuned_checkpoint_captions_with_its_own_encoder(demo, finetuned, t
     assert not errors and len(captions) == 4
 
     model, vocab = model_from_checkpoint(finetuned, path), finetuned["ix2word"]
+    habits = Habits(tuple(finetuned["unfinished"]), tuple(finetuned["repeatable"]))
 
     def beams_with(trunk):
         _, regions, _ = next(encode_images(trunk.eval(), "mobilenet_v2", images, torch.device("cpu"), 8, 0, grid=7))
-        return caption_features(model, regions, vocab, type(demo)(**opt), unfinished=finetuned["unfinished"])
+        return caption_features(model, regions, vocab, type(demo)(**opt), habits=habits)
 
     own = build_backbone("mobilenet_v2", "none")
     own.load_state_dict(finetuned["encoder"])
