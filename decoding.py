@@ -131,14 +131,17 @@ def cut(log_probs, temperature=1.0, top_k=0, top_p=1.0):
     top = log_probs.max(-1, keepdim=True).values  # (N, 1): 0 / temperature stays 0 at any temperature
     temperature = min(max(temperature, FLOAT32_SMALL), FLOAT32_LARGE)  # greedy below, uniform above
     probabilities = ((log_probs - top) / temperature).softmax(-1)  # (N, V)
+    # the cuts rank words by log_probs: at a high temperature their probabilities tie in float32
     if 0 < top_k < probabilities.size(-1):
-        kth = probabilities.topk(top_k, dim=-1).values[:, -1:]  # (N, 1)
-        probabilities = probabilities.masked_fill(probabilities < kth, 0.0)
+        kth = log_probs.topk(top_k, dim=-1).values[:, -1:]  # (N, 1)
+        probabilities = probabilities.masked_fill(log_probs < kth, 0.0)
     if top_p < 1:
         total = probabilities.sum(-1, keepdim=True)  # (N, 1)
-        ordered, order = probabilities.topk(min(NUCLEUS_BOUND, probabilities.size(-1)), dim=-1)  # (N, n) each
+        order = log_probs.topk(min(NUCLEUS_BOUND, probabilities.size(-1)), dim=-1).indices  # (N, n)
+        ordered = probabilities.gather(-1, order)
         if bool((ordered.sum(-1, keepdim=True) < top_p * total).any()):  # a wider nucleus: sort all words
-            ordered, order = probabilities.sort(-1, descending=True)  # (N, V) each
+            order = log_probs.argsort(-1, descending=True)  # (N, V)
+            ordered = probabilities.gather(-1, order)
         outside = ordered.cumsum(-1) - ordered >= top_p * total  # the likelier words' share is already top_p
         outside[:, 0] = False  # the likeliest word, even where top_p * total rounds to 0 in float32
         ordered = ordered.masked_fill(outside, 0.0)

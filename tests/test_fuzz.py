@@ -9,9 +9,11 @@ file or option; never a traceback or a hang, and the good files it would write o
 The `ci` profile (the default) keeps the suite short; `HYPOTHESIS_PROFILE=long python -m pytest
 tests/test_fuzz.py` runs twenty times the examples, randomised.
 """
+import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import select
 import shutil
@@ -28,14 +30,17 @@ from conftest import ROOT, command_line, mobilenet_weights, options
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from test_decoding import ending_model
 
 import config
 import data_preprocess
 import feature_extract
 import main
+from beam_search import caption_features
+from captions import load_annotations
 from config import MODEL_NAMES, MODEL_OPTIONS
 from images import ImageFiles, features_path
-from model import checksum, load_checkpoint
+from model import Ensemble, checksum, load_checkpoint
 
 settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True, database=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -789,3 +794,118 @@ def test_resuming_with_any_model_option_changed_is_refused_in_one_line(demo, she
     else:
         assert error is None
         assert load_checkpoint(str(folder / "checkpoints" / "last.pth"))["state"]["epoch"] == 2
+
+
+# --- caption files in every format, and decoding options over their whole float range ----------------
+NAMES = st.from_regex(r"[a-z0-9_]{1,8}\.jpg", fullmatch=True)
+SENTENCES = st.text(st.sampled_from("一只狗在草地上跑，。男人骑车的 ,\"'#ab1"), min_size=1, max_size=12).filter(
+    lambda text: text == text.strip())
+CAPTIONED = st.dictionaries(NAMES, st.lists(SENTENCES, min_size=1, max_size=3), min_size=1, max_size=5)
+
+
+def written(captions, kind):
+    """{image: [caption]} written as a caption file of `kind` -> its text."""
+    if kind == "ai challenger":
+        return json.dumps([{"image_id": i, "caption": c} for i, c in captions.items()], ensure_ascii=False)
+    if kind == "coco":
+        ids = {image: number for number, image in enumerate(captions)}
+        return json.dumps({"images": [{"id": ids[i], "file_name": i} for i in captions],
+                           "annotations": [{"image_id": ids[i], "caption": c} for i in captions for c in captions[i]]},
+                          ensure_ascii=False)
+    if kind == "karpathy":
+        return json.dumps({"images": [{"filename": i, "split": "train", "sentences": [{"raw": c} for c in cs]}
+                                      for i, cs in captions.items()]}, ensure_ascii=False)
+    if kind == "caption lines":
+        return "".join(f"{i}#{n} {c}\n" for i, cs in captions.items() for n, c in enumerate(cs))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter="\t" if kind == "tsv" else ",")
+    writer.writerow(["image", "caption"])
+    writer.writerows([i, c] for i, cs in captions.items() for c in cs)
+    return buffer.getvalue()
+
+
+@st.composite
+def caption_files(draw):
+    """(bytes of a caption file of any format, the entries it holds or None where it was damaged): any
+    encoding, line ends, blank lines, a header repeated mid-file, random bytes inside its structure."""
+    captions, kind = draw(CAPTIONED), draw(st.sampled_from(["ai challenger", "coco", "karpathy", "caption lines",
+                                                             "csv", "tsv"]))
+    text = written(captions, kind)
+    if kind in ("caption lines", "csv", "tsv"):
+        lines = text.splitlines(keepends=True)
+        if kind != "caption lines" and draw(st.booleans()):  # files joined with cat: the header again
+            lines.insert(draw(st.integers(1, len(lines))), lines[0])
+        text = "\n" * draw(st.integers(0, 2)) + "".join(lines)
+        if draw(st.booleans()):
+            text = text.replace("\n", "\r\n")
+    encoding = draw(st.sampled_from(["utf-8", "utf-8-sig", "gbk", "utf-16"]))
+    content = text.encode(encoding, errors="replace")
+    expected = [{"image_id": i, "caption": c} for i, c in captions.items()]
+    if content != text.encode("utf-8") and encoding != "utf-8-sig":
+        expected = None  # another encoding: refused, unless its bytes are UTF-8's
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(content)))
+        content, expected = content[:at] + draw(st.binary(min_size=1, max_size=6)) + content[at:], None
+    return content, expected
+
+
+@examples(150)
+@given(case=caption_files())
+@example(case=("image,caption\nA,一只狗在跑\nB,\"一只猫在\nc.jpg,一只鸟在飞\nd.jpg,一匹马\n".encode(), None))
+@example(case=("a.jpg#0 狗\n2903617548_d3e38d7f88.jpg#7一只猫在跑\n".encode(), None))
+def test_any_caption_file_reads_as_written_or_is_refused_in_one_line(tmp_path_factory, case):
+    content, expected = case
+    path = tmp_path_factory.mktemp("formats") / "captions"
+    path.write_bytes(content)
+    try:
+        entries = load_annotations(str(path))
+    except config.UserError as error:
+        assert str(error).startswith(f"{path}: ") and "\n" not in str(error), error
+        assert expected is None, error  # a well-formed file is never refused
+        return
+    if expected is not None:
+        assert [(e["image_id"], e["caption"]) for e in entries] == [(e["image_id"], e["caption"]) for e in expected]
+    assert all(entry["image_id"] not in ("image", "image_id") for entry in entries)  # no header as an image
+
+
+NINE_WORDS = ["</PAD>", "</EOS>", "</UNKNOWN>", "a", "b", "c", "d", "e", "f"]
+EDGES = [5e-324, 1e-300, 1e-50, 1e-9, 1.0, 1e9, 1e39, 1e300, 1.7e308]
+
+
+@st.composite
+def decoding_options(draw):
+    """Options of one decoding method, each float anywhere in its range, its edges and beyond float32's."""
+    method = draw(st.sampled_from(["beam", "greedy", "sample", "diverse"]))
+    positive = st.sampled_from(EDGES) | st.floats(min_value=5e-324, allow_infinity=False)
+    options = {"decoding": method, "max_gen_len": 10}
+    if method == "sample":
+        options.update(temperature=draw(positive), top_p=draw(st.sampled_from([5e-324, 1e-300, 1e-9, 0.5, 1.0])
+                                                                | st.floats(5e-324, 1.0)),
+                       top_k=draw(st.integers(0, 12)), n_best=draw(st.integers(1, 4)), seed=draw(st.integers(0, 9)))
+    if method in ("beam", "diverse"):
+        options.update(beam_size=draw(st.sampled_from([2, 4])), n_best=2)
+    if method == "diverse":
+        options.update(diversity_groups=2, diversity_lambda=draw(st.just(0.0) | positive))
+    return options
+
+
+@examples(100)
+@given(options=decoding_options(), ensemble=st.booleans())
+@example(options={"decoding": "sample", "temperature": 1e-50, "n_best": 3, "seed": 3, "max_gen_len": 10}, ensemble=True)
+@example(options={"decoding": "sample", "top_p": 5e-324, "n_best": 3, "seed": 3, "max_gen_len": 10}, ensemble=False)
+@example(options={"decoding": "diverse", "beam_size": 4, "n_best": 2, "diversity_groups": 2,
+                  "diversity_lambda": 1e300, "max_gen_len": 10}, ensemble=False)
+def test_any_decoding_option_gives_the_asked_captions_of_real_words(options, ensemble):
+    """Every method at any value of its options: the n-best count honoured (sample: exactly; a search: at
+    most, all different), captions of real words, none a run of one word to the maximum length."""
+    opt = config.parse(**options)
+    model, features = ending_model("attention", 3)
+    if ensemble:
+        model = Ensemble([model, ending_model("attention", 4)[0]], [features.shape[1:]] * 2)
+        features = torch.cat([features.flatten(1)] * 2, 1)
+    for image in caption_features(model, features, NINE_WORDS, opt):
+        texts = [text for text, _, _ in image]
+        assert len(texts) == opt.n_best if opt.decoding in ("sample", "greedy") else 1 <= len(texts) <= opt.n_best
+        for text, score, _ in image:
+            assert set(text) <= set("abcdef") and len(text) >= 1 and math.isfinite(score), (text, score)
+            assert not (len(text) == opt.max_gen_len and len(set(text)) == 1), text
