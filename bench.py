@@ -349,7 +349,7 @@ def train_phase(phase, batches, **options):
 def generate(count=200, work=WORK, **options):
     """Wall time and peak memory of `python main.py generate --img=ONE.jpg` as a cold process, and
     images/s of captioning a folder of `count` photos."""
-    from main import caption_images
+    from captioning import caption_images
     opt = _bench_data(parse(**options), work)
     checkpoint = _checkpoint(opt, work)
     paths = _image_paths(opt, work)[:count]

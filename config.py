@@ -174,6 +174,16 @@ class Config:
     results: str = option("", None, "evaluate an existing results JSON instead of a model")
     metrics_path: str = option("", None, "evaluate: write the scores JSON here")
 
+    # --- serving (main.py serve) ---
+    host: str = option("127.0.0.1", ("127.0.0.1", "0.0.0.0", "::"), "serve: the address to listen on (0.0.0.0: "
+                                                                     "every network the machine is on)")
+    port: int = option(8080, "[1024, 65535]", "serve: the port to listen on")
+    max_batch_size: int = option(16, "[1, 256]", "serve: photos captioned together at most (1: no batching)")
+    batch_timeout: float = option(0.02, "[0, 10]", "serve: seconds a photo may wait for others to fill a batch")
+    max_queue: int = option(64, "[1, 100000]", "serve: requests waiting or being captioned at most; more are "
+                                               "answered 503 with Retry-After")
+    max_upload_mb: float = option(20.0, "(0, 1000]", "serve: the largest photo upload, in MB")
+
 
 _DECODING = "decoding beam_size n_best temperature top_k top_p diversity_groups diversity_lambda no_repeat"
 _GENERATION = (f"model_ckpt checkpoint_dir {_DECODING} seed max_gen_len min_len length_norm ending_rule quantize "
@@ -196,6 +206,7 @@ COMMAND_OPTIONS = {
     "generate": f"img output attention_map {_GENERATION}",
     "evaluate": f"annotation_file split img_path results output metrics_path caption_data_path {_GENERATION}",
     "replay": "log log_dir env vis_server vis_port",
+    "serve": f"host port max_batch_size batch_timeout max_queue max_upload_mb {_GENERATION}",
 }
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # The options that shape a model: a checkpoint's must be valid; its others may take their defaults.
@@ -326,6 +337,16 @@ def check_read_by_decoding(opt: Config, command_name):
             readers = " or ".join(f"--decoding={method}" for method in methods)
             raise UserError(f"--{_dashed(name)} is read by {readers} only, not --decoding={opt.decoding}; "
                             "leave it out or choose that decoding")
+
+
+def updated(opt: Config, **values) -> Config:
+    """opt with some options changed, each value as typed (text) or of its type, checked as the command
+    line is; UserError for an unknown option or a bad value."""
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise UserError(f"unknown option {unknown[0]}")
+    return check(dataclasses.replace(opt, **{name: _coerce(value, FIELDS[name].type, name)
+                                             for name, value in values.items()}))
 
 
 def _problem(value, valid):

@@ -120,10 +120,15 @@ def _bounded(image):
 
 
 def seen_photo(path):
-    """What a backbone sees of a photo (its centre square), IMAGE_SIZE x IMAGE_SIZE, as an RGB PIL
-    image: attention maps are drawn over it."""
+    """What a backbone sees of a photo file (its centre square): see seen_image."""
+    return seen_image(load_image(path))
+
+
+def seen_image(image):
+    """What a backbone sees of an RGB PIL image (its centre square), IMAGE_SIZE x IMAGE_SIZE, as an RGB
+    PIL image: attention maps are drawn over it."""
     transform = ImageTransform(IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD)
-    return Image.fromarray(transform.crop(load_image(path)).numpy())
+    return Image.fromarray(transform.crop(image).numpy())
 
 
 def image_transform(backbone="mobilenet_v2"):
@@ -137,10 +142,11 @@ UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Im
 
 
 def load_image(path, at_least=0):
-    """Open any image PIL can read as upright RGB; raises one of UNREADABLE for bad files. Given
+    """Open any image PIL can read (a path or a file object) as upright RGB; raises one of UNREADABLE for
+    bad files. Given
     at_least, a JPEG whose sides are both twice that or more is decoded at 1/2, 1/4 or 1/8 of its size
     (libjpeg's DCT scaling), its sides still at least `at_least`: a 1024x768 photo 2.4-3.4x faster."""
-    if os.path.exists(path) and not os.path.isfile(path):
+    if isinstance(path, str) and os.path.exists(path) and not os.path.isfile(path):
         raise OSError("not a regular file")  # a folder, a FIFO (reading it would hang), a device
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -404,16 +410,22 @@ def encode_images(network, backbone, paths, device, batch_size, num_workers, gri
     loader = DataLoader(files, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
                         worker_init_fn=_lowest_priority if on_cpu else None)
     for pixels, errors in loader:  # pixels: (B, S, S, 3) uint8
-        pixels = pixels.to(device, non_blocking=True)
-        # TorchScript's optimizing executor profiles and rewrites the graph in the first calls: on a CPU,
-        # where it fuses nothing, that costs generate 90 ms and a few MB for no gain. (Entered around
-        # each batch, never across a yield: an ensemble's streams of images interleave.)
-        with torch.autocast(device.type, enabled=not on_cpu), torch.jit.optimized_execution(not on_cpu):
-            feature_map = network(files.transform.normalize(pixels)).float()  # (B, F, S/32, S/32)
-        grid_features = regions(feature_map, grid).half().float().cpu() if grid else None
-        features = pooled(feature_map).half().float().cpu()
-        del pixels, feature_map  # (B, F, h, w) and the image pixels, freed before the caller works
-        yield features, grid_features, list(errors)
+        yield (*encode_pixels(network, files.transform, pixels, device, grid), list(errors))
+
+
+@torch.inference_mode()
+def encode_pixels(network, transform, pixels, device, grid=0):
+    """uint8 pixels (B, S, S, 3), cropped by the backbone's transform -> pooled (B, F) and regions
+    (B, grid*grid, F) or None, float32 rounded to the float16 features are stored in."""
+    on_cpu = device.type == "cpu"
+    pixels = pixels.to(device, non_blocking=True)
+    # TorchScript's optimizing executor profiles and rewrites the graph in the first calls: on a CPU,
+    # where it fuses nothing, that costs generate 90 ms and a few MB for no gain. (Entered around
+    # each batch, never across a yield: an ensemble's streams of images interleave.)
+    with torch.autocast(device.type, enabled=not on_cpu), torch.jit.optimized_execution(not on_cpu):
+        feature_map = network(transform.normalize(pixels)).float()  # (B, F, S/32, S/32)
+    grid_features = regions(feature_map, grid).half().float().cpu() if grid else None
+    return pooled(feature_map).half().float().cpu(), grid_features
 
 
 def _lowest_priority(_worker):

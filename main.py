@@ -6,41 +6,22 @@
     python main.py evaluate --annotation-file=val.json --img-path=images/
     python main.py evaluate --results=results.json --annotation-file=val.json
     python main.py replay --log=logs/caption.visdom.log
+    python main.py serve --port=8080                     # a page and POST /caption at http://127.0.0.1:8080/
     python main.py help
 """
-import dataclasses
 import glob
 import os
 import sys
 import time
 
 import fire
-import torch
 
 import config
-from beam_search import caption_features
-from captions import Habits
+from captioning import caption_images
 from config import Config, UserError, command
 from files import check_output_file, check_output_folder, read_json, write_json
-from images import (
-    build_backbone,
-    encode_images,
-    load_backbone,
-    pick_device,
-    prepare_backbone,
-    release_freed_memory,
-    seen_photo,
-)
-from model import (
-    READS_REGIONS,
-    CaptionModel,
-    Ensemble,
-    TransformerModel,
-    find_checkpoints,
-    load_checkpoint,
-    model_from_checkpoint,
-    quantized,
-)
+from images import seen_photo
+from model import READS_REGIONS, find_checkpoints, load_checkpoint
 
 # Each command imports what only it needs (training, metrics, drawing) when it runs: `generate`
 # starts fast.
@@ -65,118 +46,6 @@ def list_images(pattern):
     else:
         return [pattern]
     return sorted(path for path in paths if os.path.isfile(path))
-
-
-@dataclasses.dataclass
-class Captioner:
-    """A checkpoint's model, ready to caption, with what its features are: `encoding` (backbone, its
-    weights or the checkpoint of its fine-tuned one, grid) runs once for all models that share it, and
-    `shape` is the features of one image, (F,) pooled or (R, F) regions."""
-
-    model: object
-    ix2word: list
-    encoding: tuple
-    shape: tuple
-    habits: Habits  # what its training captions never do (see captions.Habits)
-
-
-def load_captioner(path, opt: Config, device):
-    """A checkpoint -> its Captioner, and the checkpoint (for its backbone)."""
-    checkpoint = load_checkpoint(path)
-    model = model_from_checkpoint(checkpoint, path, device).to(device)
-    if opt.quantize:
-        if device.type != "cpu":
-            raise UserError("--quantize is for CPU inference; add --use-gpu=false")
-        if isinstance(model, TransformerModel):
-            raise UserError(f"{path}: --quantize is for the LSTM models (pooled, attention), not the transformer")
-        model = quantized(model)
-    feature = checkpoint["feature"]
-    grid = feature.get("grid", 0) if not isinstance(model, CaptionModel) else 0
-    encoding = (feature["backbone"], path if "encoder" in checkpoint else feature["weights"], grid)
-    shape = (grid * grid, feature["feature_dim"]) if grid else (feature["feature_dim"],)
-    repeatable = checkpoint.get("repeatable")  # None in older checkpoints: every word may repeat
-    habits = Habits(tuple(checkpoint.get("unfinished", [])), None if repeatable is None else tuple(repeatable))
-    return Captioner(model, checkpoint["ix2word"], encoding, shape, habits), checkpoint
-
-
-def ensemble_habits(captioners):
-    """An ensemble's habits: it ends on no member's unfinished word and repeats only what every member may."""
-    repeatable = [set(c.habits.repeatable) for c in captioners if c.habits.repeatable is not None]
-    return Habits(tuple(sorted(set().union(*(c.habits.unfinished for c in captioners)))),
-                  tuple(sorted(set.intersection(*repeatable))) if repeatable else None)
-
-
-def load_captioners(opt: Config, device):
-    """The model of --model-ckpt (an Ensemble of several), its vocabulary, its Captioners and the
-    prepared backbones, by (backbone, weights)."""
-    captioners, backbones = [], {}
-    paths = find_checkpoints(opt)
-    for path in paths:
-        captioner, checkpoint = load_captioner(path, opt, device)
-        if captioners and captioner.ix2word != captioners[0].ix2word:
-            raise UserError(f"{path} and {paths[0]}: their vocabularies differ ({len(captioner.ix2word)} and "
-                            f"{len(captioners[0].ix2word)} words); an ensemble's models must share one (train them "
-                            "on the same caption .pth)")
-        network = captioner.encoding[:2]  # backbone and weights: prepared once, whatever the grids
-        if network not in backbones:
-            backbones[network] = prepare_backbone(checkpoint_backbone(checkpoint, path), network[0], device)
-        captioners.append(captioner)
-        del checkpoint  # the model keeps its mapped weights; the rest (the optimizer state) is let go
-    models = [captioner.model for captioner in captioners]
-    model = models[0] if len(models) == 1 else Ensemble(models, [captioner.shape for captioner in captioners])
-    return model, captioners[0].ix2word, captioners, backbones
-
-
-def caption_images(paths, opt: Config, timing=None):
-    """paths -> ({path: n-best [(caption, score, attention)]}, {path: error}) with the checkpoint's model (or
-    the ensemble of several), decoded by --decoding; a `timing` dict gets the seconds spent decoding."""
-    device = pick_device(opt.use_gpu)
-    model, ix2word, captioners, backbones = load_captioners(opt, device)
-    encodings = list(dict.fromkeys(captioner.encoding for captioner in captioners))
-    habits = ensemble_habits(captioners)
-    streams = [encode_images(backbones[encoding[:2]], encoding[0], paths, device, opt.batch_size, opt.num_workers,
-                             encoding[2]) for encoding in encodings]
-    captions, errors = {}, {}
-    done = 0
-    for encoded in zip(*streams):  # per encoding, the same images: (pooled, regions or None, errors)
-        batch_errors = [next(filter(None, image_errors), "") for image_errors in zip(*(e for *_, e in encoded))]
-        batch_paths, done = paths[done:done + len(batch_errors)], done + len(batch_errors)
-        errors.update((path, error) for path, error in zip(batch_paths, batch_errors) if error)
-        readable = [i for i, error in enumerate(batch_errors) if not error]
-        if readable:
-            features = [_features(encoded[encodings.index(c.encoding)], readable, device) for c in captioners]
-            features = features[0] if len(features) == 1 else torch.cat([f.flatten(1) for f in features], 1)
-            if not captions:  # the first search is about to map the decoder's weights in
-                release_freed_memory()
-            started = time.perf_counter()
-            beams = caption_features(model, features, ix2word, opt, habits=habits)
-            if timing is not None:
-                timing["decoding"] = timing.get("decoding", 0.0) + time.perf_counter() - started
-            captions.update(zip([batch_paths[i] for i in readable], beams))
-    return captions, errors
-
-
-def _features(encoded, rows, device):
-    """One encoding's batch (pooled, regions or None, errors) -> the features of those rows, (B', F) or (B', R, F)."""
-    pooled, regions, _ = encoded
-    return (pooled if regions is None else regions)[rows].to(device)
-
-
-def checkpoint_backbone(checkpoint, path):
-    """The encoder a checkpoint was trained with: its own fine-tuned one, or the features' backbone
-    with its pretrained weights."""
-    feature = checkpoint["feature"]
-    if "encoder" not in checkpoint:
-        try:
-            return load_backbone(feature["backbone"], feature["weights"])
-        except UserError as error:
-            raise UserError(f"{path}: its backbone cannot be loaded: {error}") from None
-    trunk = build_backbone(feature["backbone"], "none")
-    try:
-        trunk.load_state_dict(checkpoint["encoder"])
-    except (RuntimeError, TypeError, AttributeError, ValueError) as error:
-        raise UserError(f"{path}: its fine-tuned encoder is not {feature['backbone']}'s ({str(error)[:150]})") from None
-    return trunk
 
 
 @command
@@ -356,6 +225,13 @@ def replay(opt: Config):
     print(f"replayed {log} into {opt.vis_server}:{opt.vis_port}, environment {', '.join(environments)}")
 
 
+@command
+def serve(opt: Config):
+    """Serve --model-ckpt over HTTP at --host:--port: a page to drop photos on, POST /caption for programs."""
+    from serve import run
+    run(opt)
+
+
 def help():
     """List every option of the toolkit with its default, valid values and what it does."""
     print(__doc__)
@@ -363,7 +239,8 @@ def help():
 
 
 if __name__ == "__main__":
-    fire.Fire({"train": train, "generate": generate, "evaluate": evaluate, "replay": replay, "help": help})
+    fire.Fire({"train": train, "generate": generate, "evaluate": evaluate, "replay": replay, "serve": serve,
+               "help": help})
     if sys.argv[1:2] == ["generate"]:
         # Python's teardown of torch's modules allocates ~130 MB (on 2.14) to free what the OS frees
         # anyway; generate has written and closed its files, so it leaves at once: a lower peak.

@@ -12,9 +12,10 @@ import pytest
 import torch
 from conftest import ROOT, command_line, options
 
+from captioning import caption_images
 from feature_extract import extract
 from images import features_path
-from main import caption_images, list_images, train
+from main import list_images, train
 from model import load_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA checks did not run")

@@ -7,12 +7,13 @@ import torch
 from conftest import mobilenet_weights, options
 
 from beam_search import caption_features
+from captioning import caption_images
 from captions import Habits
 from config import UserError
 from dataset import CaptionSplit
 from encoder import Encoder, TrainingImages
 from images import build_backbone, encode_images
-from main import caption_images, train
+from main import train
 from model import load_checkpoint, model_from_checkpoint
 
 pretrained = pytest.mark.skipif(mobilenet_weights() == "none", reason="needs the MobileNetV2 weights of install.sh")
