@@ -6,10 +6,14 @@
     python bench.py extract             # feature_extract.py's pipeline against the bare backbone
     python bench.py train               # captions/s, memory and where the time goes
     python bench.py generate            # `main.py generate` for one photo (cold) and for a folder
+    python bench.py serve               # `main.py serve` under 1, 8 and 32 clients, batching on and off
 
 Data: `--caption-data-path`/`--val-caption-data-path` with their features and `--img-path` (e.g. the
 Flickr8k-CN recipe's); by default a demo set made in `--work` (data/bench). Runs on CUDA when there is one.
 """
+import collections
+import concurrent.futures
+import contextlib
 import cProfile
 import dataclasses
 import json
@@ -17,6 +21,8 @@ import math
 import os
 import pstats
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -367,6 +373,91 @@ def generate(count=200, work=WORK, **options):
     return row
 
 
+# --- serve ----------------------------------------------------------------------------------------
+def serve(seconds=20, clients=(1, 8, 32), work=WORK, **options):
+    """Requests/s, latency percentiles and errors of `main.py serve` under 1, 8 and 32 concurrent clients
+    (each sending photos of --img-path one after the other for `seconds`), with batching (--max-batch-size,
+    default 16) and without it (1); against `main.py generate` run once per photo."""
+    opt = _bench_data(parse(**options), work)
+    checkpoint, paths = _checkpoint(opt, work), _image_paths(opt, work)[:64]
+    photos = [open(path, "rb").read() for path in paths]
+    rows = []
+    for batch in (opt.max_batch_size, 1):
+        with _server(checkpoint, batch, opt.max_queue) as url:
+            for count in clients if isinstance(clients, (tuple, list)) else [clients]:  # --clients=1,8 or 8
+                rows.append({"max_batch_size": batch, "clients": count, **_drive(url, photos, count, seconds)})
+    took = []
+    for path in paths[:3]:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "main.py", "generate", f"--img={path}", f"--model-ckpt={checkpoint}"],
+                       check=True, capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        took.append(1000 * (time.perf_counter() - started))
+    rows.append({"max_batch_size": "generate per photo", "clients": 1, "requests": 3,
+                 "requests_per_s": 3000 / sum(took), "p50_ms": statistics.median(took), "p95_ms": max(took),
+                 "p99_ms": max(took), "errors": 0, "shed_503": 0})
+    _table("serve (requests/s, latency in ms)", rows)
+    return rows
+
+
+@contextlib.contextmanager
+def _server(checkpoint, batch, queue):
+    """`main.py serve` on a free loopback port while the block runs -> its address."""
+    import requests
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "main.py", "serve", f"--model-ckpt={checkpoint}", f"--port={port}",
+                                f"--max-batch-size={batch}", f"--max-queue={queue}"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, cwd=os.path.dirname(os.path.abspath(__file__)),
+                               start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while not _answers(requests, f"{url}/health"):
+            if process.poll() is not None or time.time() > deadline:
+                sys.exit("bench serve: the server did not start")
+            time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait()
+
+
+def _answers(requests, url):
+    try:
+        return requests.get(url, timeout=1).ok
+    except requests.RequestException:
+        return False
+
+
+def _drive(url, photos, clients, seconds):
+    """`clients` threads, each POSTing photos one after another for `seconds` -> requests/s, latency
+    percentiles (ms) of the answered ones, and the count of errors and of deliberate 503s."""
+    import requests
+    deadline, latencies, statuses = time.perf_counter() + seconds, [], collections.Counter()
+
+    def client(number):
+        with requests.Session() as session:
+            sent = number
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                answer = session.post(f"{url}/caption", data=photos[sent % len(photos)], timeout=60,
+                                      headers={"content-type": "image/jpeg"})
+                statuses[answer.status_code] += 1
+                if answer.ok:
+                    latencies.append(1000 * (time.perf_counter() - started))
+                sent += clients
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    percentiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
+    return {"requests": len(latencies), "requests_per_s": len(latencies) / (time.perf_counter() - started),
+            "p50_ms": percentiles[49], "p95_ms": percentiles[94], "p99_ms": percentiles[98],
+            "errors": sum(count for status, count in statuses.items() if status not in (200, 503)),
+            "shed_503": statuses[503]}
+
+
 # A child's peak memory as the kernel counts it (ru_maxrss) starts from its parent's size at fork:
 # run the command from a small Python process so that only the command's own memory shows.
 PEAK_OF = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
@@ -478,6 +569,6 @@ if __name__ == "__main__":
     try:
         fire.Fire({name: _printing_only(function) for name, function in [
             ("all", run_all), ("beam", beam), ("cache", cache), ("extract", extract), ("train", train),
-            ("generate", generate), ("train_phase", train_phase)]})
+            ("generate", generate), ("serve", serve), ("train_phase", train_phase)]})
     except UserError as error:
         sys.exit(f"error: {error}")

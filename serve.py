@@ -236,7 +236,13 @@ class CaptionAPI(litserve.LitAPI):
         return inputs
 
     def predict(self, inputs):
-        """[(photo, options, attention?)] -> [(its captions, the batch's seconds and size)]."""
+        """[(photo, options, attention?)] (without batching, one of them) -> per photo its captions, with the
+        batch's seconds and size."""
+        if self.max_batch_size == 1:  # LitServe then hands over one request, not a list
+            return self.caption([inputs])[0]
+        return self.caption(inputs)
+
+    def caption(self, inputs):
         started, groups = time.perf_counter(), collections.defaultdict(list)
         for index, (_, opt, _) in enumerate(inputs):
             groups[tuple(getattr(opt, name) for name in REQUEST_OPTIONS)].append(index)
