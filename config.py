@@ -172,7 +172,8 @@ class Config:
     attention_map: str = option("", None, "generate: write each image's attention maps (attention model) as a "
                                           "PNG into this folder")
     results: str = option("", None, "evaluate an existing results JSON instead of a model")
-    metrics_path: str = option("", None, "evaluate: write the scores JSON here")
+    metrics_path: str = option("", None, "evaluate, compare: write the scores JSON here")
+    resamples: int = option(1000, "[100, 1000000]", "compare: bootstrap resamples of the images")
 
     # --- serving (main.py serve) ---
     host: str = option("127.0.0.1", ("127.0.0.1", "0.0.0.0", "::"), "serve: the address to listen on (0.0.0.0: "
@@ -205,6 +206,7 @@ COMMAND_OPTIONS = {
              f"{_DECODING} max_gen_len min_len length_norm ending_rule pretrain_epoch",
     "generate": f"img output attention_map {_GENERATION}",
     "evaluate": f"annotation_file split img_path results output metrics_path caption_data_path {_GENERATION}",
+    "compare": "results annotation_file split resamples seed metrics_path",
     "replay": "log log_dir env vis_server vis_port",
     "serve": f"host port max_batch_size batch_timeout max_queue max_upload_mb {_GENERATION}",
 }

@@ -5,6 +5,7 @@
     python main.py generate --img=photo.jpg --attention-map=maps/   # where an attention model looked
     python main.py evaluate --annotation-file=val.json --img-path=images/
     python main.py evaluate --results=results.json --annotation-file=val.json
+    python main.py compare --results=a.json,b.json --annotation-file=val.json   # B - A, 95% paired intervals
     python main.py replay --log=logs/caption.visdom.log
     python main.py serve --port=8080                     # a page and POST /caption at http://127.0.0.1:8080/
     python main.py help
@@ -207,6 +208,43 @@ def caption_references(references, opt: Config):
 
 
 @command
+def compare(opt: Config):
+    """Two results files of the same images (--results=A.json,B.json) against --annotation-file: each
+    system's CIDEr-D, BLEU-4 and ROUGE-L, B - A with its 95% paired-bootstrap interval over the images
+    (--resamples, --seed), and the images where B's CIDEr-D wins, ties and loses."""
+    from captions import load_annotations
+    from metrics import image_statistics, paired_bootstrap
+    paths = [path.strip() for path in opt.results.split(",")] if opt.results else []
+    if len(paths) != 2 or not all(paths) or not opt.annotation_file:
+        raise UserError("give two results files of the same images, --results=A.json,B.json, and their references, "
+                        "--annotation-file=val.json")
+    first, second = (read_results(path) for path in paths)
+    if set(first) != set(second):
+        only = sorted(set(first) ^ set(second))
+        raise UserError(f"{paths[0]} and {paths[1]} caption different images ({len(only)} in one only, e.g. "
+                        f"{only[0]!r}); compare results of the same images")
+    references = {entry["image_id"]: entry["caption"] for entry in load_annotations(opt.annotation_file, opt.split)}
+    missing = [image_id for image_id in first if image_id not in references]
+    if missing:
+        raise UserError(f"{opt.annotation_file}: no references for {len(missing)} of the images, e.g. {missing[0]!r}")
+    second = {image_id: second[image_id] for image_id in first}  # the same order
+    table = paired_bootstrap(image_statistics(first, references), image_statistics(second, references),
+                             opt.resamples, opt.seed)
+    print(f"{len(first)} images; A = {paths[0]}, B = {paths[1]}; 95% intervals of B - A from {opt.resamples} "
+          f"paired resamples of the images (seed {opt.seed})")
+    print(f"{'score':<8} {'A':>7} {'B':>7} {'B - A':>8}  95% interval")
+    for name, row in table.items():
+        if name != "images":
+            low, high = row["interval"]
+            print(f"{name:<8} {row['first']:7.4f} {row['second']:7.4f} {row['difference']:+8.4f}  "
+                  f"[{low:+.4f}, {high:+.4f}]")
+    images = table["images"]
+    print(f"CIDEr-D per image, B against A: {images['wins']} wins, {images['ties']} ties, {images['losses']} losses")
+    if opt.metrics_path:
+        write_json(table, opt.metrics_path)
+
+
+@command
 def replay(opt: Config):
     """Post a dashboard recorded without a server (logs/<env>.visdom.log) to a running Visdom."""
     import requests
@@ -239,8 +277,8 @@ def help():
 
 
 if __name__ == "__main__":
-    fire.Fire({"train": train, "generate": generate, "evaluate": evaluate, "replay": replay, "serve": serve,
-               "help": help})
+    fire.Fire({"train": train, "generate": generate, "evaluate": evaluate, "compare": compare, "replay": replay,
+               "serve": serve, "help": help})
     if sys.argv[1:2] == ["generate"]:
         # Python's teardown of torch's modules allocates ~130 MB (on 2.14) to free what the OS frees
         # anyway; generate has written and closed its files, so it leaves at once: a lower peak.

@@ -6,7 +6,9 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor import meteor
 from pycocoevalcap.rouge.rouge import Rouge
@@ -105,3 +107,62 @@ def caption_statistics(results, training):
     return {"mean_length": sum(map(len, words)) / len(words),
             "unfinished": sum(bool(w) and w[-1] in unfinished for w in words) / len(words),
             "copied_from_training": sum(caption in seen for caption in captions) / len(captions)}
+
+
+# --- paired comparison of two systems on the same images (Koehn, 2004) ------------------------------
+BOOTSTRAPPED = ("CIDEr-D", "BLEU-4", "ROUGE-L")
+
+
+def image_statistics(results, references):
+    """What each image adds to a score, images in the order of `results`: CIDEr-D and ROUGE-L per image
+    (the scores are their means) and BLEU's sufficient statistics (the score is a function of their sum):
+    {"CIDEr-D": (N,), "ROUGE-L": (N,), "BLEU-4": (N, 10): test length, closest reference length, guessed
+    and correct 1..4-grams}, as pycocoevalcap counts them."""
+    images = list(results)
+    candidates = {image_id: [segment(results[image_id]) or "</EMPTY>"] for image_id in images}
+    truths = {image_id: [segment(ref) for ref in references[image_id]] for image_id in images}
+    _, cider = Cider().compute_score(truths, candidates)
+    _, rouge = Rouge().compute_score(truths, candidates)
+    scorer = BleuScorer(n=4)
+    for image_id in images:
+        scorer += (candidates[image_id][0], truths[image_id])
+    bleu = [[comps["testlen"], scorer._single_reflen(comps["reflen"], "closest", comps["testlen"]),
+             *comps["guess"], *comps["correct"]] for comps in scorer.ctest]
+    return {"CIDEr-D": np.asarray(cider, dtype=np.float64), "ROUGE-L": np.asarray(rouge, dtype=np.float64),
+            "BLEU-4": np.asarray(bleu, dtype=np.float64)}
+
+
+def bleu4(statistics):
+    """BLEU-4 of summed sufficient statistics (..., 10), as pycocoevalcap's corpus BLEU computes it."""
+    testlen, reflen, guess, correct = statistics[..., 0], statistics[..., 1], statistics[..., 2:6], statistics[..., 6:]
+    precision = np.prod((correct + 1e-15) / (guess + 1e-9), axis=-1) ** 0.25
+    ratio = (testlen + 1e-15) / (reflen + 1e-9)
+    return precision * np.where(ratio < 1, np.exp(1 - 1 / ratio), 1.0)
+
+
+def score_of(name, statistics, weights=None):
+    """A score from image_statistics' `statistics` of it, each image counted by `weights` (R, N) (a
+    bootstrap resample per row; None: each once) -> the score, or (R,) scores."""
+    counts = np.ones(len(statistics)) if weights is None else weights
+    if name == "BLEU-4":
+        return bleu4(counts @ statistics)
+    return counts @ statistics / len(statistics)
+
+
+def paired_bootstrap(first, second, resamples=1000, seed=0):
+    """Two systems' image_statistics on the same images -> per score of BOOTSTRAPPED (each system's score,
+    the difference second - first, and its 95% interval over `resamples` resamples of the images, the
+    same images for both: Koehn's paired bootstrap), and per-image CIDEr-D wins, ties, losses of second."""
+    images = len(first["CIDEr-D"])
+    weights = np.random.default_rng(seed).multinomial(images, np.full(images, 1 / images), size=resamples)  # (R, N)
+    table = {}
+    for name in BOOTSTRAPPED:
+        differences = score_of(name, second[name], weights) - score_of(name, first[name], weights)
+        low, high = np.percentile(differences, [2.5, 97.5])
+        table[name] = {"first": float(score_of(name, first[name])), "second": float(score_of(name, second[name])),
+                       "difference": float(score_of(name, second[name]) - score_of(name, first[name])),
+                       "interval": (float(low), float(high))}
+    delta = second["CIDEr-D"] - first["CIDEr-D"]
+    table["images"] = {"wins": int((delta > 1e-9).sum()), "ties": int((abs(delta) <= 1e-9).sum()),
+                       "losses": int((delta < -1e-9).sum())}
+    return table
