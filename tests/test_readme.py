@@ -13,9 +13,9 @@ import config
 
 GUIDES = ("README.md", "README.zh-CN.md")
 COMMANDS = {"data_preprocess.py": {"process"}, "feature_extract.py": {"extract"},
-            "main.py": {"train", "generate", "evaluate", "replay", "help"},
+            "main.py": {"train", "generate", "evaluate", "compare", "replay", "serve", "help"},
             "visdom_server.py": {"start", "install_static"},
-            "bench.py": {"all", "beam", "extract", "train", "generate"}, "demo_data.py": {"make"}}
+            "bench.py": {"all", "beam", "extract", "train", "generate", "serve"}, "demo_data.py": {"make"}}
 
 
 def guide_text(guide):
@@ -45,7 +45,7 @@ def test_readme_command_parses(guide, line):
     if file in ("visdom_server.py", "bench.py", "demo_data.py"):
         return  # their own options, not config's
     values = dict(option[2:].split("=", 1) if "=" in option else (option[2:], True) for option in options)
-    config.parse(**values)  # raises UserError for an unknown option or a bad value
+    config.check_read_by_decoding(config.parse(**values), command)  # UserError: unknown, bad or unread option
 
 
 @pytest.mark.parametrize("guide", GUIDES)
