@@ -174,6 +174,9 @@ class Config:
     results: str = option("", None, "evaluate an existing results JSON instead of a model")
     metrics_path: str = option("", None, "evaluate, compare: write the scores JSON here")
     resamples: int = option(1000, "[100, 1000000]", "compare: bootstrap resamples of the images")
+    retrieval_ckpt: str = option("", None, "the image-caption retrieval model (main.py retrieval writes it): "
+                                          "evaluate reports how often a caption finds its own photo")
+    retrieval_epoch: int = option(15, "[1, 10000]", "main.py retrieval: training epochs")
 
     # --- serving (main.py serve) ---
     host: str = option("127.0.0.1", ("127.0.0.1", "0.0.0.0", "::"), "serve: the address to listen on (0.0.0.0: "
@@ -205,8 +208,10 @@ COMMAND_OPTIONS = {
              "debug_file env vis_server vis_port vis_timeout plot_every log_dir batch_size num_workers "
              f"{_DECODING} max_gen_len min_len length_norm ending_rule pretrain_epoch",
     "generate": f"img output attention_map {_GENERATION}",
-    "evaluate": f"annotation_file split img_path results output metrics_path caption_data_path {_GENERATION}",
-    "compare": "results annotation_file split resamples seed metrics_path",
+    "evaluate": f"annotation_file split img_path results output metrics_path caption_data_path retrieval_ckpt "
+                f"val_caption_data_path {_GENERATION}",
+    "compare": "results annotation_file split resamples seed metrics_path retrieval_ckpt val_caption_data_path",
+    "retrieval": "caption_data_path val_caption_data_path retrieval_ckpt retrieval_epoch lr batch_size seed",
     "replay": "log log_dir env vis_server vis_port",
     "serve": f"host port max_batch_size batch_timeout max_queue max_upload_mb {_GENERATION}",
 }

@@ -150,6 +150,7 @@ def evaluate(opt: Config):
             check_output_file(output, inputs=[opt.annotation_file, opt.results, *photos,
                                               *([] if opt.results else find_checkpoints(opt))])
     training = load_caption_data(opt.caption_data_path) if os.path.isfile(opt.caption_data_path) else None  # first
+    check_retrieval_options(opt)
     results, decoding = (read_results(opt.results), {}) if opt.results else caption_references(references, opt)
     try:
         scores = score_captions(results, references)
@@ -166,10 +167,35 @@ def evaluate(opt: Config):
               f"images/s in all, {decoding['decoded_per_s']:.1f} decoding alone")
     statistics = training_statistics(results, training, opt.caption_data_path)
     print(format_table(scores))
+    if opt.retrieval_ckpt:
+        statistics.update(specificity(results, references, opt))
     if opt.metrics_path:
         write_json({**scores, "images": len(results), "distinct_captions": distinct, "empty_captions": empty,
                     **statistics}, opt.metrics_path)
         print(f"scores written to {opt.metrics_path}")
+
+
+def check_retrieval_options(opt: Config):
+    """--retrieval-ckpt reads the scored photos' features from --val-caption-data-path."""
+    if opt.retrieval_ckpt and not opt.val_caption_data_path:
+        raise UserError("--retrieval-ckpt: give the scored images' encoded captions and features with "
+                        "--val-caption-data-path=caption_val.pth")
+
+
+def specificity(results, references, opt: Config):
+    """How often a caption finds its own photo among all scored photos (the retrieval model of
+    --retrieval-ckpt, photos' features from --val-caption-data-path): R@1, R@5, median rank, of the results
+    and of people's captions (each photo's first reference), printed -> {"retrieval": ..., "people_retrieval": ...}."""
+    from retrieval import load, photo_features, recall
+    model = load(opt.retrieval_ckpt)
+    images = list(results)
+    features = photo_features(model, opt.val_caption_data_path, images)
+    found = {"retrieval": recall(model.ranks([results[i] for i in images], features)),
+             "people_retrieval": recall(model.ranks([references[i][0] for i in images], features))}
+    for name, who in (("retrieval", "these captions"), ("people_retrieval", "people's (first reference)")):
+        print(f"caption -> photo among {len(images)} photos, {who}: R@1 {found[name]['R@1']:.1%}, "
+              f"R@5 {found[name]['R@5']:.1%}, median rank {found[name]['median_rank']:.0f}")
+    return found
 
 
 def training_statistics(results, training, path):
@@ -208,9 +234,21 @@ def caption_references(references, opt: Config):
 
 
 @command
+def retrieval(opt: Config):
+    """Train the image-caption retrieval model that measures how specific captions are (see retrieval.py)
+    on --caption-data-path and its pooled features -> --retrieval-ckpt."""
+    import retrieval as retrieval_model
+    if not opt.retrieval_ckpt:
+        raise UserError("name the retrieval model to write with --retrieval-ckpt=PATH")
+    check_output_file(opt.retrieval_ckpt, inputs=[opt.caption_data_path, opt.val_caption_data_path])
+    retrieval_model.train(opt)
+
+
+@command
 def compare(opt: Config):
     """Two results files of the same images (--results=A.json,B.json) against --annotation-file: each
-    system's CIDEr-D, BLEU-4 and ROUGE-L, B - A with its 95% paired-bootstrap interval over the images
+    system's CIDEr-D, BLEU-4 and ROUGE-L (with --retrieval-ckpt also caption->photo R@1 among the images,
+    features from --val-caption-data-path), B - A with its 95% paired-bootstrap interval over the images
     (--resamples, --seed), and the images where B's CIDEr-D wins, ties and loses."""
     from captions import load_annotations
     from metrics import image_statistics, paired_bootstrap
@@ -218,6 +256,7 @@ def compare(opt: Config):
     if len(paths) != 2 or not all(paths) or not opt.annotation_file:
         raise UserError("give two results files of the same images, --results=A.json,B.json, and their references, "
                         "--annotation-file=val.json")
+    check_retrieval_options(opt)
     first, second = (read_results(path) for path in paths)
     if set(first) != set(second):
         only = sorted(set(first) ^ set(second))
@@ -228,8 +267,14 @@ def compare(opt: Config):
     if missing:
         raise UserError(f"{opt.annotation_file}: no references for {len(missing)} of the images, e.g. {missing[0]!r}")
     second = {image_id: second[image_id] for image_id in first}  # the same order
-    table = paired_bootstrap(image_statistics(first, references), image_statistics(second, references),
-                             opt.resamples, opt.seed)
+    statistics = [image_statistics(system, references) for system in (first, second)]
+    if opt.retrieval_ckpt:  # and how often each caption finds its own photo (per image: 1 or 0)
+        from retrieval import load, photo_features
+        model = load(opt.retrieval_ckpt)
+        features = photo_features(model, opt.val_caption_data_path, list(first))
+        for system, found in zip((first, second), statistics):
+            found["R@1"] = (model.ranks(list(system.values()), features) <= 1).double().numpy()
+    table = paired_bootstrap(*statistics, opt.resamples, opt.seed)
     print(f"{len(first)} images; A = {paths[0]}, B = {paths[1]}; 95% intervals of B - A from {opt.resamples} "
           f"paired resamples of the images (seed {opt.seed})")
     print(f"{'score':<8} {'A':>7} {'B':>7} {'B - A':>8}  95% interval")
@@ -277,8 +322,8 @@ def help():
 
 
 if __name__ == "__main__":
-    fire.Fire({"train": train, "generate": generate, "evaluate": evaluate, "compare": compare, "replay": replay,
-               "serve": serve, "help": help})
+    fire.Fire({"train": train, "generate": generate, "evaluate": evaluate, "compare": compare,
+               "retrieval": retrieval, "replay": replay, "serve": serve, "help": help})
     if sys.argv[1:2] == ["generate"]:
         # Python's teardown of torch's modules allocates ~130 MB (on 2.14) to free what the OS frees
         # anyway; generate has written and closed its files, so it leaves at once: a lower peak.

@@ -110,9 +110,6 @@ def caption_statistics(results, training):
 
 
 # --- paired comparison of two systems on the same images (Koehn, 2004) ------------------------------
-BOOTSTRAPPED = ("CIDEr-D", "BLEU-4", "ROUGE-L")
-
-
 def image_statistics(results, references):
     """What each image adds to a score, images in the order of `results`: CIDEr-D and ROUGE-L per image
     (the scores are their means) and BLEU's sufficient statistics (the score is a function of their sum):
@@ -150,13 +147,14 @@ def score_of(name, statistics, weights=None):
 
 
 def paired_bootstrap(first, second, resamples=1000, seed=0):
-    """Two systems' image_statistics on the same images -> per score of BOOTSTRAPPED (each system's score,
-    the difference second - first, and its 95% interval over `resamples` resamples of the images, the
-    same images for both: Koehn's paired bootstrap), and per-image CIDEr-D wins, ties, losses of second."""
+    """Two systems' image_statistics on the same images (and any other per-image score whose mean is the
+    score, e.g. R@1) -> per score (each system's score, the difference second - first, and its 95%
+    interval over `resamples` resamples of the images, the same images for both: Koehn's paired
+    bootstrap), and per-image CIDEr-D wins, ties, losses of second."""
     images = len(first["CIDEr-D"])
     weights = np.random.default_rng(seed).multinomial(images, np.full(images, 1 / images), size=resamples)  # (R, N)
     table = {}
-    for name in BOOTSTRAPPED:
+    for name in first:
         differences = score_of(name, second[name], weights) - score_of(name, first[name], weights)
         low, high = np.percentile(differences, [2.5, 97.5])
         table[name] = {"first": float(score_of(name, first[name])), "second": float(score_of(name, second[name])),

@@ -158,6 +158,8 @@ def load_checkpoint(path):
 def _checkpoint_problem(checkpoint):
     """Why a loaded checkpoint dict cannot be used, or None."""
     feature, weights = checkpoint["feature"], checkpoint["model"]
+    if checkpoint.get("kind") == "retrieval":
+        return "it holds a retrieval model (main.py retrieval wrote it; give it as --retrieval-ckpt), not a captioner"
     if not isinstance(checkpoint["config"], dict):
         return "its config is not a dict of options"
     if not (isinstance(feature, dict) and feature.get("backbone") in BACKBONE_NAMES

@@ -1,0 +1,64 @@
+"""The retrieval model that measures how specific captions are: its loss, that a trained one finds a
+caption's photo, its checkpoint, and evaluate's caption->photo recall for a model's and people's captions."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import options
+
+import retrieval
+from config import UserError
+from dataset import load_split
+from main import evaluate, generate, train
+from main import retrieval as train_retrieval
+
+
+def test_the_loss_counts_the_hardest_negative_past_the_margin_only():
+    photos = torch.eye(3)
+    assert retrieval.hardest_negative_loss(photos, photos).item() == 0  # each pair 1 above the others: past 0.2
+    captions = torch.tensor([[1.0, 0.0, 0.0], [0.95, 0.31, 0.0], [0.0, 0.0, 1.0]])
+    # photo 0: its caption 1.0, caption 1 at 0.95 -> 0.15; photo 1: caption 1 at 0.31 against caption 0 at 0.0 ->
+    # no hinge; caption 1 against photo 0 (0.95 vs 0.31) -> 0.84; caption 0 against photo 1: 0 vs 1 -> none
+    assert retrieval.hardest_negative_loss(photos, captions).item() == pytest.approx(0.15 + 0.84, abs=1e-5)
+    assert retrieval.hardest_negative_loss(photos, captions, hardest=False).item() == pytest.approx(0.99, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained(demo, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("retrieval") / "retrieval.pth")
+    train_retrieval(**options(demo, retrieval_ckpt=path, retrieval_epoch=12, batch_size=32, lr=2e-3))
+    return path
+
+
+def test_a_trained_model_finds_the_photo_a_caption_describes(demo, trained):
+    model = retrieval.load(trained)
+    data, features, _, rows = load_split(demo.val_caption_data_path)
+    photos = torch.from_numpy(np.asarray(features[rows], dtype=np.float32))
+    own = model.ranks([data["sentences"][row][0] for row in rows], photos).float()
+    shuffled = model.ranks([data["sentences"][row][0] for row in np.roll(rows, 7)], photos).float()
+    assert own.mean() < 0.5 * shuffled.mean()  # a caption of the photo's shape and colour ranks it near the top
+    assert retrieval.recall(own)["R@5"] > 5 / len(rows) * 2  # at least twice chance
+
+
+def test_its_checkpoint_is_checked_and_not_taken_for_a_captioner(demo, trained, tmp_path):
+    damaged = tmp_path / "damaged.pth"
+    checkpoint = torch.load(trained, weights_only=True)
+    checkpoint["model"]["image.weight"][0, 0] += 1
+    torch.save(checkpoint, damaged)
+    with pytest.raises(UserError, match="damaged.pth: not a usable retrieval checkpoint: .*checksum"):
+        retrieval.load(str(damaged))
+    with pytest.raises(SystemExit, match="holds a retrieval model .* not a captioner"):
+        generate(**options(demo, img=demo.img_path, model_ckpt=trained))
+
+
+def test_evaluate_reports_caption_to_photo_recall_of_the_model_and_of_people(demo, trained, tmp_path, capsys):
+    train(**options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss"))
+    metrics = tmp_path / "m.json"
+    evaluate(**options(demo, tmp_path, retrieval_ckpt=trained, metrics_path=str(metrics)))
+    out = capsys.readouterr().out
+    assert "caption -> photo among 30 photos, these captions: R@1" in out and "people's (first reference)" in out
+    scores = json.load(open(metrics))
+    assert scores["people_retrieval"]["R@5"] > 5 / 30 and 1 <= scores["retrieval"]["median_rank"] <= 30
+    with pytest.raises(SystemExit, match="--retrieval-ckpt: give the scored images' encoded captions"):
+        evaluate(**options(demo, tmp_path, retrieval_ckpt=trained, val_caption_data_path=""))
