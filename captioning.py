@@ -79,6 +79,7 @@ class Loaded:
     captioners: list
     backbones: dict
     device: torch.device
+    retrieval: object = None  # a retrieval.Retrieval that reranks the n-best (--rerank-weight), or None
 
     @property
     def encodings(self):
@@ -92,10 +93,23 @@ class Loaded:
         features = [_features(encoded[encodings.index(c.encoding)], rows, self.device) for c in self.captioners]
         return features[0] if len(features) == 1 else torch.cat([f.flatten(1) for f in features], 1)
 
-    def caption(self, features, opt: Config):
-        """features of images -> for each its captions by --decoding (see caption_features), keeping the
-        habits of the members' training captions."""
-        return caption_features(self.model, features, self.ix2word, opt, habits=ensemble_habits(self.captioners))
+    def caption(self, encoded, rows, opt: Config):
+        """encoded (see features), the rows to caption -> for each its captions by --decoding (see
+        caption_features), keeping the habits of the members' training captions; with --rerank-weight
+        ranked by log-probability + that weight x the caption's cosine with its photo (the retrieval model)."""
+        features = self.features(encoded, rows)
+        found = caption_features(self.model, features, self.ix2word, opt, habits=ensemble_habits(self.captioners))
+        if self.retrieval is None:
+            return found
+        backbone = (self.retrieval.feature["backbone"], self.retrieval.feature["weights"])
+        pooled = encoded[[encoding[:2] for encoding in self.encodings].index(backbone)][0][rows]  # (B', F)
+        reranked = []
+        for captions, photo in zip(found, pooled):
+            cosines = self.retrieval.similarity([text for text, _, _ in captions], photo[None])[:, 0].tolist()
+            order = sorted(range(len(captions)), key=lambda i: captions[i][1] + opt.rerank_weight * cosines[i],
+                           reverse=True)
+            reranked.append([captions[i] for i in order])
+        return reranked
 
 
 def load_captioners(opt: Config, device):
@@ -115,7 +129,22 @@ def load_captioners(opt: Config, device):
         del checkpoint  # the model keeps its mapped weights; the rest (the optimizer state) is let go
     models = [captioner.model for captioner in captioners]
     model = models[0] if len(models) == 1 else Ensemble(models, [captioner.shape for captioner in captioners])
-    return Loaded(model, captioners[0].ix2word, captioners, backbones, device)
+    return Loaded(model, captioners[0].ix2word, captioners, backbones, device, reranking_model(opt, backbones))
+
+
+def reranking_model(opt: Config, backbones):
+    """The retrieval model of --retrieval-ckpt when --rerank-weight asks for reranking (None when 0),
+    checked to read the pooled features of a backbone the captioners use."""
+    if not opt.rerank_weight:
+        return None
+    if not opt.retrieval_ckpt:
+        raise UserError("--rerank-weight: name the retrieval model that reranks with --retrieval-ckpt=PATH")
+    from retrieval import load
+    model = load(opt.retrieval_ckpt)
+    if (model.feature["backbone"], model.feature["weights"]) not in backbones:
+        raise UserError(f"{opt.retrieval_ckpt}: reads {model.feature['backbone']} {model.feature['weights']} features; "
+                        f"the captioners use {', '.join(' '.join(network) for network in backbones)}")
+    return model
 
 
 def caption_images(paths, opt: Config, timing=None):
@@ -132,11 +161,10 @@ def caption_images(paths, opt: Config, timing=None):
         errors.update((path, error) for path, error in zip(batch_paths, batch_errors) if error)
         readable = [i for i, error in enumerate(batch_errors) if not error]
         if readable:
-            features = loaded.features(encoded, readable)
             if not captions:  # the first search is about to map the decoder's weights in
                 release_freed_memory()
             started = time.perf_counter()
-            beams = loaded.caption(features, opt)
+            beams = loaded.caption(encoded, readable, opt)
             if timing is not None:
                 timing["decoding"] = timing.get("decoding", 0.0) + time.perf_counter() - started
             captions.update(zip([batch_paths[i] for i in readable], beams))
@@ -150,7 +178,7 @@ def caption_photos(loaded, photos, opt: Config):
         transform = image_transform(backbone)
         pixels = torch.stack([transform.crop(photo) for photo in photos])  # (B, S, S, 3)
         encoded.append(encode_pixels(loaded.backbones[backbone, weights], transform, pixels, loaded.device, grid))
-    return loaded.caption(loaded.features(encoded, list(range(len(photos)))), opt)
+    return loaded.caption(encoded, list(range(len(photos))), opt)
 
 
 def _features(encoded, rows, device):

@@ -177,6 +177,9 @@ class Config:
     retrieval_ckpt: str = option("", None, "the image-caption retrieval model (main.py retrieval writes it): "
                                           "evaluate reports how often a caption finds its own photo")
     retrieval_epoch: int = option(15, "[1, 10000]", "main.py retrieval: training epochs")
+    rerank_weight: float = option(0.0, "[0, 1000]", "generate, evaluate, serve: rank each photo's n-best by "
+                                                    "log-probability + this x its cosine with the photo under "
+                                                    "--retrieval-ckpt (0: by log-probability)")
 
     # --- serving (main.py serve) ---
     host: str = option("127.0.0.1", ("127.0.0.1", "0.0.0.0", "::"), "serve: the address to listen on (0.0.0.0: "
@@ -191,7 +194,7 @@ class Config:
 
 _DECODING = "decoding beam_size n_best temperature top_k top_p diversity_groups diversity_lambda no_repeat"
 _GENERATION = (f"model_ckpt checkpoint_dir {_DECODING} seed max_gen_len min_len length_norm ending_rule quantize "
-               "batch_size num_workers use_gpu")
+               "rerank_weight retrieval_ckpt batch_size num_workers use_gpu")
 # The options each command reads (for its --help); every other field is still accepted and checked.
 COMMAND_OPTIONS = {
     "process": "annotation_file split extra_annotation_file caption_data_path vocab_from max_words min_appear "
@@ -208,7 +211,7 @@ COMMAND_OPTIONS = {
              "debug_file env vis_server vis_port vis_timeout plot_every log_dir batch_size num_workers "
              f"{_DECODING} max_gen_len min_len length_norm ending_rule pretrain_epoch",
     "generate": f"img output attention_map {_GENERATION}",
-    "evaluate": f"annotation_file split img_path results output metrics_path caption_data_path retrieval_ckpt "
+    "evaluate": f"annotation_file split img_path results output metrics_path caption_data_path "
                 f"val_caption_data_path {_GENERATION}",
     "compare": "results annotation_file split resamples seed metrics_path retrieval_ckpt val_caption_data_path",
     "retrieval": "caption_data_path val_caption_data_path retrieval_ckpt retrieval_epoch lr batch_size seed",

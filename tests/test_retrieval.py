@@ -62,3 +62,31 @@ def test_evaluate_reports_caption_to_photo_recall_of_the_model_and_of_people(dem
     assert scores["people_retrieval"]["R@5"] > 5 / 30 and 1 <= scores["retrieval"]["median_rank"] <= 30
     with pytest.raises(SystemExit, match="--retrieval-ckpt: give the scored images' encoded captions"):
         evaluate(**options(demo, tmp_path, retrieval_ckpt=trained, val_caption_data_path=""))
+
+
+def test_reranking_changes_the_chosen_caption_only_with_a_weight_and_picks_the_closest_to_the_photo(demo, trained,
+                                                                                                     tmp_path, capsys):
+    train(**options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss"))
+    capsys.readouterr()
+    photos = f"{demo.img_path}/val_00[0-2]?.jpg"
+
+    def said(**changes):
+        generate(**options(demo, tmp_path, img=photos, decoding="sample", n_best=6, seed=1, **changes))
+        return [line.split("\t") for line in capsys.readouterr().out.splitlines()]  # path, caption, score
+
+    plain = said()
+    assert said(retrieval_ckpt=trained) == plain  # a retrieval model alone changes nothing
+    reranked = said(retrieval_ckpt=trained, rerank_weight=1000.0)
+    assert sorted(reranked) == sorted(plain) and reranked != plain  # the same captions, in another order
+    model, first = retrieval.load(trained), {}
+    data, features, _, _ = load_split(demo.val_caption_data_path)
+    for path, text, _ in reranked:
+        first.setdefault(path, text)
+    for path, text in first.items():  # each photo's first caption: the best by log-probability + 1000 x cosine
+        row = data["id2ix"][path.rsplit("/", 1)[1]]
+        texts, scores = zip(*[(t, float(score)) for p, t, score in plain if p == path])
+        cosines = model.similarity(list(texts), torch.from_numpy(np.asarray(features[[row]], dtype=np.float32)))[:, 0]
+        ranked = [score + 1000 * cosine for score, cosine in zip(scores, cosines.tolist())]
+        assert ranked[texts.index(text)] == pytest.approx(max(ranked), abs=0.5)  # (photo features re-extracted)
+    with pytest.raises(SystemExit, match="--rerank-weight: name the retrieval model"):
+        generate(**options(demo, tmp_path, img=photos, rerank_weight=1.0))
