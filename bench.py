@@ -383,7 +383,7 @@ def serve(seconds=20, clients=(1, 8, 32), work=WORK, **options):
     photos = [open(path, "rb").read() for path in paths]
     rows = []
     for batch in (opt.max_batch_size, 1):
-        with _server(checkpoint, batch, opt.max_queue) as url:
+        with _server(checkpoint, batch, opt.batch_timeout, opt.max_queue) as url:
             for count in clients if isinstance(clients, (tuple, list)) else [clients]:  # --clients=1,8 or 8
                 rows.append({"max_batch_size": batch, "clients": count, **_drive(url, photos, count, seconds)})
     took = []
@@ -400,14 +400,15 @@ def serve(seconds=20, clients=(1, 8, 32), work=WORK, **options):
 
 
 @contextlib.contextmanager
-def _server(checkpoint, batch, queue):
+def _server(checkpoint, batch, timeout, queue):
     """`main.py serve` on a free loopback port while the block runs -> its address."""
     import requests
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen([sys.executable, "main.py", "serve", f"--model-ckpt={checkpoint}", f"--port={port}",
-                                f"--max-batch-size={batch}", f"--max-queue={queue}"], stdout=subprocess.DEVNULL,
+                                f"--max-batch-size={batch}", f"--batch-timeout={timeout}", f"--max-queue={queue}"],
+                               stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, cwd=os.path.dirname(os.path.abspath(__file__)),
                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
