@@ -31,6 +31,14 @@ def trained(demo, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def captioner(demo, tmp_path_factory):
+    """A pooled captioner of the demo data, its checkpoint folder and logs under one folder."""
+    folder = tmp_path_factory.mktemp("captioner")
+    train(**options(demo, folder, epoch=1, eval_size=0, metric="val_loss"))
+    return folder
+
+
 def test_a_trained_model_finds_the_photo_a_caption_describes(demo, trained):
     model = retrieval.load(trained)
     data, features, _, rows = load_split(demo.val_caption_data_path)
@@ -52,26 +60,25 @@ def test_its_checkpoint_is_checked_and_not_taken_for_a_captioner(demo, trained, 
         generate(**options(demo, img=demo.img_path, model_ckpt=trained))
 
 
-def test_evaluate_reports_caption_to_photo_recall_of_the_model_and_of_people(demo, trained, tmp_path, capsys):
-    train(**options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss"))
+def test_evaluate_reports_caption_to_photo_recall_of_the_model_and_of_people(demo, trained, captioner, tmp_path,
+                                                                           capsys):
     metrics = tmp_path / "m.json"
-    evaluate(**options(demo, tmp_path, retrieval_ckpt=trained, metrics_path=str(metrics)))
+    evaluate(**options(demo, captioner, retrieval_ckpt=trained, metrics_path=str(metrics)))
     out = capsys.readouterr().out
     assert "caption -> photo among 30 photos, these captions: R@1" in out and "people's (first reference)" in out
     scores = json.load(open(metrics))
     assert scores["people_retrieval"]["R@5"] > 5 / 30 and 1 <= scores["retrieval"]["median_rank"] <= 30
     with pytest.raises(SystemExit, match="--retrieval-ckpt: give the scored images' encoded captions"):
-        evaluate(**options(demo, tmp_path, retrieval_ckpt=trained, val_caption_data_path=""))
+        evaluate(**options(demo, captioner, retrieval_ckpt=trained, val_caption_data_path=""))
 
 
 def test_reranking_changes_the_chosen_caption_only_with_a_weight_and_picks_the_closest_to_the_photo(demo, trained,
-                                                                                                     tmp_path, capsys):
-    train(**options(demo, tmp_path, epoch=1, eval_size=0, metric="val_loss"))
+                                                                                                     captioner, capsys):
     capsys.readouterr()
     photos = f"{demo.img_path}/val_00[0-2]?.jpg"
 
     def said(**changes):
-        generate(**options(demo, tmp_path, img=photos, decoding="sample", n_best=6, seed=1, **changes))
+        generate(**options(demo, captioner, img=photos, decoding="sample", n_best=6, seed=1, **changes))
         return [line.split("\t") for line in capsys.readouterr().out.splitlines()]  # path, caption, score
 
     plain = said()
@@ -89,4 +96,4 @@ def test_reranking_changes_the_chosen_caption_only_with_a_weight_and_picks_the_c
         ranked = [score + 1000 * cosine for score, cosine in zip(scores, cosines.tolist())]
         assert ranked[texts.index(text)] == pytest.approx(max(ranked), abs=0.5)  # (photo features re-extracted)
     with pytest.raises(SystemExit, match="--rerank-weight: name the retrieval model"):
-        generate(**options(demo, tmp_path, img=photos, rerank_weight=1.0))
+        generate(**options(demo, captioner, img=photos, rerank_weight=1.0))
