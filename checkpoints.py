@@ -1,5 +1,6 @@
-"""Where a training run is, and the one owner of its checkpoints: last.pth (resumable) and best.pth
-(the best model by --metric), written by process 0, checked when a run resumes."""
+"""Where a training run is, and the one owner of its checkpoints: last.pth (resumable), best.pth
+(the best model by --metric) and best-<phase>.pth (best.pth as each phase ended), written by process 0,
+checked when a run resumes."""
 import dataclasses
 import os
 
@@ -48,6 +49,16 @@ class Checkpoints:
         self.best = os.path.join(opt.checkpoint_dir, "best.pth")
         if self.writer:
             remove_leftovers(opt.checkpoint_dir)
+
+    def keep_phase_best(self, phase):
+        """best.pth as the phase that ends leaves it, kept as best-<phase>.pth (the cross-entropy bests of
+        two seeds make an ensemble, say), written atomically: a kill leaves the old copy or the new."""
+        if self.writer and os.path.isfile(self.best):
+            with open(self.best, "rb") as file:
+                atomic_save(file.read(), self.phase_best(phase), save=lambda data, out: out.write(data))
+
+    def phase_best(self, phase):
+        return os.path.join(self.opt.checkpoint_dir, f"best-{phase}.pth")
 
     def is_better(self, score, best):
         if best is None:

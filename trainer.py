@@ -348,6 +348,7 @@ class Trainer:
         # best.pth is this run's once it has a best score (with --overwrite it may still be the old run's)
         best = distributed.from_process_0(self.checkpoints.best_weights) if self.progress.best_score is not None else {}
         if best:
+            self.checkpoints.keep_phase_best(self.progress.phase)  # the phase that ends
             self.model.load_state_dict(best["model"])
         self.progress = dataclasses.replace(self.progress, phase=phase.name, phase_epoch=0, batch=0, phase_step=0,
                                             epochs_without_improvement=0)

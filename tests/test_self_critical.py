@@ -174,6 +174,8 @@ def test_self_critical_phase_starts_from_the_best_model_and_logs_rewards(demo, t
     last = load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))
     assert best["state"]["epoch"] == 4 and last["state"]["epoch"] == 4
     assert last["optimizer"]["param_groups"][0]["lr"] == 1e-4  # the self-critical optimizer
+    cross_entropy = load_checkpoint(str(tmp_path / "checkpoints" / "best-cross-entropy.pth"))  # kept for ensembles
+    assert cross_entropy["state"]["phase"] == "cross-entropy" and cross_entropy["state"]["epoch"] <= 2
 
 
 def test_ctrl_c_in_self_critical_training_resumes_there(demo, tmp_path, monkeypatch):
