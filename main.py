@@ -257,6 +257,8 @@ def compare(opt: Config):
         raise UserError("give two results files of the same images, --results=A.json,B.json, and their references, "
                         "--annotation-file=val.json")
     check_retrieval_options(opt)
+    if opt.metrics_path:
+        check_output_file(opt.metrics_path, inputs=[*paths, opt.annotation_file])
     first, second = (read_results(path) for path in paths)
     if set(first) != set(second):
         only = sorted(set(first) ^ set(second))

@@ -165,18 +165,24 @@ def load(path):
     checkpoint = load_pth(path, "retrieval checkpoint", KEYS)
     if checkpoint["kind"] != "retrieval":
         raise UserError(f"{path}: not a retrieval checkpoint (main.py retrieval writes them)")
+    config, feature = checkpoint["config"], checkpoint["feature"]
     problem = vocabulary_problem(checkpoint["ix2word"])
+    if not problem and not (isinstance(config, dict) and isinstance(feature, dict) and all(
+            isinstance(value, int) and value > 0 for value in (config.get("joint"), config.get("word_dim"),
+                                                                feature.get("feature_dim")))
+            and isinstance(feature.get("backbone"), str) and isinstance(feature.get("weights"), str)):
+        problem = "its sizes or feature description (backbone, weights, feature_dim) are missing or wrong"
     if not problem and checkpoint.get("checksum") != checksum(checkpoint):
         problem = "its weights or vocabulary differ from what was saved (checksum): the file is damaged"
     if problem:
         raise UserError(f"{path}: not a usable retrieval checkpoint: {problem}")
-    ix2word, config = checkpoint["ix2word"], checkpoint["config"]
-    model = RetrievalModel(len(ix2word), checkpoint["feature"]["feature_dim"], config["joint"], config["word_dim"])
+    ix2word = checkpoint["ix2word"]
+    model = RetrievalModel(len(ix2word), feature["feature_dim"], config["joint"], config["word_dim"])
     try:
         model.load_state_dict(checkpoint["model"])
     except (RuntimeError, TypeError) as error:
         raise UserError(f"{path}: its weights do not fit a retrieval model ({str(error)[:150]})") from None
-    return Retrieval(model.eval(), {word: ix for ix, word in enumerate(ix2word)}, checkpoint["feature"])
+    return Retrieval(model.eval(), {word: ix for ix, word in enumerate(ix2word)}, feature)
 
 
 def photo_features(retrieval, caption_data_path, image_ids):

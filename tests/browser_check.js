@@ -1,24 +1,11 @@
 // Open a Visdom environment in headless Debian Chromium and print, as JSON, what the page shows.
 // Usage: node tests/browser_check.js http://127.0.0.1:PORT ENV SCREENSHOT.png
-const { chromium } = require('playwright-core');
+const { openPage } = require('./browser');
 
 const [base, env, screenshot] = process.argv.slice(2);
 
 (async () => {
-  const browser = await chromium.launch({
-    executablePath: '/usr/bin/chromium',
-    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync'],
-  });
-  const page = await browser.newPage({ viewport: { width: 1600, height: 1400 } });
-  const consoleErrors = [];
-  const outsideRequests = [];
-  page.on('console', (message) => { if (message.type() === 'error') consoleErrors.push(message.text()); });
-  page.on('pageerror', (error) => consoleErrors.push(String(error)));
-  page.on('request', (request) => {
-    const url = new URL(request.url());
-    if (!['data:', 'blob:'].includes(url.protocol) && url.hostname !== '127.0.0.1') outsideRequests.push(request.url());
-  });
+  const { browser, page, consoleErrors, outsideRequests } = await openPage({ width: 1600, height: 1400 });
   await page.goto(`${base}/env/${env}`, { waitUntil: 'networkidle' });
   await page.waitForSelector('.react-grid-item', { timeout: 30000 });
   await page.waitForTimeout(3000); // let plotly and images render

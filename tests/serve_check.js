@@ -1,24 +1,11 @@
 // Open main.py serve's page in headless Debian Chromium, choose a photo, and print, as JSON, the captions
 // the page shows. Usage: node tests/serve_check.js http://127.0.0.1:PORT PHOTO.jpg SCREENSHOT.png
-const { chromium } = require('playwright-core');
+const { openPage } = require('./browser');
 
 const [base, photo, screenshot] = process.argv.slice(2);
 
 (async () => {
-  const browser = await chromium.launch({
-    executablePath: '/usr/bin/chromium',
-    args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync'],
-  });
-  const page = await browser.newPage({ viewport: { width: 900, height: 1400 } });
-  const consoleErrors = [];
-  const outsideRequests = [];
-  page.on('console', (message) => { if (message.type() === 'error') consoleErrors.push(message.text()); });
-  page.on('pageerror', (error) => consoleErrors.push(String(error)));
-  page.on('request', (request) => {
-    const url = new URL(request.url());
-    if (!['data:', 'blob:'].includes(url.protocol) && url.hostname !== '127.0.0.1') outsideRequests.push(request.url());
-  });
+  const { browser, page, consoleErrors, outsideRequests } = await openPage({ width: 900, height: 1400 });
   await page.goto(base, { waitUntil: 'networkidle' });
   await page.setInputFiles('#file', photo);
   await page.waitForSelector('#captions li', { timeout: 60000 });

@@ -81,3 +81,7 @@ def test_the_command_prints_the_table_and_refuses_what_it_cannot_compare_in_one_
                            (f"{a},{tmp_path / 'none.json'}", "none.json")):
         with pytest.raises(SystemExit, match=message):
             compare(results=given, annotation_file=str(references))
+    before = open(a, "rb").read()
+    with pytest.raises(SystemExit, match="a.json"):  # --metrics-path over an input
+        compare(results=f"{a},{b}", annotation_file=str(references), metrics_path=a)
+    assert open(a, "rb").read() == before

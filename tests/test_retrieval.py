@@ -49,13 +49,19 @@ def test_a_trained_model_finds_the_photo_a_caption_describes(demo, trained):
     assert retrieval.recall(own)["R@5"] > 5 / len(rows) * 2  # at least twice chance
 
 
-def test_its_checkpoint_is_checked_and_not_taken_for_a_captioner(demo, trained, tmp_path):
+def test_its_checkpoint_is_checked_and_not_taken_for_a_captioner(demo, trained, captioner, tmp_path):
     damaged = tmp_path / "damaged.pth"
     checkpoint = torch.load(trained, weights_only=True)
     checkpoint["model"]["image.weight"][0, 0] += 1
     torch.save(checkpoint, damaged)
     with pytest.raises(UserError, match="damaged.pth: not a usable retrieval checkpoint: .*checksum"):
         retrieval.load(str(damaged))
+    del checkpoint["config"]["joint"], checkpoint["checksum"]
+    torch.save(checkpoint, damaged)
+    with pytest.raises(UserError, match="damaged.pth: not a usable retrieval checkpoint: its sizes"):
+        retrieval.load(str(damaged))
+    with pytest.raises(UserError, match="not a retrieval checkpoint: missing kind"):
+        retrieval.load(str(captioner / "checkpoints" / "best.pth"))
     with pytest.raises(SystemExit, match="holds a retrieval model .* not a captioner"):
         generate(**options(demo, img=demo.img_path, model_ckpt=trained))
 
