@@ -129,6 +129,9 @@ class Config:
     scst_bleu_weight: float = option(4.0, "[0, inf)", "reward = CIDEr-D + this * mean(BLEU-1..4)")
     scst_diversity_weight: float = option(0.0, "[0, inf)", "... - this * the sample's CIDEr-D against the "
                                                            "image's other samples (variety)")
+    scst_retrieval_weight: float = option(0.0, "[0, 1000]", "... + this x how well the sample picks its photo "
+                                                            "out of the batch's under --retrieval-ckpt (minus "
+                                                            "its hinge against the hardest other photo)")
     debug_file: str = option("/tmp/debugc", None, "if this file exists, training drops into ipdb")
 
     # --- Visdom dashboard ---
@@ -175,7 +178,8 @@ class Config:
     metrics_path: str = option("", None, "evaluate, compare: write the scores JSON here")
     resamples: int = option(1000, "[100, 1000000]", "compare: bootstrap resamples of the images")
     retrieval_ckpt: str = option("", None, "the image-caption retrieval model (main.py retrieval writes it): "
-                                          "evaluate reports how often a caption finds its own photo")
+                                          "evaluate reports how often a caption finds its own photo, "
+                                          "train rewards it (--scst-retrieval-weight)")
     retrieval_epoch: int = option(15, "[1, 10000]", "main.py retrieval: training epochs")
     rerank_weight: float = option(0.0, "[0, 1000]", "generate, evaluate, serve: rank each photo's n-best by "
                                                     "log-probability + this x its cosine with the photo under "
@@ -208,6 +212,7 @@ COMMAND_OPTIONS = {
              "overwrite metric eval_size "
              "lr_decay lr_patience early_stop_patience "
              "scst_epoch scst_lr scst_samples scst_dropout scst_bleu_weight scst_diversity_weight "
+             "scst_retrieval_weight retrieval_ckpt "
              "debug_file env vis_server vis_port vis_timeout plot_every log_dir batch_size num_workers "
              f"{_DECODING} max_gen_len min_len length_norm ending_rule pretrain_epoch",
     "generate": f"img output attention_map {_GENERATION}",

@@ -71,11 +71,15 @@ class Retrieval:
     word2ix: dict
     feature: dict  # the features it reads: backbone, weights, feature_dim
 
+    def embed_captions(self, texts):
+        """Caption texts -> (N, D), cut into words by jieba."""
+        return self.embed_words([tokenize(text) for text in texts])
+
     @torch.no_grad()
-    def embed_captions(self, texts, batch_size=256):
-        """Caption texts -> (N, D): jieba words, unknown ones as </UNKNOWN> (an empty caption: </EOS>)."""
+    def embed_words(self, captions, batch_size=256):
+        """Captions as word lists -> (N, D): unknown words as </UNKNOWN> (an empty caption: </EOS>)."""
         unknown, end = self.word2ix[UNKNOWN], self.word2ix[EOS]
-        rows = [[self.word2ix.get(word, unknown) for word in tokenize(text)] or [end] for text in texts]
+        rows = [[self.word2ix.get(word, unknown) for word in words] or [end] for words in captions]
         return torch.cat([self._embed(rows[start:start + batch_size]) for start in range(0, len(rows), batch_size)])
 
     def _embed(self, rows):
@@ -96,6 +100,19 @@ class Retrieval:
         scores = self.similarity(texts, features)  # (N, N)
         own = scores.diag().unsqueeze(1)
         return (scores > own).sum(1) + 1
+
+
+@torch.no_grad()
+def batch_discriminability(retrieval, captions, features, samples):
+    """How well each caption picks its own photo out of a batch (Luo et al., 2018): minus the VSE++ hinge
+    of its photo against the hardest other photo. captions: `samples` word lists per photo, photo by photo;
+    features: the photos' pooled features (B, F) -> (B * samples,) in [-(2 + MARGIN), 0]."""
+    scores = retrieval.embed_words(captions) @ retrieval.model.photos(features.float()).T  # (N, B)
+    own_photo = torch.arange(len(features)).repeat_interleave(samples)  # (N,)
+    own = scores.gather(1, own_photo.unsqueeze(1))  # (N, 1)
+    hinges = (MARGIN + scores - own).clamp(min=0)  # (N, B)
+    hinges[torch.arange(len(scores)), own_photo] = 0  # a photo is not its own negative
+    return -hinges.max(1).values
 
 
 def recall(ranks):
@@ -185,13 +202,19 @@ def load(path):
     return Retrieval(model.eval(), {word: ix for ix, word in enumerate(ix2word)}, feature)
 
 
-def photo_features(retrieval, caption_data_path, image_ids):
-    """The pooled features of image_ids from a caption file's features, checked to be what the retrieval
-    model reads -> (N, F) float32."""
+def pooled_features(retrieval, caption_data_path):
+    """A caption file's caption data and pooled features (memory-mapped, by row), checked to be what the
+    retrieval model reads."""
     data, features, meta, _ = load_split(caption_data_path)
     if (meta["backbone"], meta["weights"]) != (retrieval.feature["backbone"], retrieval.feature["weights"]):
         raise UserError(f"{caption_data_path}: features from {meta['backbone']} {meta['weights']}; the retrieval "
                         f"model reads {retrieval.feature['backbone']} {retrieval.feature['weights']}'s")
+    return data, features
+
+
+def photo_features(retrieval, caption_data_path, image_ids):
+    """The pooled features of image_ids from a caption file's features, checked -> (N, F) float32."""
+    data, features = pooled_features(retrieval, caption_data_path)
     missing = [image_id for image_id in image_ids if image_id not in data["id2ix"]]
     if missing:
         raise UserError(f"{caption_data_path}: has no features of {len(missing)} scored images, e.g. {missing[0]!r}")

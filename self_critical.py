@@ -14,6 +14,7 @@ from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from decoding import Rules
+from retrieval import batch_discriminability
 
 
 class CorpusCider(CiderScorer):
@@ -66,14 +67,36 @@ def reference_corpus(captions, end, unknown):
 
 
 @dataclasses.dataclass
+class Discriminability:
+    """How well sampled captions pick their own photos out of the batch's photos, by a frozen retrieval
+    model (see retrieval.batch_discriminability)."""
+
+    retrieval: object  # a retrieval.Retrieval
+    pooled: np.ndarray  # the split's pooled features by row (N, F), memory-mapped
+    ix2word: list  # the captioner's words
+    end: int
+
+    def __call__(self, keys, candidates, samples):
+        """keys: rows, `samples` candidates per row side by side, as Reward takes them -> (N,)."""
+        rows = np.asarray(keys[::samples])
+        features = torch.from_numpy(np.asarray(self.pooled[rows], dtype=np.float32))  # (B, F)
+        captions = [[self.ix2word[int(ix)] for ix in candidate.split() if int(ix) != self.end]
+                    for candidate in candidates]
+        return batch_discriminability(self.retrieval, captions, features, samples).numpy()
+
+
+@dataclasses.dataclass
 class Reward:
     """What a sampled caption earns: its CIDEr-D against its image's references, plus bleu_weight times
     its mean BLEU-1..4, minus diversity_weight times its CIDEr-D against the image's other samples (how
-    much it repeats them: a leave-one-out form of the self-CIDEr diversity of Luo & Shakhnarovich 2020)."""
+    much it repeats them: a leave-one-out form of the self-CIDEr diversity of Luo & Shakhnarovich 2020),
+    plus retrieval_weight times its Discriminability (Luo et al. 2018)."""
 
     cider: CorpusCider
     bleu_weight: float = 0.0
     diversity_weight: float = 0.0
+    retrieval_weight: float = 0.0
+    discriminability: Discriminability | None = None
 
     def __call__(self, keys, candidates, samples=1):
         """keys: each candidate's image, the `samples` candidates of an image side by side -> (N,)."""
@@ -87,6 +110,8 @@ class Reward:
             images = [candidates[i:i + samples] for i in range(0, len(candidates), samples)]
             others = [group[:j] + group[j + 1:] for group in images for j in range(samples)]
             reward = reward - self.diversity_weight * self.cider.score_against(others, candidates)
+        if self.retrieval_weight:
+            reward = reward + self.retrieval_weight * self.discriminability(keys, candidates, samples)
         return reward
 
 

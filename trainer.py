@@ -14,6 +14,7 @@ from torchnet.meter import AverageValueMeter
 
 import config
 import distributed
+import retrieval
 from beam_search import caption_features, check_search, most_captions
 from captions import NO_HABITS
 from checkpoints import CROSS_ENTROPY, FINE_TUNING, PRETRAINING, SELF_CRITICAL, Checkpoints, Progress, restore_random
@@ -25,7 +26,7 @@ from images import build_backbone, pick_device, weights_file
 from metrics import METRICS, java_available, score_captions
 from model import ENCODES_REGIONS, READS_REGIONS, build_model, check_fits
 from reporting import Reporter
-from self_critical import CorpusCider, Reward, reference_corpus, self_critical_loss
+from self_critical import CorpusCider, Discriminability, Reward, reference_corpus, self_critical_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,12 +127,23 @@ def check_options(opt: Config):
         raise UserError(f"--metric={opt.metric} scores generated captions: it needs --eval-size > 0")
     if opt.metric == "METEOR" and not java_available():
         raise UserError("--metric=METEOR needs Java (apt-get install default-jre-headless)")
+    if opt.scst_retrieval_weight and not opt.retrieval_ckpt:
+        raise UserError("--scst-retrieval-weight: name the retrieval model with --retrieval-ckpt "
+                        "(main.py retrieval writes it)")
     check_output_folder(opt.checkpoint_dir, "--checkpoint-dir")
     check_output_folder(opt.log_dir, "--log-dir")
     existing = [name for name in ("last.pth", "best.pth") if os.path.exists(os.path.join(opt.checkpoint_dir, name))]
     if existing and not opt.resume and not opt.overwrite:
         raise UserError(f"{opt.checkpoint_dir}/ holds a run ({', '.join(existing)}): continue it with --resume, "
                         "start another with --checkpoint-dir=NEW, or replace it with --overwrite")
+
+
+def discriminability(opt: Config, split):
+    """--scst-retrieval-weight's term of the reward: the frozen retrieval model of --retrieval-ckpt and the
+    training photos' pooled features, loaded (and checked) before training starts."""
+    model = retrieval.load(opt.retrieval_ckpt)
+    _, pooled = retrieval.pooled_features(model, opt.caption_data_path)
+    return Discriminability(model, pooled, split.ix2word, split.end)
 
 
 @torch.no_grad()
@@ -306,6 +318,7 @@ class Trainer:
         self.half = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler(enabled=cuda and self.half == torch.float16)  # one for the whole run
         self.encoder = self.training_images = self.reward = None  # made when a phase needs them
+        self.discriminability = discriminability(opt, self.train_split) if opt.scst_retrieval_weight else None
         self._prepare_phase()
         if opt.resume:
             self._resume()
@@ -356,7 +369,8 @@ class Trainer:
         self._save(self.checkpoints.last)
         learning = f", the last {self.opt.finetune_encoder} encoder stages learning" if self.encoder else ""
         reward = (f"; reward: CIDEr-D + {self.opt.scst_bleu_weight} x mean BLEU-1..4 - "
-                  f"{self.opt.scst_diversity_weight} x CIDEr-D against the other samples" if phase.per_image else "")
+                  f"{self.opt.scst_diversity_weight} x CIDEr-D against the other samples + "
+                  f"{self.opt.scst_retrieval_weight} x discriminability" if phase.per_image else "")
         self.report.say(f"{phase.name} phase: {phase.epochs} epochs from {self.checkpoints.best}{learning}{reward}")
 
     def train_epoch(self, stop):
@@ -434,7 +448,8 @@ class Trainer:
         opt, split = self.opt, self.train_split
         if self.reward is None:  # CIDEr-D over the training captions, built once
             cider = CorpusCider(reference_corpus(split.word_captions(), split.end, split.unknown))
-            self.reward = Reward(cider, opt.scst_bleu_weight, opt.scst_diversity_weight)
+            self.reward = Reward(cider, opt.scst_bleu_weight, opt.scst_diversity_weight, opt.scst_retrieval_weight,
+                                 self.discriminability)
         with self._autocast():
             loss, reward = self.objective(self_critical_loss, batch.inputs, batch.rows.tolist(), self.reward,
                                           split.end, split.banned, opt.scst_samples, opt.max_gen_len,

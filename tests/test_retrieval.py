@@ -10,6 +10,7 @@ from conftest import options
 import retrieval
 from config import UserError
 from dataset import load_split
+from self_critical import Discriminability
 from main import evaluate, generate, train
 from main import retrieval as train_retrieval
 
@@ -103,3 +104,32 @@ def test_reranking_changes_the_chosen_caption_only_with_a_weight_and_picks_the_c
         assert ranked[texts.index(text)] == pytest.approx(max(ranked), abs=0.5)  # (photo features re-extracted)
     with pytest.raises(SystemExit, match="--rerank-weight: name the retrieval model"):
         generate(**options(demo, captioner, img=photos, rerank_weight=1.0))
+
+
+def test_the_discriminability_reward_prefers_the_batchs_matching_caption(demo, trained):
+    data, _, _, rows = load_split(demo.val_caption_data_path)
+    model = retrieval.load(trained)
+    _, pooled = retrieval.pooled_features(model, demo.val_caption_data_path)
+    ix2word, end = data["ix2word"], data["word2ix"]["</EOS>"]
+    reward = Discriminability(model, pooled, ix2word, end)
+    rows = list(rows)
+    # each photo's two samples: its own first reference, then another photo's
+    candidates = [" ".join(map(str, data["caption"][row][0] + [end])) for row in rows]
+    others = candidates[7:] + candidates[:7]
+    keys = [row for row in rows for _ in range(2)]
+    scores = reward(keys, [text for pair in zip(candidates, others) for text in pair], 2).reshape(-1, 2)
+    assert (scores <= 0).all() and scores.min() >= -(2 + retrieval.MARGIN)
+    assert scores[:, 0].mean() > scores[:, 1].mean() + 0.1 and (scores[:, 0] > scores[:, 1]).mean() > 0.7
+    alone = reward(keys[:2], candidates[:1] + others[:1], 2)  # one photo: no other photo to lose to
+    assert alone.tolist() == [0.0, 0.0]
+
+
+def test_self_critical_training_with_the_discriminability_reward(demo, trained, tmp_path, capsys):
+    run = options(demo, tmp_path, epoch=1, scst_epoch=1, eval_size=0, metric="val_loss", scst_samples=2)
+    with pytest.raises(SystemExit, match="--scst-retrieval-weight: name the retrieval model with --retrieval-ckpt"):
+        train(**{**run, "scst_retrieval_weight": 1.0})
+    assert not (tmp_path / "checkpoints").exists()  # refused before any training
+    train(**{**run, "scst_retrieval_weight": 2.0, "retrieval_ckpt": trained})
+    out = capsys.readouterr().out
+    assert "self-critical phase: 1 epochs" in out and "+ 2.0 x discriminability" in out
+    assert "epoch 2: val_loss" in out  # the self-critical epoch ran to its validation
