@@ -7,6 +7,7 @@ import torch
 
 from captions import Habits, load_caption_data, repeated_words, special_indices, unfinished_words
 from config import Config, UserError
+from feature_reads import RowReader
 from images import load_features
 from model import READS_REGIONS
 
@@ -23,6 +24,7 @@ class CaptionSplit:
         self.end, self.banned = special_indices(self.ix2word)  # </EOS>; </PAD> and </UNKNOWN>
         self.unknown = caption_data["word2ix"][caption_data["unknown"]]
         self.feature_dim = features.shape[-1]
+        self._reader = RowReader(features) if isinstance(features, np.memmap) else None
         extra, captions = caption_data.get("extra_caption") if extra_text else None, caption_data["caption"]
         # what cross-entropy learns from: the captions, then any extra text (the references stay the captions)
         self._training_captions = [own + more for own, more in zip(captions, extra)] if extra else captions
@@ -87,27 +89,29 @@ class CaptionSplit:
         return {int(row): self._data["caption"][row] for row in self.rows}
 
     def features_of(self, rows):
-        """rows (B,) -> features (B, F) or regions (B, R, F), float32, read from the memory-mapped
-        file in row order (fastest)."""
+        """rows (B,) -> features (B, F) or regions (B, R, F), float32."""
+        return self.stored_features_of(rows).float()
+
+    def stored_features_of(self, rows):
+        """rows (B,) -> features (B, F) or (B, R, F) as stored (float16: half the bytes to move; the device
+        makes them float32): read from the file with one pread per run of consecutive rows
+        (feature_reads.RowReader), or indexed where they are in memory."""
         rows = np.asarray(rows)
-        order = np.argsort(rows)
-        features = np.empty((len(rows), *self._features.shape[1:]), dtype=np.float32)
-        features[order] = self._features[rows[order]]
-        return torch.from_numpy(features)
+        return torch.from_numpy(np.ascontiguousarray(self._reader.read(rows) if self._reader else self._features[rows]))
 
     # --- batches ---
     # A batch is `batch_size` rows of the whole run; under torchrun each of the `processes` takes
     # every processes-th of them, from `process` on (DistributedSampler's split, batch by batch).
     def batches(self, batch_size, seed=None, skip=0, process=0, processes=1):
-        """Yield (rows (b,), features (b, F), captions (b, T), lengths (b,)): this process's share of
+        """Yield (rows (b,), features (b, F) as stored, captions (b, T), lengths (b,)): this process's share of
         each batch. Shuffled by `seed`; the first `skip` batches are left out (to resume mid-epoch)."""
         for chunk in _shuffled_chunks(len(self.pairs), batch_size, seed, skip, process, processes):
             yield self.collate([self.pairs[i] for i in chunk])
 
     def image_batches(self, batch_size, seed, skip=0, process=0, processes=1):
-        """Yield (rows (b,), features (b, F)): each image once, shuffled by `seed`, shared as batches are."""
+        """Yield (rows (b,), features (b, F) as stored): each image once, shuffled by `seed`, shared as batches are."""
         for rows in self.row_batches(batch_size, seed, skip, process, processes):
-            yield rows, self.features_of(rows)
+            yield rows, self.stored_features_of(rows)
 
     def row_batches(self, batch_size, seed, skip=0, process=0, processes=1):
         """This process's rows (b,) of each batch of images, shuffled by `seed`."""
@@ -118,9 +122,9 @@ class CaptionSplit:
         return len(_batch_starts(len(self.rows) if images else len(self.pairs), batch_size, processes))
 
     def collate(self, pairs):
-        """(row, caption number) pairs -> rows (B,), features (B, F), captions (B, T), lengths (B,)."""
+        """(row, caption number) pairs -> rows (B,), features (B, F) as stored, captions (B, T), lengths (B,)."""
         rows = np.array([row for row, _ in pairs])
-        return rows, self.features_of(rows), *self.captions_of(pairs)
+        return rows, self.stored_features_of(rows), *self.captions_of(pairs)
 
     def captions_of_images(self, rows):
         """rows (b,) -> all their captions (n, T), lengths (n,) (see captions_of), the image of each (n,)."""
@@ -129,10 +133,10 @@ class CaptionSplit:
         return *self.captions_of(pairs), torch.tensor([index[row] for row, _ in pairs])
 
     def grouped_batches(self, images, seed, skip=0, process=0, processes=1):
-        """Yield (rows (b,), features (b, ...), captions (n, T), lengths (n,), image of each caption (n,)):
+        """Yield (rows (b,), features (b, ...) as stored, captions (n, T), lengths (n,), image of each (n,)):
         batches of `images` whole images with all their captions, shuffled and shared as row_batches."""
         for rows in self.row_batches(images, seed, skip, process, processes):
-            yield rows, self.features_of(rows), *self.captions_of_images(rows)
+            yield rows, self.stored_features_of(rows), *self.captions_of_images(rows)
 
     def images_per_batch(self, captions):
         """Whole images to a batch of about `captions` captions."""

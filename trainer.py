@@ -21,6 +21,7 @@ from checkpoints import CROSS_ENTROPY, FINE_TUNING, PRETRAINING, SELF_CRITICAL, 
 from config import Config, UserError
 from dataset import train_val_splits, training_views
 from encoder import STAGE_COUNTS, Encoder, TrainingImages, image_caption_batches
+from feature_reads import prefetch
 from files import check_output_folder
 from images import build_backbone, pick_device, weights_file
 from metrics import METRICS, java_available, score_captions
@@ -154,7 +155,7 @@ def score_split(model, split, opt, device, process=0, processes=1, habits=NO_HAB
     model.eval()
     total, correct, count = 0.0, 0, 0
     for _, features, captions, lengths in split.batches(opt.batch_size, process=process, processes=processes):
-        logits, targets, _ = model(features.to(device), captions.to(device), lengths)
+        logits, targets, _ = model(features.to(device).float(), captions.to(device), lengths)
         total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         correct += (logits.topk(5, dim=1).indices == targets.unsqueeze(1)).any(1).sum().item()
         count += len(targets)
@@ -521,11 +522,12 @@ class Trainer:
         if self.encoder is not None:
             batches = image_caption_batches(self.training_images, split.row_batches(size, seed, **share), not per_image,
                                             opt.num_workers, self.device)
-        elif by_image:
-            batches = (split.image_batches if per_image else split.grouped_batches)(size, seed, **share)
+        elif by_image:  # the next batches are read while the model computes
+            batches = prefetch((split.image_batches if per_image else split.grouped_batches)(size, seed, **share))
         else:
-            batches = split.batches(size, seed, **share)
-        batches = (Batch(rows, inputs.to(self.device, non_blocking=True), *rest) for rows, inputs, *rest in batches)
+            batches = prefetch(split.batches(size, seed, **share))
+        batches = (Batch(rows, inputs.to(self.device, non_blocking=True).float(), *rest)  # float32 on the device
+                   for rows, inputs, *rest in batches)
         return batches, split.num_batches(size, by_image, self.processes)
 
     def _learning_split(self):

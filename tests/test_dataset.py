@@ -23,7 +23,7 @@ def test_collate_pads_ends_and_keeps_each_caption_with_its_own_image(demo):
         assert lengths[b] == len(words) + 1
         assert captions[b, :lengths[b]].tolist() == words + [train.end]
         assert captions[b, lengths[b]:].eq(0).all()  # </PAD>
-        assert torch.equal(features[b], train.features_of([row])[0])
+        assert torch.equal(features[b].float(), train.features_of([row])[0])
     assert not torch.equal(features[0], features[1])  # different images really are different rows
 
 

@@ -10,9 +10,9 @@ from conftest import options
 import retrieval
 from config import UserError
 from dataset import load_split
-from self_critical import Discriminability
 from main import evaluate, generate, train
 from main import retrieval as train_retrieval
+from self_critical import Discriminability
 
 
 def test_the_loss_counts_the_hardest_negative_past_the_margin_only():

@@ -1,0 +1,105 @@
+"""Feature rows read fast from files larger than memory, and batches made ahead of the training step.
+
+A memory-mapped read of 128 random rows from a features file that does not fit in memory costs one
+page fault per 4 KiB and the kernel's reclaim: 15x slower than the same rows read with one `pread`
+each (docs/scale.md). RowReader reads each run of consecutive rows with one `preadv`, many in flight
+from a thread pool (the call releases the GIL); `prefetch` builds the next batches in a background
+thread while the model computes.
+"""
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from config import UserError
+
+READS_IN_FLIGHT = 16
+
+
+class RowReader:
+    """Rows of a memory-mapped .npy array (as np.load(mmap_mode="r") returns it) read with preadv."""
+
+    def __init__(self, array: np.memmap):
+        self.path, self.offset, self.shape, self.dtype = array.filename, array.offset, array.shape, array.dtype
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def read(self, rows) -> np.ndarray:
+        """rows (B,), any order, repeats allowed -> their rows (B, ...) in the file's dtype, each read straight
+        into its place: a run of consecutive rows with one preadv, the runs shared among the threads."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        if not len(rows):
+            return out
+        if rows.min() < 0 or rows.max() >= self.shape[0]:
+            raise IndexError(f"rows {rows.min()}..{rows.max()} outside {self.shape[0]}")
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1  # where a run of consecutive rows ends
+        runs = list(zip(np.concatenate([[0], breaks]).tolist(), np.concatenate([breaks, [len(rows)]]).tolist()))
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            shares = [runs[thread::READS_IN_FLIGHT] for thread in range(min(READS_IN_FLIGHT, len(runs)))]
+            for done in [_pool().submit(self._read_runs, fd, out, rows, share) for share in shares]:
+                done.result()
+        finally:
+            os.close(fd)
+        return out
+
+    def _read_runs(self, fd, out, rows, runs):
+        """Fill out[start:stop] with the consecutive rows from rows[start] on, for each (start, stop) of runs."""
+        for start, stop in runs:
+            view, position = memoryview(out[start:stop]).cast("B"), self.offset + int(rows[start]) * self.row_bytes
+            while len(view):
+                count = os.preadv(fd, [view], position)
+                if count <= 0:
+                    raise UserError(f"{self.path}: ends before row {rows[stop - 1]}; extract the features again")
+                view, position = view[count:], position + count
+
+
+_POOL = {}
+
+
+def _pool():
+    """This process's reading threads (a forked child makes its own)."""
+    if os.getpid() not in _POOL:
+        _POOL.clear()
+        _POOL[os.getpid()] = ThreadPoolExecutor(READS_IN_FLIGHT, thread_name_prefix="feature-reads")
+    return _POOL[os.getpid()]
+
+
+def prefetch(iterable, depth=2):
+    """Yield what iterable yields, made up to `depth` items ahead in a background thread (an error there
+    is raised here; a consumer that stops early stops the thread)."""
+    ready, stop, done = queue.Queue(depth), threading.Event(), object()
+
+    def hand(item, error=None):
+        """Put item in the queue, waiting while it is full; False once the consumer has stopped."""
+        while not stop.is_set():
+            try:
+                ready.put((item, error), timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in iterable:
+                if not hand(item):
+                    return
+            hand(done)
+        except BaseException as error:  # raised in the consumer
+            hand(done, error)
+
+    thread = threading.Thread(target=produce, daemon=True, name="prefetch")
+    thread.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()

@@ -1,0 +1,78 @@
+"""Feature rows read with preadv give exactly the memory map's rows; batches made ahead arrive in order,
+errors and all, and a consumer that stops early stops the producer."""
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from config import UserError
+from feature_reads import RowReader, prefetch
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    """A (300, 7, 5) float16 array in a .npy file, memory-mapped."""
+    path = tmp_path_factory.mktemp("rows") / "features.npy"
+    np.save(path, np.random.default_rng(0).standard_normal((300, 7, 5)).astype(np.float16))
+    return np.load(path, mmap_mode="r")
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.integers(0, 299), max_size=200))
+def test_any_rows_in_any_order_are_the_arrays_rows(stored, rows):
+    read, expected = RowReader(stored).read(rows), stored[np.array(rows, dtype=np.int64)]
+    assert read.dtype == np.float16 and read.shape == (len(rows), 7, 5) and np.array_equal(read, expected)
+
+
+def test_a_file_cut_short_is_one_line_and_a_row_outside_an_index_error(stored, tmp_path):
+    path = tmp_path / "cut.npy"
+    path.write_bytes(open(stored.filename, "rb").read())
+    reader = RowReader(np.load(path, mmap_mode="r"))
+    os.truncate(path, os.path.getsize(path) - 100)  # cut while in use (a disk full at extraction's copy...)
+    assert reader.read([0, 5]).shape == (2, 7, 5)
+    with pytest.raises(UserError, match="cut.npy: ends before row 299; extract the features again"):
+        reader.read([0, 299])
+    with pytest.raises(IndexError):
+        reader.read([300])
+
+
+def test_prefetch_yields_everything_in_order_ahead_of_the_consumer():
+    made = []
+
+    def produce():
+        for i in range(10):
+            made.append(i)
+            yield i
+
+    batches = prefetch(produce(), depth=2)
+    assert next(batches) == 0
+    time.sleep(0.3)
+    assert len(made) >= 3  # made ahead while the consumer waited
+    assert list(batches) == list(range(1, 10))
+
+
+def test_prefetch_raises_the_producers_error_and_a_consumer_that_stops_stops_it():
+    def failing():
+        yield 1
+        raise ValueError("disk gone")
+
+    with pytest.raises(ValueError, match="disk gone"):
+        list(prefetch(failing()))
+
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    batches = prefetch(endless())
+    assert next(batches) == 0
+    batches.close()  # what an abandoned training epoch does
+    deadline = time.time() + 5
+    while any(thread.name == "prefetch" for thread in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(thread.name == "prefetch" for thread in threading.enumerate())
