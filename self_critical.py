@@ -5,7 +5,11 @@ against the image's references (plus, optionally, a weight times its mean BLEU-1
 its baseline the mean reward of the image's other samples (so no greedy decode is needed).
 The loss raises the log-probability of the captions that beat their baseline and lowers the rest.
 """
+import collections
+import collections.abc
 import dataclasses
+import hashlib
+import os
 
 import numpy as np
 import torch
@@ -14,6 +18,7 @@ from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from decoding import Rules
+from files import atomic_save
 from retrieval import batch_discriminability
 
 
@@ -24,46 +29,131 @@ class CorpusCider(CiderScorer):
     they must come from all training captions instead, as in SCST.
     """
 
-    def __init__(self, corpus):
-        """corpus: {key: [reference sentences as space-separated words]}."""
+    def __init__(self, corpus, frequencies=None):
+        """corpus: {key: [reference sentences as space-separated words]} (any mapping, read key by key when
+        scoring); frequencies: its Frequencies, when already built (else built here)."""
         super().__init__()
         self.corpus = corpus
-        self.references = {key: cook_refs(refs) for key, refs in corpus.items()}
-        self.crefs = list(self.references.values())
-        self.compute_doc_freq()
-        self.document_frequency = _Frequencies(self.document_frequency)
-        self._log_corpus_size = np.log(len(self.crefs))
+        self.document_frequency = frequencies or Frequencies.build(corpus)
+        self._log_corpus_size = np.log(len(corpus))
 
     # compute_cider() sets ref_len to log(number of references it scores); keep the corpus size.
     ref_len = property(lambda self: self._log_corpus_size, lambda self, _value: None)
 
     def score(self, keys, candidates):
         """CIDEr-D of each candidate sentence against the references of its key -> (N,) array."""
-        return self._cider([self.references[key] for key in keys], candidates)
+        return self.score_against([self.corpus[key] for key in keys], candidates)
 
     def score_against(self, references, candidates):
         """CIDEr-D of each candidate against its own list of sentences (N lists) -> (N,) array."""
-        return self._cider([cook_refs(sentences) for sentences in references], candidates)
-
-    def _cider(self, cooked_references, candidates):
-        self.crefs, self.ctest = cooked_references, [cook_test(candidate) for candidate in candidates]
+        self.crefs = [cook_refs(sentences) for sentences in references]
+        self.ctest = [cook_test(candidate) for candidate in candidates]
         return np.array(self.compute_cider())
 
 
-class _Frequencies(dict):
-    """Document frequencies: an n-gram never seen is 0 and, unlike in a defaultdict, is not stored
-    (sampled captions bring millions of new n-grams over a training run)."""
+class Frequencies:
+    """In how many keys' references each 1-4-gram appears (CIDEr's document frequency), as sorted codes
+    and counts: built with numpy in seconds where pycocoevalcap's dicts take a minute for a million
+    captions, saved and loaded as two arrays, looked up as pycocoevalcap looks up its dict (an n-gram
+    never seen: 0). A code holds up to 4 word numbers of WORD_BITS bits; past the 2**WORD_BITS - 2 most
+    frequent words, the rarer ones share a number (their n-grams count together)."""
 
-    def __missing__(self, _ngram):
-        return 0.0
+    WORD_BITS = 15
+
+    def __init__(self, words, codes, counts):
+        """words: the corpus's words, most frequent first (numbered from 1); codes sorted (K,), counts (K,)."""
+        self.words, self.codes, self.counts = list(words), codes, counts
+        rare = 2 ** self.WORD_BITS - 1
+        self.number = {word: min(number, rare) for number, word in enumerate(self.words, 1)}
+
+    def __getitem__(self, ngram):
+        code = 0
+        for place, word in enumerate(ngram):
+            if word not in self.number:
+                return 0.0
+            code |= self.number[word] << (place * self.WORD_BITS)
+        at = int(np.searchsorted(self.codes, code))
+        return float(self.counts[at]) if at < len(self.codes) and self.codes[at] == code else 0.0
+
+    def __len__(self):
+        return len(self.codes)
+
+    @classmethod
+    def build(cls, corpus):
+        """corpus: {key: [sentences]} -> its Frequencies."""
+        sentences = [(k, sentence.split()) for k, refs in enumerate(corpus.values()) for sentence in refs]
+        words = [word for word, _ in collections.Counter(w for _, s in sentences for w in s).most_common()]
+        number = cls(words, None, None).number
+        tokens = np.array([number[w] for _, s in sentences for w in s], dtype=np.int64)  # (T,)
+        sentence_of = np.repeat(np.arange(len(sentences)), [len(s) for _, s in sentences])  # (T,)
+        key_of = np.array([k for k, _ in sentences], dtype=np.int64)[sentence_of] if len(tokens) else tokens
+        codes, keys = [], []
+        for n in range(1, 5):  # the n-grams inside one sentence: positions i..i+n-1 of one sentence
+            starts = np.flatnonzero(sentence_of[:len(tokens) - n + 1] == sentence_of[n - 1:])
+            code = np.zeros(len(starts), dtype=np.int64)
+            for place in range(n):
+                code |= tokens[starts + place] << (place * cls.WORD_BITS)
+            codes.append(code)
+            keys.append(key_of[starts])
+        pairs = np.unique(np.stack([np.concatenate(keys), np.concatenate(codes)]), axis=1)  # each key's n-grams once
+        codes, counts = np.unique(pairs[1], return_counts=True)
+        return cls(words, codes, counts.astype(np.float64))
+
+    def state(self, fingerprint):
+        """What save writes: the arrays as tensors, with the fingerprint of the corpus they count."""
+        return {"kind": "cider-frequencies", "fingerprint": fingerprint, "words": self.words,
+                "codes": torch.from_numpy(self.codes), "counts": torch.from_numpy(self.counts)}
 
 
-def reference_corpus(captions, end, unknown):
-    """{key: [word-index captions]} -> {key: [sentences]} for CorpusCider.
+def corpus_fingerprint(captions):
+    """{key: [word-index captions]} -> a sha1 of its keys and captions, to tie saved Frequencies to it."""
+    digest = hashlib.sha1()
+    for key, refs in captions.items():
+        digest.update(repr((key, refs)).encode())
+    return digest.hexdigest()
+
+
+def cider_frequencies(path, corpus, fingerprint):
+    """The Frequencies of corpus: loaded from path when they count this corpus (fingerprint), else built
+    and saved there (atomically: a kill leaves the old file or none); a damaged file is built again."""
+    if os.path.isfile(path):
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("kind") == "cider-frequencies" and saved.get("fingerprint") == fingerprint:
+                return Frequencies(saved["words"], saved["codes"].numpy(), saved["counts"].numpy())
+            print(f"{path}: counts other captions than these; counting them again")
+        except Exception as error:  # truncated, not torch's, not a dict...
+            print(f"{path}: unreadable ({type(error).__name__}); counting the captions again")
+    frequencies = Frequencies.build(corpus)
+    atomic_save(frequencies.state(fingerprint), path)
+    return frequencies
+
+
+def training_cider(caption_data_path, captions, end, unknown):
+    """CIDEr-D against the training captions {row: [word-index captions]}, their frequencies counted once
+    and kept beside the caption file (NAME.cider.pth), for every later run and process."""
+    path = os.path.splitext(caption_data_path)[0] + ".cider.pth"
+    corpus = ReferenceCorpus(captions, end, unknown)
+    return CorpusCider(corpus, cider_frequencies(path, corpus, corpus_fingerprint(captions)))
+
+
+class ReferenceCorpus(collections.abc.Mapping):
+    """{key: [word-index captions]} as {key: [sentences]} for CorpusCider, each key's made when asked for.
 
     </UNKNOWN> becomes a word no sampled caption can match, so it is never rewarded."""
-    return {key: [sentence(["?" if ix == unknown else ix for ix in caption] + [end], end) for caption in refs]
-            for key, refs in captions.items()}
+
+    def __init__(self, captions, end, unknown):
+        self.captions, self.end, self.unknown = captions, end, unknown
+
+    def __getitem__(self, key):
+        return [sentence(["?" if ix == self.unknown else ix for ix in caption] + [self.end], self.end)
+                for caption in self.captions[key]]
+
+    def __iter__(self):
+        return iter(self.captions)
+
+    def __len__(self):
+        return len(self.captions)
 
 
 @dataclasses.dataclass

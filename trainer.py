@@ -27,7 +27,7 @@ from images import build_backbone, pick_device, weights_file
 from metrics import METRICS, java_available, score_captions
 from model import ENCODES_REGIONS, READS_REGIONS, build_model, check_fits
 from reporting import Reporter
-from self_critical import CorpusCider, Discriminability, Reward, reference_corpus, self_critical_loss
+from self_critical import Discriminability, Reward, self_critical_loss, training_cider
 
 
 @dataclasses.dataclass(frozen=True)
@@ -448,7 +448,7 @@ class Trainer:
         """One self-critical step -> the mean reward of the sampled captions."""
         opt, split = self.opt, self.train_split
         if self.reward is None:  # CIDEr-D over the training captions, built once
-            cider = CorpusCider(reference_corpus(split.word_captions(), split.end, split.unknown))
+            cider = training_cider(opt.caption_data_path, split.word_captions(), split.end, split.unknown)
             self.reward = Reward(cider, opt.scst_bleu_weight, opt.scst_diversity_weight, opt.scst_retrieval_weight,
                                  self.discriminability)
         with self._autocast():

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import options
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs
 from test_ensemble import three_models
 from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -18,13 +21,15 @@ from main import train
 from model import CaptionModel, load_checkpoint
 from self_critical import (
     CorpusCider,
+    Frequencies,
+    ReferenceCorpus,
     Reward,
     draw,
     log_probabilities,
-    reference_corpus,
     sample,
     self_critical_loss,
     sentence,
+    training_cider,
 )
 from trainer import Trainer
 
@@ -48,9 +53,58 @@ def test_corpus_cider_keeps_the_corpus_document_frequencies_for_a_batch():
     alone = cider.score(["a"], ["狗 在 草地 上"])
     together = cider.score(["a", "b", "a"], ["狗 在 草地 上", "海边 的 孩子", "狗 在 草地 上"])
     np.testing.assert_allclose([alone[0], alone[0]], together[[0, 2]])
-    known = dict(cider.document_frequency)
+    known = len(cider.document_frequency)
     cider.score(["a"], ["从未 见过 的 词语 组合"])
-    assert cider.document_frequency == known  # new n-grams of samples are not stored
+    assert len(cider.document_frequency) == known and cider.document_frequency[("从未",)] == 0  # never stored
+
+
+def library_frequencies(corpus):
+    """pycocoevalcap's own document frequencies of a corpus {key: [sentences]}."""
+    scorer = CiderScorer()
+    scorer.crefs = [cook_refs(refs) for refs in corpus.values()]
+    scorer.compute_doc_freq()
+    return scorer.document_frequency
+
+
+WORDS = ["一只", "狗", "在", "草地", "上", "奔跑", "猫", "的", "人", "海边", "玩", "x"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(corpus=st.dictionaries(st.integers(0, 50), st.lists(st.lists(st.sampled_from(WORDS), max_size=9).map(" ".join),
+                                                           min_size=1, max_size=5), min_size=1),
+       word_bits=st.sampled_from([3, 15]))
+def test_the_frequencies_are_pycocoevalcaps_and_rare_words_past_the_numbers_share_one(corpus, word_bits):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Frequencies, "WORD_BITS", word_bits)
+        expected, frequencies = library_frequencies(corpus), Frequencies.build(corpus)
+        numbered = set(frequencies.words[:2 ** word_bits - 2])  # the words with a number of their own
+        for ngram, count in expected.items():
+            if set(ngram) <= numbered:
+                assert frequencies[ngram] == count
+            else:  # counted with the other n-grams of its shape that differ only in rare words
+                assert frequencies[ngram] >= count
+        assert frequencies[("从未",)] == 0 and frequencies[("狗", "从未")] == 0
+        if word_bits == 15:
+            assert len(frequencies) == len(expected)
+
+
+def test_the_training_frequencies_are_counted_once_and_a_changed_or_damaged_file_is_counted_again(tmp_path,
+                                                                                                 monkeypatch, capsys):
+    caption_file, captions = str(tmp_path / "train.pth"), {0: [[5, 6, 7]], 1: [[5, 8], [9]]}
+    first = training_cider(caption_file, captions, end=1, unknown=2)
+    saved = tmp_path / "train.cider.pth"
+    assert saved.is_file()
+    monkeypatch.setattr(Frequencies, "build", lambda corpus: pytest.fail("counted again"))
+    again = training_cider(caption_file, captions, end=1, unknown=2)
+    assert again.score([0], ["5 6 7 1"]) == pytest.approx(first.score([0], ["5 6 7 1"]))
+    monkeypatch.undo()
+    changed = training_cider(caption_file, {**captions, 2: [[6, 6]]}, end=1, unknown=2)
+    assert "counts other captions than these; counting them again" in capsys.readouterr().out
+    assert changed.document_frequency[("6", "6")] == 1
+    saved.write_bytes(saved.read_bytes()[:100])  # cut short
+    training_cider(caption_file, captions, end=1, unknown=2)
+    assert "train.cider.pth: unreadable" in capsys.readouterr().out
+    assert training_cider(caption_file, captions, end=1, unknown=2).document_frequency[("6", "6")] == 0
 
 
 def test_bleu_weight_adds_the_mean_bleu_to_the_reward():
@@ -99,7 +153,7 @@ def test_the_reward_sees_where_a_caption_ends():
     """The references end with </EOS> (1): a caption that ends after the words they end on earns more
     than the same words cut off by the length limit, or than a fragment that stops on 3 (一个)."""
     corpus = {0: [[3, 4, 5], [3, 4, 6, 5]], 1: [[7, 8], [8, 9]], 2: [[9, 7, 8]]}
-    cider = CorpusCider(reference_corpus(corpus, end=1, unknown=2))
+    cider = CorpusCider(ReferenceCorpus(corpus, end=1, unknown=2))
     ended, cut_off, fragment = cider.score([0] * 3, [sentence(c, 1) for c in ([3, 4, 5, 1], [3, 4, 5], [4, 5, 3, 1])])
     assert ended > cut_off and ended > fragment
 
@@ -120,7 +174,7 @@ def test_samples_never_end_on_an_unfinished_word():
 
 
 def test_an_unknown_word_in_a_reference_is_never_rewarded():
-    cider = CorpusCider(reference_corpus({0: [[5, 2, 7]], 1: [[8, 9]]}, end=1, unknown=2))
+    cider = CorpusCider(ReferenceCorpus({0: [[5, 2, 7]], 1: [[8, 9]]}, end=1, unknown=2))
     with_unknown, without = cider.score([0, 0], ["5 2 7", "5 7"])
     assert without > with_unknown
 
