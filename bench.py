@@ -7,6 +7,7 @@
     python bench.py train               # captions/s, memory and where the time goes
     python bench.py generate            # `main.py generate` for one photo (cold) and for a folder
     python bench.py serve               # `main.py serve` under 1, 8 and 32 clients, batching on and off
+    python bench.py scale --images=210000 [--memory-limit=8G]   # AI Challenger's size rehearsed (rehearsal.py)
 
 Data: `--caption-data-path`/`--val-caption-data-path` with their features and `--img-path` (e.g. the
 Flickr8k-CN recipe's); by default a demo set made in `--work` (data/bench). Runs on CUDA when there is one.
@@ -488,6 +489,23 @@ def _checkpoint(opt, work):
     return os.path.abspath(path)
 
 
+# --- scale ----------------------------------------------------------------------------------------
+def scale(images=210000, memory_limit="", batches=100, val_images=1000, work="data/scale", sentences_from="",
+          features_from=""):
+    """Each step of the pipeline on a made-up set of `images` photos (5 captions each, recombined from real
+    ones; features in the extraction's format: random, or rows of --features-from's caption file repeated),
+    each step in its own process, under --memory-limit (e.g. 8G) when given: seconds, batches/s, the share
+    of each training step spent waiting for its batch, peak memory -> printed as JSON, and in
+    work/scale-N[-LIMIT].json."""
+    import rehearsal
+    results = rehearsal.rehearse(images, work, memory_limit, batches, val_images, sentences_from, features_from)
+    path = os.path.join(work, f"scale-{images}{'-' + memory_limit if memory_limit else ''}.json")
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(results, file, indent=1)
+    print(json.dumps(results, indent=1))
+    return results
+
+
 # --- data, tables, all ----------------------------------------------------------------------------
 def _bench_data(opt: Config, work):
     """The options as given when they name caption data, else a demo set made (once) in work/demo."""
@@ -570,6 +588,6 @@ if __name__ == "__main__":
     try:
         fire.Fire({name: _printing_only(function) for name, function in [
             ("all", run_all), ("beam", beam), ("cache", cache), ("extract", extract), ("train", train),
-            ("generate", generate), ("serve", serve), ("train_phase", train_phase)]})
+            ("generate", generate), ("serve", serve), ("scale", scale), ("train_phase", train_phase)]})
     except UserError as error:
         sys.exit(f"error: {error}")

@@ -1,0 +1,271 @@
+"""A rehearsal at AI Challenger's size without AI Challenger (`python bench.py scale`).
+
+It makes a caption file of N photos with 5 captions each, recombined from real Chinese sentences (so
+jieba, the vocabulary and CIDEr-D see real words), and features in the extraction's own format
+(rows of real features repeated, or random ones), then times each step of the real pipeline on them:
+encoding the captions, loading the split, the self-critical statistics, batch reads from the region
+features (a memory map's against feature_reads.RowReader, the file out of the page cache), training
+batches of each phase (how long each step waited for its batch) and validation decoding. Each step
+runs in its own process, so its peak memory is its own; with a memory limit those processes run in
+a memory cgroup of that size (the page cache counted in it, as on a machine with that memory).
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import images
+from config import UserError
+
+CAPTIONS_PER_IMAGE, STEPS = 5, ("process", "load", "statistics", "reads", "cross-entropy", "self-critical",
+                                "validation")
+
+
+def recombined_sentences(sentences, count, seed=0):
+    """`count` new sentences, each the start of one real sentence joined to the end of another at a
+    character they share (一个男人在骑车 + 两只狗在草地上 -> 一个男人在草地上)."""
+    rng = random.Random(seed)
+    made = []
+    while len(made) < count:
+        first, second = rng.choice(sentences), rng.choice(sentences)
+        shared = [i for i, character in enumerate(first) if i > 0 and character in second[1:]]
+        if not shared:
+            made.append(first)
+            continue
+        cut = rng.choice(shared)
+        made.append(first[:cut] + second[second.index(first[cut], 1):])
+    return made
+
+
+def write_captions(path, count, sentences, seed=0):
+    """An AI Challenger caption file of `count` photos (000000.jpg ...), CAPTIONS_PER_IMAGE captions each."""
+    made = iter(recombined_sentences(sentences, count * CAPTIONS_PER_IMAGE, seed))
+    entries = [{"image_id": f"{i:06d}.jpg", "caption": [next(made) for _ in range(CAPTIONS_PER_IMAGE)]}
+               for i in range(count)]
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(entries, file, ensure_ascii=False)
+
+
+def write_features(caption_data_path, image_ids, source=None, grid=7, feature_dim=1280, dtype=np.float16):
+    """Pooled and region features of image_ids in the extraction's format (and its description, last):
+    rows of `source` (a caption file whose features to repeat) in turn, else random ones."""
+    pooled_source = regions_source = None
+    if source:
+        pooled_source = np.load(images.features_path(source), mmap_mode="r")
+        regions_source = np.load(images.features_path(source, grid=True), mmap_mode="r")
+        feature_dim = pooled_source.shape[1]
+    rng = np.random.default_rng(0)
+    for path, shape, rows in ((images.features_path(caption_data_path), (feature_dim,), pooled_source),
+                              (images.features_path(caption_data_path, grid=True), (grid * grid, feature_dim),
+                               regions_source)):
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(len(image_ids), *shape))
+        for start in range(0, len(image_ids), 2048):
+            stop = min(start + 2048, len(image_ids))
+            array[start:stop] = (rows[np.arange(start, stop) % len(rows)] if rows is not None
+                                 else rng.random((stop - start, *shape), dtype=np.float32))
+        array.flush()
+        del array
+    meta = {"backbone": "efficientnet_lite2", "weights": "rehearsal", "num_images": len(image_ids),
+            "feature_dim": feature_dim, "grid": grid, "img_path": "", "bad": {},
+            "image_ids_sha1": images.image_list_hash(image_ids)}
+    with open(images.features_path(caption_data_path).replace(".npy", ".json"), "w", encoding="utf-8") as file:
+        json.dump(meta, file)
+
+
+def evict(path):
+    """Drop a file's pages from the page cache (as after a reboot, or on a machine too small to keep them)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def peak_mb():
+    """This process's peak resident memory (VmHWM), page cache excluded, memory-mapped pages it touched included."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+
+
+def in_memory_cgroup(limit):
+    """A preexec_fn that moves the child into a new memory cgroup of `limit` bytes (cgroup v2 or v1),
+    or a UserError naming another way when none can be made here."""
+    roots = (("/sys/fs/cgroup", "memory.max"), ("/sys/fs/cgroup/memory", "memory.limit_in_bytes"))
+    for root, limit_file in roots:
+        folder = os.path.join(root, f"kantu-rehearsal-{os.getpid()}")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, limit_file), "w") as file:
+                file.write(str(limit))
+        except OSError:
+            continue
+        procs = os.path.join(folder, "cgroup.procs")
+        return lambda: open(procs, "w").write(str(os.getpid()))
+    raise UserError("--memory-limit: no memory cgroup can be made here (it needs root); run the whole rehearsal "
+                    "under one instead, e.g. systemd-run --scope -p MemoryMax=8G python bench.py scale ...")
+
+
+def parse_size(text):
+    """'8G', '512M', '1000000' -> bytes."""
+    units = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+    try:
+        return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1:].upper() in units else int(text)
+    except (ValueError, IndexError):
+        raise UserError(f"--memory-limit={text}: give a size such as 8G or 512M") from None
+
+
+def run_step(step, work, memory_limit=0, **options):
+    """One step in a fresh process (under the memory limit) -> its JSON line as a dict."""
+    command = [sys.executable, os.path.abspath(__file__), step, work, json.dumps(options)]
+    preexec = in_memory_cgroup(memory_limit) if memory_limit else None
+    result = subprocess.run(command, capture_output=True, text=True, preexec_fn=preexec,
+                            cwd=os.path.dirname(os.path.abspath(__file__)))
+    if result.returncode:
+        raise UserError(f"rehearsal step {step} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --- the steps, each in its own process -----------------------------------------------------------
+def _config(work, options):
+    from config import Config
+    return Config(caption_data_path=os.path.join(work, "train.pth"), model="attention", batch_size=128,
+                  val_fraction=options["val_images"] / options["images"], eval_size=options["val_images"],
+                  checkpoint_dir=os.path.join(work, "checkpoints"), log_dir=os.path.join(work, "logs"),
+                  overwrite=True, vis_port=1, vis_timeout=0.1, plot_every=10 ** 9)
+
+
+def step_process(work, options):
+    from data_preprocess import process
+    start = time.perf_counter()
+    process(annotation_file=os.path.join(work, "captions.json"), caption_data_path=os.path.join(work, "train.pth"))
+    return {"seconds": time.perf_counter() - start}
+
+
+def step_load(work, options):
+    from dataset import train_val_splits
+    start = time.perf_counter()
+    train, val = train_val_splits(_config(work, options))
+    return {"seconds": time.perf_counter() - start, "training_captions": len(train.pairs), "val_images": len(val.rows)}
+
+
+def step_statistics(work, options):
+    from dataset import train_val_splits
+    from self_critical import training_cider
+    train, _ = train_val_splits(_config(work, options))
+    captions, path = train.word_captions(), os.path.join(work, "train.cider.pth")
+    if os.path.exists(path):
+        os.remove(path)
+    start = time.perf_counter()
+    training_cider(os.path.join(work, "train.pth"), captions, train.end, train.unknown)
+    built = time.perf_counter() - start
+    start = time.perf_counter()
+    training_cider(os.path.join(work, "train.pth"), captions, train.end, train.unknown)
+    return {"seconds": built, "load_seconds": time.perf_counter() - start, "captions": len(train.pairs),
+            "file_mb": os.path.getsize(path) / 2 ** 20}
+
+
+def step_reads(work, options):
+    from feature_reads import RowReader
+    path = images.features_path(os.path.join(work, "train.pth"), grid=True)
+    array, rng, size = np.load(path, mmap_mode="r"), np.random.default_rng(0), 128
+    result = {"file_gb": os.path.getsize(path) / 2 ** 30}
+    for name, read in (("memory_map", lambda rows: array[np.sort(rows)]), ("row_reads", RowReader(array).read)):
+        evict(path)
+        count, start = 0, time.perf_counter()
+        while count < options["batches"] and time.perf_counter() - start < 60:
+            read(rng.choice(len(array), size, replace=False))
+            count += 1
+        result[f"{name}_batches_per_s"] = count / (time.perf_counter() - start)
+    return result
+
+
+def step_training(work, options, phase):
+    import dataclasses
+
+    from checkpoints import SELF_CRITICAL
+    from trainer import Trainer
+    trainer = Trainer(_config(work, options))
+    if phase == "self-critical":
+        trainer.progress = dataclasses.replace(trainer.progress, phase=SELF_CRITICAL)
+        trainer._prepare_phase()
+    step = trainer.self_critical_step if phase == "self-critical" else trainer.cross_entropy_step
+    batches, _ = trainer._batches()
+    step(next(batches))  # the first: warm-up (and the self-critical statistics, loaded)
+    count = max(1, options["batches"] // (10 if phase == "self-critical" else 1))
+    waited = total = 0.0
+    for _ in range(count):
+        start = time.perf_counter()
+        batch = next(batches)
+        got = time.perf_counter()
+        step(batch)
+        waited, total = waited + got - start, total + time.perf_counter() - start
+    return {"batches": count, "batches_per_s": count / total, "wait_share": waited / total}
+
+
+def step_validation(work, options):
+    from trainer import Trainer
+    trainer = Trainer(_config(work, options))
+    start = time.perf_counter()
+    trainer.validate()
+    return {"seconds": time.perf_counter() - start, "images": options["val_images"]}
+
+
+STEP_FUNCTIONS = {"process": step_process, "load": step_load, "statistics": step_statistics, "reads": step_reads,
+                  "cross-entropy": lambda work, options: step_training(work, options, "cross-entropy"),
+                  "self-critical": lambda work, options: step_training(work, options, "self-critical"),
+                  "validation": step_validation}
+
+
+def rehearse(images_count, work, memory_limit="", batches=100, val_images=1000, sentences_from="",
+             features_from=""):
+    """Make (once) the data of `images_count` photos in work/N, then run and time every step -> results."""
+    folder = os.path.join(work, str(images_count))
+    os.makedirs(folder, exist_ok=True)
+    results = {"images": images_count, "captions": images_count * CAPTIONS_PER_IMAGE,
+               "memory_limit": memory_limit or "none", "cores": os.cpu_count()}
+    captions = os.path.join(folder, "captions.json")
+    if not os.path.isfile(captions):
+        start = time.perf_counter()
+        write_captions(captions, images_count, source_sentences(sentences_from))
+        results["make_captions_s"] = time.perf_counter() - start
+    options = {"images": images_count, "batches": batches, "val_images": val_images}
+    limit = parse_size(memory_limit) if memory_limit else 0
+    results["process"] = run_step("process", folder, limit, **options)
+    if not os.path.isfile(images.features_path(os.path.join(folder, "train.pth")).replace(".npy", ".json")):
+        from captions import load_caption_data
+        start = time.perf_counter()
+        write_features(os.path.join(folder, "train.pth"), load_caption_data(os.path.join(folder, "train.pth"))["ix2id"],
+                       features_from or None)
+        results["make_features_s"] = time.perf_counter() - start
+    for step in STEPS[1:]:
+        results[step] = run_step(step, folder, limit, **options)
+        print(f"{step}: {json.dumps(results[step])}", file=sys.stderr)
+    return results
+
+
+def source_sentences(path=""):
+    """Real Chinese captions to recombine: an AI Challenger file's (default: the shared Flickr8k-CN
+    training captions; else the demo set's)."""
+    from captions import load_annotations
+    shared = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "flickr8k-cn",
+                          "annotations", "flickr8kcn_train_zhc.json")
+    if not path and os.path.isfile(shared):
+        path = shared
+    if not path:
+        import tempfile
+
+        import demo_data
+        folder = tempfile.mkdtemp(prefix="rehearsal-sentences-")
+        demo_data.make(out=folder, num_train=200, num_val=1)
+        path = os.path.join(folder, "train.json")
+    return [caption for entry in load_annotations(path) for caption in entry["caption"] if caption.strip()]
+
+
+if __name__ == "__main__":  # one step: python rehearsal.py STEP WORK OPTIONS_JSON -> a JSON line with its peak
+    name, folder, step_options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    measured = STEP_FUNCTIONS[name](folder, step_options)
+    print(json.dumps({**measured, "peak_mb": peak_mb()}))
