@@ -171,7 +171,8 @@ def step_statistics(work, options):
 def step_reads(work, options):
     from feature_reads import RowReader
     path = images.features_path(os.path.join(work, "train.pth"), grid=True)
-    array, rng, size = np.load(path, mmap_mode="r"), np.random.default_rng(0), 128
+    array, rng = np.load(path, mmap_mode="r"), np.random.default_rng(0)
+    size = min(128, len(array))
     result = {"file_gb": os.path.getsize(path) / 2 ** 30}
     for name, read in (("memory_map", lambda rows: array[np.sort(rows)]), ("row_reads", RowReader(array).read)):
         evict(path)

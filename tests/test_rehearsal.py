@@ -1,0 +1,54 @@
+"""The AI-Challenger-size rehearsal's own parts: recombined captions, features the pipeline accepts, the
+read and statistics steps, and sizes."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import rehearsal
+from config import UserError
+from data_preprocess import process
+from dataset import load_split
+
+SENTENCES = ["一个男人在骑自行车", "两只狗在草地上奔跑", "一个女孩坐在长椅上", "海边有三个孩子"]
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 10 ** 6))
+def test_a_recombined_sentence_starts_as_one_real_sentence_and_ends_as_another(seed):
+    for made in rehearsal.recombined_sentences(SENTENCES, 20, seed):
+        assert made in SENTENCES or any(  # a start of one joined at a shared character to the end of another
+            made == first[:i] + second[j:] and first[i] == second[j]
+            for first in SENTENCES for second in SENTENCES for i in range(1, len(first)) for j in range(1, len(second)))
+
+
+@pytest.fixture(scope="module")
+def rehearsed(tmp_path_factory):
+    """A 40-photo rehearsal folder: captions encoded, features written."""
+    folder = tmp_path_factory.mktemp("rehearsal")
+    rehearsal.write_captions(str(folder / "captions.json"), 40, SENTENCES)
+    process(annotation_file=str(folder / "captions.json"), caption_data_path=str(folder / "train.pth"), min_appear=1)
+    rehearsal.write_features(str(folder / "train.pth"), [f"{i:06d}.jpg" for i in range(40)], feature_dim=8)
+    return folder
+
+
+def test_the_features_it_writes_are_what_the_pipeline_reads(rehearsed):
+    data, features, meta, rows = load_split(str(rehearsed / "train.pth"), grid=True)
+    assert features.shape == (40, 49, 8) and features.dtype == np.float16 and len(rows) == 40
+    assert len(data["caption"][0]) == rehearsal.CAPTIONS_PER_IMAGE and meta["weights"] == "rehearsal"
+
+
+def test_the_read_and_statistics_steps_measure(rehearsed):
+    options = {"images": 40, "batches": 3, "val_images": 4}
+    reads = rehearsal.step_reads(str(rehearsed), options)
+    assert reads["memory_map_batches_per_s"] > 0 and reads["row_reads_batches_per_s"] > 0
+    statistics = rehearsal.step_statistics(str(rehearsed), options)
+    assert statistics["captions"] == 36 * rehearsal.CAPTIONS_PER_IMAGE and (rehearsed / "train.cider.pth").is_file()
+
+
+def test_sizes():
+    assert rehearsal.parse_size("8G") == 8 * 2 ** 30 and rehearsal.parse_size("512m") == 512 * 2 ** 20
+    assert rehearsal.parse_size("1000") == 1000
+    with pytest.raises(UserError, match="--memory-limit=lots: give a size such as 8G"):
+        rehearsal.parse_size("lots")
