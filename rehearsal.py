@@ -9,6 +9,7 @@ batches of each phase (how long each step waited for its batch) and validation d
 runs in its own process, so its peak memory is its own; with a memory limit those processes run in
 a memory cgroup of that size (the page cache counted in it, as on a machine with that memory).
 """
+import functools
 import json
 import os
 import random
@@ -62,13 +63,15 @@ def write_features(caption_data_path, image_ids, source=None, grid=7, feature_di
     for path, shape, rows in ((images.features_path(caption_data_path), (feature_dim,), pooled_source),
                               (images.features_path(caption_data_path, grid=True), (grid * grid, feature_dim),
                                regions_source)):
-        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(len(image_ids), *shape))
-        for start in range(0, len(image_ids), 2048):
-            stop = min(start + 2048, len(image_ids))
-            array[start:stop] = (rows[np.arange(start, stop) % len(rows)] if rows is not None
-                                 else rng.random((stop - start, *shape), dtype=np.float32))
-        array.flush()
-        del array
+        with open(path, "wb") as file:  # written as a stream: a memory map of it would fill the memory
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                      "shape": (len(image_ids), *shape)}
+            np.lib.format.write_array_header_1_0(file, header)
+            for start in range(0, len(image_ids), 1024):
+                stop = min(start + 1024, len(image_ids))
+                chunk = (rows[np.arange(start, stop) % len(rows)] if rows is not None
+                         else rng.random((stop - start, *shape), dtype=np.float32))
+                file.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
     meta = {"backbone": "efficientnet_lite2", "weights": "rehearsal", "num_images": len(image_ids),
             "feature_dim": feature_dim, "grid": grid, "img_path": "", "bad": {},
             "image_ids_sha1": images.image_list_hash(image_ids)}
@@ -92,7 +95,7 @@ def peak_mb():
 
 
 def in_memory_cgroup(limit):
-    """A preexec_fn that moves the child into a new memory cgroup of `limit` bytes (cgroup v2 or v1),
+    """A new memory cgroup of `limit` bytes (cgroup v2 or v1) and a preexec_fn that moves a child into it,
     or a UserError naming another way when none can be made here."""
     roots = (("/sys/fs/cgroup", "memory.max"), ("/sys/fs/cgroup/memory", "memory.limit_in_bytes"))
     for root, limit_file in roots:
@@ -104,9 +107,15 @@ def in_memory_cgroup(limit):
         except OSError:
             continue
         procs = os.path.join(folder, "cgroup.procs")
-        return lambda: open(procs, "w").write(str(os.getpid()))
+        return folder, functools.partial(_join, procs)
     raise UserError("--memory-limit: no memory cgroup can be made here (it needs root); run the whole rehearsal "
                     "under one instead, e.g. systemd-run --scope -p MemoryMax=8G python bench.py scale ...")
+
+
+def _join(procs):
+    """(In the child, before it runs.) Move this process into the cgroup of that cgroup.procs file."""
+    with open(procs, "w") as file:
+        file.write(str(os.getpid()))
 
 
 def parse_size(text):
@@ -121,9 +130,11 @@ def parse_size(text):
 def run_step(step, work, memory_limit=0, **options):
     """One step in a fresh process (under the memory limit) -> its JSON line as a dict."""
     command = [sys.executable, os.path.abspath(__file__), step, work, json.dumps(options)]
-    preexec = in_memory_cgroup(memory_limit) if memory_limit else None
+    cgroup, preexec = in_memory_cgroup(memory_limit) if memory_limit else (None, None)
     result = subprocess.run(command, capture_output=True, text=True, preexec_fn=preexec,
                             cwd=os.path.dirname(os.path.abspath(__file__)))
+    if cgroup:
+        os.rmdir(cgroup)  # empty once its process has ended
     if result.returncode:
         raise UserError(f"rehearsal step {step} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
