@@ -101,5 +101,6 @@ def prefetch(iterable, depth=2):
                     raise error
                 return
             yield item
-    finally:
+    finally:  # the thread ends with its current item: none may run on into the interpreter's exit
         stop.set()
+        thread.join()

@@ -215,6 +215,7 @@ def step_training(work, options, phase):
         got = time.perf_counter()
         step(batch)
         waited, total = waited + got - start, total + time.perf_counter() - start
+    batches.close()
     return {"batches": count, "batches_per_s": count / total, "wait_share": waited / total}
 
 
