@@ -97,9 +97,12 @@ def peak_mb():
 def in_memory_cgroup(limit):
     """A new memory cgroup of `limit` bytes (cgroup v2 or v1) and a preexec_fn that moves a child into it,
     or a UserError naming another way when none can be made here."""
-    roots = (("/sys/fs/cgroup", "memory.max"), ("/sys/fs/cgroup/memory", "memory.limit_in_bytes"))
-    for root, limit_file in roots:
+    roots = (("/sys/fs/cgroup", "memory.max", "cgroup.controllers"),
+             ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.limit_in_bytes"))
+    for root, limit_file, mark in roots:
         folder = os.path.join(root, f"kantu-rehearsal-{os.getpid()}")
+        if not os.path.isfile(os.path.join(root, mark)):  # not that cgroup version's tree here
+            continue
         try:
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, limit_file), "w") as file:
