@@ -89,7 +89,8 @@ class Frequencies:
         key_of = np.array([k for k, _ in sentences], dtype=np.int64)[sentence_of] if len(tokens) else tokens
         codes, keys = [], []
         for n in range(1, 5):  # the n-grams inside one sentence: positions i..i+n-1 of one sentence
-            starts = np.flatnonzero(sentence_of[:len(tokens) - n + 1] == sentence_of[n - 1:])
+            count = max(len(tokens) - n + 1, 0)  # windows of n tokens
+            starts = np.flatnonzero(sentence_of[:count] == sentence_of[n - 1:n - 1 + count])
             code = np.zeros(len(starts), dtype=np.int64)
             for place in range(n):
                 code |= tokens[starts + place] << (place * cls.WORD_BITS)
