@@ -67,7 +67,9 @@ def server(checkpoint, tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-        assert not os.listdir(folder / "tmp")  # no upload was spooled to disk
+        # no upload was spooled to disk (multiprocessing's own pymp-* folder, its manager's socket, is left
+        # when the engine's processes end slower than the 30 s above: seen under a full test run's load)
+        assert not [name for name in os.listdir(folder / "tmp") if not name.startswith("pymp-")]
 
 
 def caption_of(url, photo, **query):
