@@ -21,6 +21,7 @@ import numpy as np
 
 import images
 from config import UserError
+from files import write_json
 
 CAPTIONS_PER_IMAGE, STEPS = 5, ("process", "load", "statistics", "reads", "cross-entropy", "self-critical",
                                 "validation")
@@ -47,8 +48,7 @@ def write_captions(path, count, sentences, seed=0):
     made = iter(recombined_sentences(sentences, count * CAPTIONS_PER_IMAGE, seed))
     entries = [{"image_id": f"{i:06d}.jpg", "caption": [next(made) for _ in range(CAPTIONS_PER_IMAGE)]}
                for i in range(count)]
-    with open(path, "w", encoding="utf-8") as file:
-        json.dump(entries, file, ensure_ascii=False)
+    write_json(entries, path)  # atomic: a kill leaves no half file for the next run to take as made
 
 
 def write_features(caption_data_path, image_ids, source=None, grid=7, feature_dim=1280, dtype=np.float16):
@@ -75,8 +75,7 @@ def write_features(caption_data_path, image_ids, source=None, grid=7, feature_di
     meta = {"backbone": "efficientnet_lite2", "weights": "rehearsal", "num_images": len(image_ids),
             "feature_dim": feature_dim, "grid": grid, "img_path": "", "bad": {},
             "image_ids_sha1": images.image_list_hash(image_ids)}
-    with open(images.features_path(caption_data_path).replace(".npy", ".json"), "w", encoding="utf-8") as file:
-        json.dump(meta, file)
+    write_json(meta, images.features_path(caption_data_path).replace(".npy", ".json"))  # last: marks them made
 
 
 def evict(path):
@@ -239,6 +238,12 @@ STEP_FUNCTIONS = {"process": step_process, "load": step_load, "statistics": step
 def rehearse(images_count, work, memory_limit="", batches=100, val_images=1000, sentences_from="",
              features_from=""):
     """Make (once) the data of `images_count` photos in work/N, then run and time every step -> results."""
+    if not isinstance(images_count, int) or not isinstance(val_images, int) or not 0 < val_images < images_count:
+        raise UserError(f"--images={images_count}, --val-images={val_images}: give whole numbers, with "
+                        "0 < --val-images < --images")
+    if not isinstance(batches, int) or batches < 1:
+        raise UserError(f"--batches={batches}: give a whole number of at least 1")
+    limit = parse_size(memory_limit) if memory_limit else 0  # before any work
     folder = os.path.join(work, str(images_count))
     os.makedirs(folder, exist_ok=True)
     results = {"images": images_count, "captions": images_count * CAPTIONS_PER_IMAGE,
@@ -249,7 +254,6 @@ def rehearse(images_count, work, memory_limit="", batches=100, val_images=1000, 
         write_captions(captions, images_count, source_sentences(sentences_from))
         results["make_captions_s"] = time.perf_counter() - start
     options = {"images": images_count, "batches": batches, "val_images": val_images}
-    limit = parse_size(memory_limit) if memory_limit else 0
     results["process"] = run_step("process", folder, limit, **options)
     if not os.path.isfile(images.features_path(os.path.join(folder, "train.pth")).replace(".npy", ".json")):
         from captions import load_caption_data

@@ -52,3 +52,17 @@ def test_sizes():
     assert rehearsal.parse_size("1000") == 1000
     with pytest.raises(UserError, match="--memory-limit=lots: give a size such as 8G"):
         rehearsal.parse_size("lots")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"images_count": 0}, "--images=0, --val-images=1000: give whole numbers"),
+    ({"images_count": 500}, "0 < --val-images < --images"),
+    ({"images_count": "many"}, "--images=many"),
+    ({"batches": 0}, "--batches=0: give a whole number"),
+    ({"memory_limit": "lots"}, "--memory-limit=lots"),
+])
+def test_bad_rehearsal_options_are_one_line_before_any_work(tmp_path, changes, message):
+    arguments = {"images_count": 2000, "work": str(tmp_path / "scale"), **changes}
+    with pytest.raises(UserError, match=message):
+        rehearsal.rehearse(**arguments)
+    assert not (tmp_path / "scale").exists()
