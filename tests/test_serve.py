@@ -183,7 +183,9 @@ def test_a_thousand_requests_at_once_get_captions_or_503_and_none_is_lost(server
     with concurrent.futures.ThreadPoolExecutor(100) as pool:
         answers = list(pool.map(send, range(1000)))
     statuses = [status for status, _, _ in answers]
-    assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) > 24, set(statuses)
+    # every request the queue (24) took is captioned; more only when some finish during the burst, which a
+    # loaded machine's 1000 requests can outrun (2 of 3 full runs here: exactly 24)
+    assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) >= 24, set(statuses)
     assert all(retry == "1" for status, retry, _ in answers if status == 503)
     assert {body["captions"][0]["caption"] for status, _, body in answers if status == 200} == {first_caption}
     assert max(body["batch"] for status, _, body in answers if status == 200) > 1  # captioned together
