@@ -63,8 +63,13 @@ class Frequencies:
     def __init__(self, words, codes, counts):
         """words: the corpus's words, most frequent first (numbered from 1); codes sorted (K,), counts (K,)."""
         self.words, self.codes, self.counts = list(words), codes, counts
-        rare = 2 ** self.WORD_BITS - 1
-        self.number = {word: min(number, rare) for number, word in enumerate(self.words, 1)}
+        self.number = self.numbering(self.words)
+
+    @classmethod
+    def numbering(cls, words):
+        """{word: its number}: 1 for the most frequent on, the rarest sharing the largest."""
+        rare = 2 ** cls.WORD_BITS - 1
+        return {word: min(number, rare) for number, word in enumerate(words, 1)}
 
     def __getitem__(self, ngram):
         code = 0
@@ -83,10 +88,10 @@ class Frequencies:
         """corpus: {key: [sentences]} -> its Frequencies."""
         sentences = [(k, sentence.split()) for k, refs in enumerate(corpus.values()) for sentence in refs]
         words = [word for word, _ in collections.Counter(w for _, s in sentences for w in s).most_common()]
-        number = cls(words, None, None).number
+        number = cls.numbering(words)
         tokens = np.array([number[w] for _, s in sentences for w in s], dtype=np.int64)  # (T,)
         sentence_of = np.repeat(np.arange(len(sentences)), [len(s) for _, s in sentences])  # (T,)
-        key_of = np.array([k for k, _ in sentences], dtype=np.int64)[sentence_of] if len(tokens) else tokens
+        key_of = np.array([k for k, _ in sentences], dtype=np.int64)[sentence_of]  # (T,)
         codes, keys = [], []
         for n in range(1, 5):  # the n-grams inside one sentence: positions i..i+n-1 of one sentence
             count = max(len(tokens) - n + 1, 0)  # windows of n tokens
