@@ -64,6 +64,8 @@ class Config:
                                     "one whose captions say 左/右), 2 their central 80%, 3 both (see --feature-views)")
     grid: int = option(0, "[0, 9]", "also keep G x G region features (for --model=attention, updown or transformer; "
                                     "7 is the backbones' own map)")
+    dtype: str = option("float16", ("float16", "int8"), "extract: how features are stored: float16, or int8 with a "
+                                                        "scale per vector (half the size; read back as float32)")
 
     # --- model (model.py; each captioner in its own file) ---
     model: str = option("pooled", MODEL_NAMES, "pooled (one image vector) | attention (Show-Attend-Tell over "
@@ -203,7 +205,7 @@ _GENERATION = (f"model_ckpt checkpoint_dir {_DECODING} seed max_gen_len min_len 
 COMMAND_OPTIONS = {
     "process": "annotation_file split extra_annotation_file caption_data_path vocab_from max_words min_appear "
                "max_caption_len",
-    "extract": "caption_data_path img_path backbone weights batch_size num_workers grid view use_gpu",
+    "extract": "caption_data_path img_path backbone weights batch_size num_workers grid view dtype use_gpu",
     "train": "caption_data_path val_caption_data_path val_fraction model embedding_dim hidden_size num_layers "
              "dropout attention_dim alpha_c d_model heads transformer_layers lr warmup_steps label_smoothing "
              "weight_decay epoch grad_clip ema_decay "

@@ -7,7 +7,7 @@ import torch
 
 from captions import Habits, load_caption_data, repeated_words, special_indices, unfinished_words
 from config import Config, UserError
-from feature_reads import RowReader
+from feature_reads import row_reader
 from images import load_features
 from model import READS_REGIONS
 
@@ -24,7 +24,7 @@ class CaptionSplit:
         self.end, self.banned = special_indices(self.ix2word)  # </EOS>; </PAD> and </UNKNOWN>
         self.unknown = caption_data["word2ix"][caption_data["unknown"]]
         self.feature_dim = features.shape[-1]
-        self._reader = RowReader(features) if isinstance(features, np.memmap) else None
+        self._reader = row_reader(features)
         extra, captions = caption_data.get("extra_caption") if extra_text else None, caption_data["caption"]
         # what cross-entropy learns from: the captions, then any extra text (the references stay the captions)
         self._training_captions = [own + more for own, more in zip(captions, extra)] if extra else captions
@@ -94,8 +94,8 @@ class CaptionSplit:
 
     def stored_features_of(self, rows):
         """rows (B,) -> features (B, F) or (B, R, F) as stored (float16: half the bytes to move; the device
-        makes them float32): read from the file with one pread per run of consecutive rows
-        (feature_reads.RowReader), or indexed where they are in memory."""
+        makes them float32; int8 features come as float32): read from the file with one pread per run of
+        consecutive rows (feature_reads.RowReader), or indexed where they are in memory."""
         rows = np.asarray(rows)
         return torch.from_numpy(np.ascontiguousarray(self._reader.read(rows) if self._reader else self._features[rows]))
 

@@ -1,9 +1,11 @@
 """Step 2: pooled CNN features of every image, row i = image ix2id[i], as a float16 .npy;
-with --grid=G also the G*G region features the attention model looks at.
+with --grid=G also the G*G region features the attention model looks at; with --dtype=int8 half the
+size (int8 with a float32 scale per vector in a .scales.npy beside each; training reads them as floats).
 
     python feature_extract.py extract --caption-data-path=caption.pth --img-path=images/ --backbone=resnet50
     python feature_extract.py extract --caption-data-path=caption.pth --img-path=images/ --grid=7
     python feature_extract.py extract --caption-data-path=caption.pth --img-path=images/ --grid=7 --view=1
+    python feature_extract.py extract --caption-data-path=caption.pth --img-path=images/ --grid=7 --dtype=int8
 
 The features go beside the caption data (caption.pth -> caption.features.npy, caption.regions.npy;
 --view=V, an augmented view of the photos for `main.py train --feature-views`: caption.viewV.*),
@@ -25,6 +27,7 @@ import distributed
 import images
 from captions import caption_texts, load_caption_data
 from config import Config, UserError, command
+from feature_reads import quantize
 from files import atomic_save, read_json, remove_leftovers, write_json
 
 
@@ -46,11 +49,12 @@ def extract(opt: Config):
         feature_dim = network(torch.zeros(1, 3, size, size, device=device)).shape[1]
     meta = {"backbone": opt.backbone, "weights": weights, "num_images": len(image_ids),
             "feature_dim": feature_dim, "grid": opt.grid, "img_path": os.path.abspath(opt.img_path),
-            "image_ids_sha1": images.image_list_hash(image_ids), "bad": {}, **({"view": opt.view} if opt.view else {})}
-    shapes = {path: (len(image_ids), feature_dim)}  # every file written: path -> array shape
+            "image_ids_sha1": images.image_list_hash(image_ids), "bad": {}, "dtype": opt.dtype,
+            **({"view": opt.view} if opt.view else {})}
+    shapes = _files(path, (len(image_ids), feature_dim), opt.dtype)  # every file written: path -> (shape, dtype)
     if opt.grid:
         regions_path = images.features_path(opt.caption_data_path, grid=True, view=opt.view)
-        shapes[regions_path] = (len(image_ids), opt.grid ** 2, feature_dim)
+        shapes.update(_files(regions_path, (len(image_ids), opt.grid ** 2, feature_dim), opt.dtype))
     if _already_extracted(shapes, meta):
         print(f"{path}: already extracted with these settings; delete it to extract again")
         return
@@ -62,8 +66,9 @@ def extract(opt: Config):
     encoded = images.encode_images(network, opt.backbone, paths, device, opt.batch_size, opt.num_workers, opt.grid,
                                    opt.view, captions)
     for *batches, errors in encoded:
-        for array, batch in zip(arrays.values(), batches):  # pooled (B, F), then regions (B, G*G, F)
-            array[row:row + len(batch)] = batch.numpy()
+        stored = [part for batch in batches for part in _stored(batch, opt.dtype)]  # pooled (B, F), regions (B, G*G, F)
+        for array, part in zip(arrays.values(), stored):
+            array[row:row + len(part)] = part
         meta["largest"] = max(meta.get("largest", 0.0), float(batches[0].abs().max()))
         meta["bad"].update({str(row + i): f"{image_ids[row + i]}\t{' '.join(e.split())}"
                             for i, e in enumerate(errors) if e})
@@ -94,10 +99,22 @@ def _check_images(opt, image_ids):
         raise UserError(f"--grid={opt.grid}: {opt.backbone}'s feature map is {side}x{side}; use at most {side}")
 
 
+def _files(path, shape, dtype):
+    """The files of one features array: {path: (shape, dtype)}, int8 codes with their scales beside them."""
+    if dtype == "float16":
+        return {path: (shape, np.float16)}
+    return {path: (shape, np.int8), images.scales_path(path): (shape[:-1], np.float32)}
+
+
+def _stored(batch, dtype):
+    """A batch of features (B, ..., F) float32 -> what its files hold: [float16], or [int8 codes, scales (B, ...)]."""
+    return [batch.numpy()] if dtype == "float16" else list(quantize(batch))
+
+
 def _print_size(shapes):
-    for path, shape in shapes.items():
-        size = np.prod(shape) * 2  # float16
-        print(f"{path}: {' x '.join(map(str, shape))} float16 = {size / 2 ** 30:.2f} GiB "
+    for path, (shape, dtype) in shapes.items():
+        size = np.prod(shape) * np.dtype(dtype).itemsize
+        print(f"{path}: {' x '.join(map(str, shape))} {np.dtype(dtype).name} = {size / 2 ** 30:.2f} GiB "
               f"({size / shape[0] / 1e3:.1f} kB an image)")
 
 
@@ -124,8 +141,9 @@ def _remove_records(path):
 
 def _same_job(saved, meta):
     """Were the saved features made from the same images, backbone, weights and grid?"""
-    return isinstance(saved, dict) and all(saved.get(key) == value for key, value in meta.items()
-                                           if key not in ("bad", "largest"))
+    saved = {"dtype": "float16", **saved} if isinstance(saved, dict) else None  # features from before --dtype
+    return saved is not None and all(saved.get(key) == value for key, value in meta.items()
+                                     if key not in ("bad", "largest"))
 
 
 def _state_path(path, rank):
@@ -152,8 +170,8 @@ def _open_partial(path, shapes, meta, first):
     distributed.barrier()  # every process has decided before process 0 changes anything
     if not resume and rank == 0:
         _print_size(shapes)
-        for array, shape in shapes.items():
-            np.lib.format.open_memmap(array + ".partial", mode="w+", dtype=np.float16, shape=shape).flush()
+        for array, (shape, dtype) in shapes.items():
+            np.lib.format.open_memmap(array + ".partial", mode="w+", dtype=dtype, shape=shape).flush()
     distributed.barrier()
     arrays = {array: np.lib.format.open_memmap(array + ".partial", mode="r+") for array in shapes}
     if not resume:
@@ -193,6 +211,8 @@ def _finish(path, arrays, meta):
     report = path.replace(".npy", ".bad.tsv")
     atomic_save("".join(f"{line}\n" for line in meta["bad"].values()), report,
                 save=lambda text, file: file.write(text.encode("utf-8")))
+    if os.path.isfile(path.replace(".npy", ".json")):  # an earlier extraction's: never a description of other arrays
+        os.remove(path.replace(".npy", ".json"))
     for array_path, array in arrays.items():
         array.flush()
         os.replace(array_path + ".partial", array_path)
@@ -201,7 +221,7 @@ def _finish(path, arrays, meta):
     _remove_records(path)
     for line in meta["bad"].values():
         print(f"bad image: {line}", file=sys.stderr)
-    print(f"{path}: {meta['num_images']} x {meta['feature_dim']} float16 features"
+    print(f"{path}: {meta['num_images']} x {meta['feature_dim']} {meta['dtype']} features"
           + (f" (and {meta['grid']}x{meta['grid']} regions)" if meta["grid"] else "")
           + f"; {len(meta['bad'])} unreadable images left out (listed in {report})")
 

@@ -4,7 +4,8 @@ A memory-mapped read of 128 random rows from a features file that does not fit i
 page fault per 4 KiB and the kernel's reclaim: 15x slower than the same rows read with one `pread`
 each (docs/scale.md). RowReader reads each run of consecutive rows with one `preadv`, many in flight
 from a thread pool (the call releases the GIL); `prefetch` builds the next batches in a background
-thread while the model computes.
+thread while the model computes. Int8Features reads features stored as int8 with a scale per vector
+(`feature_extract.py extract --dtype=int8`: half of float16's bytes) back as float32.
 """
 import os
 import queue
@@ -12,6 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 
 from config import UserError
 
@@ -54,6 +56,50 @@ class RowReader:
                 if count <= 0:
                     raise UserError(f"{self.path}: ends before row {rows[stop - 1]}; extract the features again")
                 view, position = view[count:], position + count
+
+
+class Int8Features:
+    """Features stored as int8 codes (N, ..., F), memory-mapped, with one float32 scale per vector of F
+    (N, ...), in memory: a value is its code x its vector's scale. Indexed or read like a float array."""
+
+    dtype = np.dtype(np.float32)  # what indexing and read return
+
+    def __init__(self, codes: np.ndarray, scales: np.ndarray):
+        self.codes, self.scales, self.shape = codes, np.array(scales, dtype=np.float32), codes.shape
+        self._reader = RowReader(codes) if isinstance(codes, np.memmap) else None
+
+    def __len__(self):
+        return len(self.codes)
+
+    def __getitem__(self, rows):
+        return _dequantize(self.codes[rows], self.scales[rows])
+
+    def read(self, rows) -> np.ndarray:
+        """rows (B,) -> their values (B, ..., F) float32, the codes read with RowReader."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return _dequantize(self._reader.read(rows) if self._reader else self.codes[rows], self.scales[rows])
+
+
+def _dequantize(codes, scales):
+    """codes (..., F) int8, scales (...) -> values (..., F) float32."""
+    values = codes.astype(np.float32)
+    values *= scales[..., None]
+    return values
+
+
+def quantize(values):
+    """values (..., F) float tensor (in float16's range) -> (codes (..., F) int8, scales (...) float32) as numpy
+    arrays: each vector scaled so that its largest magnitude is 127 (an error of at most half a scale a value)."""
+    scales = values.abs().amax(-1).float() / 127  # (...)
+    codes = (values.float() / scales.clamp_min(1e-30)[..., None]).round_().clamp_(-127, 127)
+    return codes.to(torch.int8).numpy(), scales.numpy()
+
+
+def row_reader(features):
+    """What reads rows of a features array fast: its RowReader when memory-mapped, itself when int8, else None."""
+    if isinstance(features, Int8Features):
+        return features
+    return RowReader(features) if isinstance(features, np.memmap) else None
 
 
 _POOL = {}

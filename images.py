@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 import distributed
 import efficientnet_lite
 from config import UserError
+from feature_reads import Int8Features
 from files import atomic_save, load_pth, read_json
 
 try:
@@ -457,6 +458,11 @@ def features_path(caption_data_path, grid=False, view=0):
     return os.path.splitext(caption_data_path)[0] + view_part + (".regions.npy" if grid else ".features.npy")
 
 
+def scales_path(features_file):
+    """caption.regions.npy -> caption.regions.scales.npy: the scale of each vector of int8 features."""
+    return features_file.replace(".npy", ".scales.npy")
+
+
 def image_list_hash(image_ids):
     """Ties a features file to its image list, in order."""
     return hashlib.sha1("\n".join(image_ids).encode("utf-8", "surrogatepass")).hexdigest()
@@ -464,6 +470,7 @@ def image_list_hash(image_ids):
 
 FEATURE_META = {"backbone": str, "weights": str, "num_images": int, "feature_dim": int, "grid": int,
                 "img_path": str, "image_ids_sha1": str, "bad": dict}  # a features description: key -> type
+FEATURE_DTYPES = {"float16": (np.float16, np.float32), "int8": (np.int8,)}  # meta["dtype"] -> arrays it may hold
 
 
 def load_features(caption_data_path, image_ids, grid=False, view=0):
@@ -479,7 +486,8 @@ def load_features(caption_data_path, image_ids, grid=False, view=0):
         raise UserError(f"{path}: extracted without region features, which the models over regions (attention, "
                         "updown, transformer) need; "
                         f"run `python feature_extract.py extract --grid=7 --caption-data-path={caption_data_path}`")
-    features = _feature_array(features_path(caption_data_path, grid, view), meta["grid"] ** 2 if grid else None)
+    features = _stored_features(features_path(caption_data_path, grid, view), meta["grid"] ** 2 if grid else None,
+                                meta.get("dtype", "float16"))
     expected = (len(image_ids), meta["feature_dim"])
     if (len(features), features.shape[-1]) != expected or meta["num_images"] != len(image_ids):
         raise UserError(f"{path}: holds {features.shape[0]}x{features.shape[-1]} features but "
@@ -495,23 +503,38 @@ def _feature_meta(meta_path):
     meta = read_json(meta_path, "features description")
     wrong = [key for key, kind in FEATURE_META.items()
              if not isinstance(meta, dict) or not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool)]
-    if not wrong and (meta["backbone"] not in BACKBONES or meta["feature_dim"] < 1 or meta["grid"] < 0):
-        wrong = ["backbone, feature_dim or grid"]
+    if not wrong and (meta["backbone"] not in BACKBONES or meta["feature_dim"] < 1 or meta["grid"] < 0
+                      or meta.get("dtype", "float16") not in FEATURE_DTYPES):
+        wrong = ["backbone, feature_dim, grid or dtype"]
     if wrong:
         raise UserError(f"{meta_path}: not a features description written by feature_extract.py "
                         f"(bad or missing {wrong[0]}); extract the features again")
     return meta
 
 
-def _feature_array(path, regions=None):
-    """A memory-mapped float16/float32 features array: (N, F), or (N, regions, F) when regions is given."""
+def _stored_features(path, regions, dtype):
+    """The features of a file as extraction stored them (float16, or int8 with their scales: Int8Features)."""
+    features = _feature_array(path, regions, FEATURE_DTYPES[dtype])
+    if dtype == "float16":
+        return features
+    scales = _feature_array(scales_path(path), None if regions is None else regions, (np.float32,), values=False)
+    if scales.shape != features.shape[:-1] or not np.isfinite(scales).all() or (scales < 0).any():
+        raise UserError(f"{scales_path(path)}: not the scales of {path}'s {' x '.join(map(str, features.shape))} "
+                        "int8 features; extract the features again")
+    return Int8Features(features, scales)
+
+
+def _feature_array(path, regions=None, dtypes=(np.float16, np.float32), values=True):
+    """A memory-mapped array of one of dtypes: features (N, F), or (N, regions, F) when regions is given;
+    not values: their scales, (N,) or (N, regions)."""
     try:
         array = np.load(path, mmap_mode="r")
     except Exception as error:  # missing, a folder, truncated, not .npy, object arrays...
         reason = str(error).splitlines()[0][:150] if str(error) else type(error).__name__
         raise UserError(f"{path}: not a readable features array ({reason}); extract the features again") from None
-    shape_ok = array.ndim == 2 if regions is None else array.ndim == 3 and array.shape[1] == regions
-    if not isinstance(array, np.ndarray) or array.dtype not in (np.float16, np.float32) or not shape_ok:
+    ndim = (1 if regions is None else 2) + values
+    shape_ok = array.ndim == ndim and (regions is None or array.shape[1] == regions)
+    if not isinstance(array, np.ndarray) or array.dtype not in dtypes or not shape_ok:
         raise UserError(f"{path}: holds {getattr(array, 'dtype', type(array).__name__)} data of shape "
                         f"{getattr(array, 'shape', '?')}, not the features extraction writes; extract them again")
     return array

@@ -128,16 +128,24 @@ def test_decompression_bomb_is_listed_and_extraction_goes_on(dataset, weights, m
     assert len(meta["bad"]) == 4  # the bomb and the three bad files: the small images are still read
 
 
-def test_killed_extraction_resumes_to_the_same_result(dataset, weights):
+def stored_files(caption_path):
+    """Every array an extraction wrote for caption_path: {path: array}."""
+    paths = [features_path(caption_path), features_path(caption_path, grid=True)]
+    paths += [images.scales_path(path) for path in paths]
+    return {path: np.load(path) for path in paths if os.path.exists(path)}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_killed_extraction_resumes_to_the_same_result(dataset, weights, dtype):
     """A real extraction process is killed mid-way; the rerun resumes and equals an uninterrupted run."""
     folder, caption_path, order, _ = dataset
     torch.manual_seed(0)
     command = [sys.executable, "feature_extract.py", "extract", f"--caption-data-path={caption_path}",
                f"--img-path={folder}", "--backbone=mobilenet_v2", f"--weights={weights}",
-               "--batch-size=1", "--num-workers=0", "--grid=7"]
+               "--batch-size=1", "--num-workers=0", "--grid=7", f"--dtype={dtype}"]
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
-    complete = np.load(features_path(caption_path))
-    complete_regions = np.load(features_path(caption_path, grid=True))
+    complete = stored_files(caption_path)
+    assert len(complete) == (2 if dtype == "float16" else 4)
     os.remove(features_path(caption_path))
 
     progress = features_path(caption_path) + ".partial.0-of-1.json"  # how far process 0 of 1 got
@@ -150,9 +158,28 @@ def test_killed_extraction_resumes_to_the_same_result(dataset, weights):
     assert 3 <= done < len(order)
     resumed = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
     assert f"resuming {features_path(caption_path)} at image" in resumed.stdout
-    np.testing.assert_array_equal(np.load(features_path(caption_path)), complete)
-    np.testing.assert_array_equal(np.load(features_path(caption_path, grid=True)), complete_regions)
+    resumed_files = stored_files(caption_path)
+    assert resumed_files.keys() == complete.keys()
+    for path, array in complete.items():
+        np.testing.assert_array_equal(resumed_files[path], array)
     assert not os.path.exists(features_path(caption_path) + ".partial")
+
+
+def test_int8_features_are_the_float16_ones_within_half_a_scale_at_half_the_size(dataset, weights):
+    folder, caption_path, order, names = dataset
+    run_extract(folder, caption_path, weights, grid=7)
+    half = stored_files(caption_path)
+    run_extract(folder, caption_path, weights, grid=7, dtype="int8")  # another dtype: extracted again
+    assert json.load(open(features_path(caption_path).replace(".npy", ".json")))["dtype"] == "int8"
+    for grid in (False, True):
+        path = features_path(caption_path, grid=grid)
+        codes, scales, values = np.load(path), np.load(images.scales_path(path)), half[path].astype(np.float32)
+        assert codes.dtype == np.int8 and codes.shape == values.shape and scales.shape == values.shape[:-1]
+        assert os.path.getsize(path) < 0.51 * values.size * 2
+        _, features, _, usable = load_split(caption_path, grid=grid)
+        read = features.read(usable)  # what training reads
+        assert read.dtype == np.float32 and np.abs(read).max() > 0.1
+        assert np.all(np.abs(read - values[usable]) <= scales[usable][..., None] * 0.5001)
 
 
 def test_unreadable_images_are_left_out_of_training(dataset, weights):

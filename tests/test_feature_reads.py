@@ -1,16 +1,18 @@
-"""Feature rows read with preadv give exactly the memory map's rows; batches made ahead arrive in order,
-errors and all, and a consumer that stops early stops the producer."""
+"""Feature rows read with preadv give exactly the memory map's rows; int8 features are their values within
+half a scale; batches made ahead arrive in order, errors and all, and a consumer that stops early stops the producer."""
 import os
 import threading
 import time
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from config import UserError
-from feature_reads import RowReader, prefetch
+from feature_reads import Int8Features, RowReader, prefetch, quantize
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,25 @@ def test_a_file_cut_short_is_one_line_and_a_row_outside_an_index_error(stored, t
         reader.read([0, 299])
     with pytest.raises(IndexError):
         reader.read([300])
+
+
+@settings(max_examples=80, deadline=None)
+@given(values=arrays(np.float32, st.tuples(st.integers(1, 5), st.integers(1, 3), st.integers(1, 9)),
+                     elements=st.floats(-6e4, 6e4, width=16)),  # what extraction's float16 rounding leaves
+       rows=st.lists(st.integers(0, 4), max_size=8))
+def test_int8_features_are_the_values_within_half_a_scale(values, rows, tmp_path_factory):
+    codes, scales = quantize(torch.from_numpy(values))
+    assert codes.dtype == np.int8 and scales.dtype == np.float32 and scales.shape == values.shape[:-1]
+    largest = np.abs(values).max(-1)
+    assert np.array_equal(np.abs(codes).max(-1)[largest > 0], np.full((largest > 0).sum(), 127, np.int8))
+    restored = Int8Features(codes, scales)[np.arange(len(values))]
+    assert restored.dtype == np.float32
+    assert np.all(np.abs(restored - values) <= scales[..., None] * 0.5001)  # zero vectors come back exactly
+    path = tmp_path_factory.mktemp("int8") / "codes.npy"
+    np.save(path, codes)
+    rows = [row % len(values) for row in rows]
+    mapped = Int8Features(np.load(path, mmap_mode="r"), scales)
+    assert np.array_equal(mapped.read(rows), restored[rows]) and len(mapped) == len(values)
 
 
 def test_prefetch_yields_everything_in_order_ahead_of_the_consumer():

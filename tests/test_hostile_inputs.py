@@ -14,6 +14,7 @@ from PIL import Image
 import images
 from data_preprocess import process
 from feature_extract import extract
+from feature_reads import quantize
 from images import features_path
 from main import evaluate, generate, replay, train
 from model import checksum, load_checkpoint
@@ -192,6 +193,46 @@ def test_damaged_feature_files_are_refused_in_one_line(demo, tmp_path, damage):
     with pytest.raises(SystemExit) as error:
         train(**options(demo, tmp_path, caption_data_path=caption, val_caption_data_path="", epoch=1))
     one_line_error(error, "caption.features")
+
+
+def int8_copy(demo, folder):
+    """A copy of the demo's training split whose features are stored as int8 with their scales."""
+    caption = copy_split(demo, folder)
+    for path in (features_path(caption), features_path(caption, grid=True)):
+        codes, scales = quantize(torch.from_numpy(np.load(path).astype(np.float32)))
+        np.save(path, codes)
+        np.save(images.scales_path(path), scales)
+    meta = features_path(caption).replace(".npy", ".json")
+    json.dump({**json.load(open(meta)), "dtype": "int8"}, open(meta + ".x", "w"))
+    os.replace(meta + ".x", meta)
+    return caption
+
+
+INT8_DAMAGE = {
+    "scales missing": lambda npy: os.remove(images.scales_path(npy)),
+    "a negative scale": lambda npy: np.save(images.scales_path(npy), -np.load(images.scales_path(npy))),
+    "a NaN scale": lambda npy: np.save(images.scales_path(npy), np.load(images.scales_path(npy)) * np.nan),
+    "scales of another shape": lambda npy: np.save(images.scales_path(npy), np.ones(7, np.float32)),
+    "float16 codes": lambda npy: np.save(npy, np.load(npy).astype(np.float16)),
+    "dtype int4": lambda npy: json.dump({**json.load(open(npy.replace(".npy", ".json"))), "dtype": "int4"},
+                                        open(npy.replace(".npy", ".json"), "w")),
+}
+
+
+@pytest.mark.parametrize("damage", INT8_DAMAGE)
+def test_damaged_int8_features_are_refused_in_one_line(demo, tmp_path, damage):
+    caption = int8_copy(demo, tmp_path)
+    INT8_DAMAGE[damage](features_path(caption))
+    with pytest.raises(SystemExit) as error:
+        train(**options(demo, tmp_path, caption_data_path=caption, val_caption_data_path="", epoch=1))
+    one_line_error(error, "caption.features")
+
+
+def test_training_reads_int8_features(demo, tmp_path):
+    caption = int8_copy(demo, tmp_path)
+    train(**options(demo, tmp_path, caption_data_path=caption, model="attention", epoch=1, eval_size=0,
+                    metric="val_loss"))
+    assert os.path.isfile(tmp_path / "checkpoints" / "last.pth")
 
 
 def _set(path):
