@@ -491,15 +491,18 @@ def _checkpoint(opt, work):
 
 # --- scale ----------------------------------------------------------------------------------------
 def scale(images=210000, memory_limit="", batches=100, val_images=1000, work="data/scale", sentences_from="",
-          features_from=""):
+          features_from="", dtype="float16"):
     """Each step of the pipeline on a made-up set of `images` photos (5 captions each, recombined from real
-    ones; features in the extraction's format: random, or rows of --features-from's caption file repeated),
+    ones; features in the extraction's format, float16 or --dtype=int8: random, or rows of --features-from's
+    caption file repeated),
     each step in its own process, under --memory-limit (e.g. 8G) when given: seconds, batches/s, the share
     of each training step spent waiting for its batch, peak memory -> printed as JSON, and in
     work/scale-N[-LIMIT].json."""
     import rehearsal
-    results = rehearsal.rehearse(images, work, memory_limit, batches, val_images, sentences_from, features_from)
-    path = os.path.join(work, f"scale-{images}{'-' + memory_limit if memory_limit else ''}.json")
+    results = rehearsal.rehearse(images, work, memory_limit, batches, val_images, sentences_from, features_from,
+                                 dtype)
+    path = os.path.join(work, f"scale-{images}{'-' + dtype if dtype != 'float16' else ''}"
+                              f"{'-' + memory_limit if memory_limit else ''}.json")
     with open(path, "w", encoding="utf-8") as file:
         json.dump(results, file, indent=1)
     print(json.dumps(results, indent=1))

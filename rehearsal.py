@@ -18,6 +18,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 
 import images
 from config import UserError
@@ -51,9 +52,11 @@ def write_captions(path, count, sentences, seed=0):
     write_json(entries, path)  # atomic: a kill leaves no half file for the next run to take as made
 
 
-def write_features(caption_data_path, image_ids, source=None, grid=7, feature_dim=1280, dtype=np.float16):
-    """Pooled and region features of image_ids in the extraction's format (and its description, last):
-    rows of `source` (a caption file whose features to repeat) in turn, else random ones."""
+def write_features(caption_data_path, image_ids, source=None, grid=7, feature_dim=1280, dtype="float16"):
+    """Pooled and region features of image_ids in the extraction's format, float16 or int8 with their scales
+    (and its description, last): rows of `source` (a caption file whose features to repeat) in turn, else
+    random ones."""
+    from feature_reads import quantize
     pooled_source = regions_source = None
     if source:
         pooled_source = np.load(images.features_path(source), mmap_mode="r")
@@ -63,6 +66,7 @@ def write_features(caption_data_path, image_ids, source=None, grid=7, feature_di
     for path, shape, rows in ((images.features_path(caption_data_path), (feature_dim,), pooled_source),
                               (images.features_path(caption_data_path, grid=True), (grid * grid, feature_dim),
                                regions_source)):
+        scales = np.zeros((len(image_ids), *shape[:-1]), np.float32)  # of int8 features
         with open(path, "wb") as file:  # written as a stream: a memory map of it would fill the memory
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
                       "shape": (len(image_ids), *shape)}
@@ -71,9 +75,13 @@ def write_features(caption_data_path, image_ids, source=None, grid=7, feature_di
                 stop = min(start + 1024, len(image_ids))
                 chunk = (rows[np.arange(start, stop) % len(rows)] if rows is not None
                          else rng.random((stop - start, *shape), dtype=np.float32))
+                if dtype == "int8":
+                    chunk, scales[start:stop] = quantize(torch.from_numpy(np.asarray(chunk, np.float32)))
                 file.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+        if dtype == "int8":
+            np.save(images.scales_path(path), scales)
     meta = {"backbone": "efficientnet_lite2", "weights": "rehearsal", "num_images": len(image_ids),
-            "feature_dim": feature_dim, "grid": grid, "img_path": "", "bad": {},
+            "feature_dim": feature_dim, "grid": grid, "img_path": "", "bad": {}, "dtype": dtype,
             "image_ids_sha1": images.image_list_hash(image_ids)}
     write_json(meta, images.features_path(caption_data_path).replace(".npy", ".json"))  # last: marks them made
 
@@ -182,12 +190,14 @@ def step_statistics(work, options):
 
 
 def step_reads(work, options):
-    from feature_reads import RowReader
-    path = images.features_path(os.path.join(work, "train.pth"), grid=True)
-    array, rng = np.load(path, mmap_mode="r"), np.random.default_rng(0)
-    size = min(128, len(array))
+    from captions import load_caption_data
+    from feature_reads import row_reader
+    caption_path = os.path.join(work, "train.pth")
+    path = images.features_path(caption_path, grid=True)
+    array, _ = images.load_features(caption_path, load_caption_data(caption_path)["ix2id"], grid=True)
+    rng, size = np.random.default_rng(0), min(128, len(array))
     result = {"file_gb": os.path.getsize(path) / 2 ** 30}
-    for name, read in (("memory_map", lambda rows: array[np.sort(rows)]), ("row_reads", RowReader(array).read)):
+    for name, read in (("memory_map", lambda rows: array[np.sort(rows)]), ("row_reads", row_reader(array).read)):
         evict(path)
         count, start = 0, time.perf_counter()
         while count < options["batches"] and time.perf_counter() - start < 60:
@@ -236,17 +246,20 @@ STEP_FUNCTIONS = {"process": step_process, "load": step_load, "statistics": step
 
 
 def rehearse(images_count, work, memory_limit="", batches=100, val_images=1000, sentences_from="",
-             features_from=""):
-    """Make (once) the data of `images_count` photos in work/N, then run and time every step -> results."""
+             features_from="", dtype="float16"):
+    """Make (once) the data of `images_count` photos in work/N (work/N-int8 for int8 features), then run
+    and time every step -> results."""
     if not isinstance(images_count, int) or not isinstance(val_images, int) or not 0 < val_images < images_count:
         raise UserError(f"--images={images_count}, --val-images={val_images}: give whole numbers, with "
                         "0 < --val-images < --images")
     if not isinstance(batches, int) or batches < 1:
         raise UserError(f"--batches={batches}: give a whole number of at least 1")
+    if dtype not in images.FEATURE_DTYPES:
+        raise UserError(f"--dtype={dtype}: give one of {', '.join(images.FEATURE_DTYPES)}")
     limit = parse_size(memory_limit) if memory_limit else 0  # before any work
-    folder = os.path.join(work, str(images_count))
+    folder = os.path.join(work, str(images_count) + ("" if dtype == "float16" else f"-{dtype}"))
     os.makedirs(folder, exist_ok=True)
-    results = {"images": images_count, "captions": images_count * CAPTIONS_PER_IMAGE,
+    results = {"images": images_count, "captions": images_count * CAPTIONS_PER_IMAGE, "dtype": dtype,
                "memory_limit": memory_limit or "none", "cores": os.cpu_count()}
     captions = os.path.join(folder, "captions.json")
     if not os.path.isfile(captions):
@@ -259,7 +272,7 @@ def rehearse(images_count, work, memory_limit="", batches=100, val_images=1000, 
         from captions import load_caption_data
         start = time.perf_counter()
         write_features(os.path.join(folder, "train.pth"), load_caption_data(os.path.join(folder, "train.pth"))["ix2id"],
-                       features_from or None)
+                       features_from or None, dtype=dtype)
         results["make_features_s"] = time.perf_counter() - start
     for step in STEPS[1:]:
         results[step] = run_step(step, folder, limit, **options)

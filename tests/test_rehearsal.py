@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import images
 import rehearsal
 from config import UserError
 from data_preprocess import process
@@ -23,20 +24,25 @@ def test_a_recombined_sentence_starts_as_one_real_sentence_and_ends_as_another(s
             for first in SENTENCES for second in SENTENCES for i in range(1, len(first)) for j in range(1, len(second)))
 
 
-@pytest.fixture(scope="module")
-def rehearsed(tmp_path_factory):
-    """A 40-photo rehearsal folder: captions encoded, features written."""
+@pytest.fixture(scope="module", params=["float16", "int8"])
+def rehearsed(tmp_path_factory, request):
+    """A 40-photo rehearsal folder: captions encoded, features written (float16 or int8)."""
     folder = tmp_path_factory.mktemp("rehearsal")
     rehearsal.write_captions(str(folder / "captions.json"), 40, SENTENCES)
     process(annotation_file=str(folder / "captions.json"), caption_data_path=str(folder / "train.pth"), min_appear=1)
-    rehearsal.write_features(str(folder / "train.pth"), [f"{i:06d}.jpg" for i in range(40)], feature_dim=8)
+    rehearsal.write_features(str(folder / "train.pth"), [f"{i:06d}.jpg" for i in range(40)], feature_dim=8,
+                             dtype=request.param)
     return folder
 
 
 def test_the_features_it_writes_are_what_the_pipeline_reads(rehearsed):
     data, features, meta, rows = load_split(str(rehearsed / "train.pth"), grid=True)
-    assert features.shape == (40, 49, 8) and features.dtype == np.float16 and len(rows) == 40
+    assert features.shape == (40, 49, 8) and len(rows) == 40
     assert len(data["caption"][0]) == rehearsal.CAPTIONS_PER_IMAGE and meta["weights"] == "rehearsal"
+    stored = np.load(images.features_path(str(rehearsed / "train.pth"), grid=True))
+    assert stored.dtype == np.dtype(meta["dtype"])
+    values = features[np.arange(40)]  # random in [0, 1): int8 within half a scale of them, 1/254 at most
+    assert values.min() >= -0.01 and values.max() <= 1.01 and values.std() > 0.2
 
 
 def test_the_read_and_statistics_steps_measure(rehearsed):
@@ -60,6 +66,7 @@ def test_sizes():
     ({"images_count": "many"}, "--images=many"),
     ({"batches": 0}, "--batches=0: give a whole number"),
     ({"memory_limit": "lots"}, "--memory-limit=lots"),
+    ({"dtype": "int4"}, "--dtype=int4: give one of float16, int8"),
 ])
 def test_bad_rehearsal_options_are_one_line_before_any_work(tmp_path, changes, message):
     arguments = {"images_count": 2000, "work": str(tmp_path / "scale"), **changes}
