@@ -216,6 +216,8 @@ def _finish(path, arrays, meta):
     for array_path, array in arrays.items():
         array.flush()
         os.replace(array_path + ".partial", array_path)
+        if meta["dtype"] == "float16" and os.path.isfile(images.scales_path(array_path)):
+            os.remove(images.scales_path(array_path))  # an earlier int8 extraction's
     arrays.clear()
     write_json(meta, path.replace(".npy", ".json"))  # last: the description marks the features finished
     _remove_records(path)

@@ -180,6 +180,9 @@ def test_int8_features_are_the_float16_ones_within_half_a_scale_at_half_the_size
         read = features.read(usable)  # what training reads
         assert read.dtype == np.float32 and np.abs(read).max() > 0.1
         assert np.all(np.abs(read - values[usable]) <= scales[usable][..., None] * 0.5001)
+    run_extract(folder, caption_path, weights, grid=7)  # back to float16: the same arrays, no scales left
+    assert {path: array.tobytes() for path, array in stored_files(caption_path).items()} == {
+        path: array.tobytes() for path, array in half.items()}
 
 
 def test_unreadable_images_are_left_out_of_training(dataset, weights):
