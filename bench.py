@@ -158,14 +158,12 @@ def _beam_models(opt: Config):
     for kind in MODEL_NAMES:
         yield (kind, *bench_model(kind), END, (PAD, UNKNOWN))
     if opt.model_ckpt:
-        from captions import special_indices
+        from captions import load_caption_data, special_indices
         from model import load_checkpoint, model_from_checkpoint
         checkpoint = load_checkpoint(opt.model_ckpt)
-        path = images.features_path(opt.val_caption_data_path, checkpoint["feature"].get("grid", 0))
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: no features to bench --model-ckpt's beam search on; "
-                            "give --val-caption-data-path")
-        features = torch.from_numpy(np.load(path, mmap_mode="r")[:256].astype(np.float32))  # (256, F) or (256, R, F)
+        val_ids = load_caption_data(opt.val_caption_data_path)["ix2id"]
+        stored, _ = images.load_features(opt.val_caption_data_path, val_ids, checkpoint["feature"].get("grid", 0))
+        features = torch.from_numpy(np.asarray(stored[np.arange(min(256, len(stored)))], np.float32))  # (256, F|R, F)
         name = f"trained {checkpoint['config'].get('model', 'pooled')}"
         yield (name, model_from_checkpoint(checkpoint, opt.model_ckpt), features,
                *special_indices(checkpoint["ix2word"]))

@@ -94,7 +94,7 @@ class CaptionSplit:
 
     def stored_features_of(self, rows):
         """rows (B,) -> features (B, F) or (B, R, F) as stored (float16: half the bytes to move; the device
-        makes them float32; int8 features come as float32): read from the file with one pread per run of
+        makes them float32; int8 features come dequantized, as float32): read from the file with one pread per run of
         consecutive rows (feature_reads.RowReader), or indexed where they are in memory."""
         rows = np.asarray(rows)
         return torch.from_numpy(np.ascontiguousarray(self._reader.read(rows) if self._reader else self._features[rows]))

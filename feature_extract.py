@@ -66,7 +66,8 @@ def extract(opt: Config):
     encoded = images.encode_images(network, opt.backbone, paths, device, opt.batch_size, opt.num_workers, opt.grid,
                                    opt.view, captions)
     for *batches, errors in encoded:
-        stored = [part for batch in batches for part in _stored(batch, opt.dtype)]  # pooled (B, F), regions (B, G*G, F)
+        stored = [part for batch in batches if batch is not None  # pooled (B, F), then any regions (B, G*G, F)
+                  for part in _stored(batch, opt.dtype)]
         for array, part in zip(arrays.values(), stored):
             array[row:row + len(part)] = part
         meta["largest"] = max(meta.get("largest", 0.0), float(batches[0].abs().max()))

@@ -62,8 +62,6 @@ class Int8Features:
     """Features stored as int8 codes (N, ..., F), memory-mapped, with one float32 scale per vector of F
     (N, ...), in memory: a value is its code x its vector's scale. Indexed or read like a float array."""
 
-    dtype = np.dtype(np.float32)  # what indexing and read return
-
     def __init__(self, codes: np.ndarray, scales: np.ndarray):
         self.codes, self.scales, self.shape = codes, np.array(scales, dtype=np.float32), codes.shape
         self._reader = RowReader(codes) if isinstance(codes, np.memmap) else None

@@ -471,6 +471,7 @@ def image_list_hash(image_ids):
 FEATURE_META = {"backbone": str, "weights": str, "num_images": int, "feature_dim": int, "grid": int,
                 "img_path": str, "image_ids_sha1": str, "bad": dict}  # a features description: key -> type
 FEATURE_DTYPES = {"float16": (np.float16, np.float32), "int8": (np.int8,)}  # meta["dtype"] -> arrays it may hold
+LARGEST_SCALE = float(np.finfo(np.float16).max) / 127  # of int8 features made from float16's range
 
 
 def load_features(caption_data_path, image_ids, grid=False, view=0):
@@ -504,7 +505,7 @@ def _feature_meta(meta_path):
     wrong = [key for key, kind in FEATURE_META.items()
              if not isinstance(meta, dict) or not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool)]
     if not wrong and (meta["backbone"] not in BACKBONES or meta["feature_dim"] < 1 or meta["grid"] < 0
-                      or meta.get("dtype", "float16") not in FEATURE_DTYPES):
+                      or str(meta.get("dtype", "float16")) not in FEATURE_DTYPES):
         wrong = ["backbone, feature_dim, grid or dtype"]
     if wrong:
         raise UserError(f"{meta_path}: not a features description written by feature_extract.py "
@@ -517,8 +518,9 @@ def _stored_features(path, regions, dtype):
     features = _feature_array(path, regions, FEATURE_DTYPES[dtype])
     if dtype == "float16":
         return features
-    scales = _feature_array(scales_path(path), None if regions is None else regions, (np.float32,), values=False)
-    if scales.shape != features.shape[:-1] or not np.isfinite(scales).all() or (scales < 0).any():
+    scales = _feature_array(scales_path(path), regions, (np.float32,), values=False)
+    if scales.shape != features.shape[:-1] or not (np.isfinite(scales).all() and 0 <= scales.min() <= scales.max()
+                                                   <= LARGEST_SCALE):
         raise UserError(f"{scales_path(path)}: not the scales of {path}'s {' x '.join(map(str, features.shape))} "
                         "int8 features; extract the features again")
     return Int8Features(features, scales)
@@ -534,7 +536,7 @@ def _feature_array(path, regions=None, dtypes=(np.float16, np.float32), values=T
         raise UserError(f"{path}: not a readable features array ({reason}); extract the features again") from None
     ndim = (1 if regions is None else 2) + values
     shape_ok = array.ndim == ndim and (regions is None or array.shape[1] == regions)
-    if not isinstance(array, np.ndarray) or array.dtype not in dtypes or not shape_ok:
+    if not isinstance(array, np.ndarray) or array.dtype not in dtypes or not shape_ok or not array.flags.c_contiguous:
         raise UserError(f"{path}: holds {getattr(array, 'dtype', type(array).__name__)} data of shape "
                         f"{getattr(array, 'shape', '?')}, not the features extraction writes; extract them again")
     return array

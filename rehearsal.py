@@ -59,8 +59,10 @@ def write_features(caption_data_path, image_ids, source=None, grid=7, feature_di
     from feature_reads import quantize
     pooled_source = regions_source = None
     if source:
-        pooled_source = np.load(images.features_path(source), mmap_mode="r")
-        regions_source = np.load(images.features_path(source, grid=True), mmap_mode="r")
+        from captions import load_caption_data
+        source_ids = load_caption_data(source)["ix2id"]
+        pooled_source, _ = images.load_features(source, source_ids)
+        regions_source, _ = images.load_features(source, source_ids, grid=True)
         feature_dim = pooled_source.shape[1]
     rng = np.random.default_rng(0)
     for path, shape, rows in ((images.features_path(caption_data_path), (feature_dim,), pooled_source),
@@ -145,6 +147,9 @@ def run_step(step, work, memory_limit=0, **options):
                             cwd=os.path.dirname(os.path.abspath(__file__)))
     if cgroup:
         os.rmdir(cgroup)  # empty once its process has ended
+    if result.returncode < 0:  # a signal: under a memory limit, most likely the cgroup's out-of-memory killer
+        raise UserError(f"rehearsal step {step} was killed (signal {-result.returncode})"
+                        + (f"; did it need more than --memory-limit's {memory_limit} bytes?" if memory_limit else ""))
     if result.returncode:
         raise UserError(f"rehearsal step {step} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

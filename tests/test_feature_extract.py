@@ -165,22 +165,24 @@ def test_killed_extraction_resumes_to_the_same_result(dataset, weights, dtype):
     assert not os.path.exists(features_path(caption_path) + ".partial")
 
 
-def test_int8_features_are_the_float16_ones_within_half_a_scale_at_half_the_size(dataset, weights):
+@pytest.mark.parametrize("grid", [0, 7])
+def test_int8_features_are_the_float16_ones_within_half_a_scale_at_half_the_size(dataset, weights, grid):
     folder, caption_path, order, names = dataset
-    run_extract(folder, caption_path, weights, grid=7)
+    run_extract(folder, caption_path, weights, grid=grid)
     half = stored_files(caption_path)
-    run_extract(folder, caption_path, weights, grid=7, dtype="int8")  # another dtype: extracted again
+    run_extract(folder, caption_path, weights, grid=grid, dtype="int8")  # another dtype: extracted again
     assert json.load(open(features_path(caption_path).replace(".npy", ".json")))["dtype"] == "int8"
-    for grid in (False, True):
-        path = features_path(caption_path, grid=grid)
+    assert len(stored_files(caption_path)) == 2 * len(half)
+    for regions in [False, True][:len(half)]:
+        path = features_path(caption_path, grid=regions)
         codes, scales, values = np.load(path), np.load(images.scales_path(path)), half[path].astype(np.float32)
         assert codes.dtype == np.int8 and codes.shape == values.shape and scales.shape == values.shape[:-1]
         assert os.path.getsize(path) < 0.51 * values.size * 2
-        _, features, _, usable = load_split(caption_path, grid=grid)
+        _, features, _, usable = load_split(caption_path, grid=regions)
         read = features.read(usable)  # what training reads
         assert read.dtype == np.float32 and np.abs(read).max() > 0.1
         assert np.all(np.abs(read - values[usable]) <= scales[usable][..., None] * 0.5001)
-    run_extract(folder, caption_path, weights, grid=7)  # back to float16: the same arrays, no scales left
+    run_extract(folder, caption_path, weights, grid=grid)  # back to float16: the same arrays, no scales left
     assert {path: array.tobytes() for path, array in stored_files(caption_path).items()} == {
         path: array.tobytes() for path, array in half.items()}
 

@@ -212,10 +212,14 @@ INT8_DAMAGE = {
     "scales missing": lambda npy: os.remove(images.scales_path(npy)),
     "a negative scale": lambda npy: np.save(images.scales_path(npy), -np.load(images.scales_path(npy))),
     "a NaN scale": lambda npy: np.save(images.scales_path(npy), np.load(images.scales_path(npy)) * np.nan),
+    "a scale past float16's range": lambda npy: np.save(images.scales_path(npy), np.full(120, 1e30, np.float32)),
+    "codes in Fortran order": lambda npy: np.save(npy, np.asfortranarray(np.load(npy))),
     "scales of another shape": lambda npy: np.save(images.scales_path(npy), np.ones(7, np.float32)),
     "float16 codes": lambda npy: np.save(npy, np.load(npy).astype(np.float16)),
     "dtype int4": lambda npy: json.dump({**json.load(open(npy.replace(".npy", ".json"))), "dtype": "int4"},
                                         open(npy.replace(".npy", ".json"), "w")),
+    "dtype a list": lambda npy: json.dump({**json.load(open(npy.replace(".npy", ".json"))), "dtype": ["int8"]},
+                                          open(npy.replace(".npy", ".json"), "w")),
 }
 
 
