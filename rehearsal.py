@@ -22,6 +22,7 @@ import torch
 
 import images
 from config import UserError
+from feature_reads import quantize
 from files import write_json
 
 CAPTIONS_PER_IMAGE, STEPS = 5, ("process", "load", "statistics", "reads", "cross-entropy", "self-critical",
@@ -56,7 +57,6 @@ def write_features(caption_data_path, image_ids, source=None, grid=7, feature_di
     """Pooled and region features of image_ids in the extraction's format, float16 or int8 with their scales
     (and its description, last): rows of `source` (a caption file whose features to repeat) in turn, else
     random ones."""
-    from feature_reads import quantize
     pooled_source = regions_source = None
     if source:
         from captions import load_caption_data
