@@ -17,7 +17,7 @@ PRETRAINING, CROSS_ENTROPY, FINE_TUNING, SELF_CRITICAL = PHASES = (
     "pre-training", "cross-entropy", "fine-tuning", "self-critical")
 ADDED_LATER = {"phase_step": 0}  # Progress fields an older last.pth lacks, with the value they resume at
 # Settings that fix which images validate and the order of the batches: a resumed run must keep them.
-DATA_ORDER = ("seed", "batch_size", "caption_data_path", "val_caption_data_path", "val_fraction")
+DATA_ORDER = ("seed", "batch_size", "read_block", "caption_data_path", "val_caption_data_path", "val_fraction")
 
 
 @dataclasses.dataclass

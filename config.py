@@ -109,6 +109,9 @@ class Config:
                                              "photos (extracted with --view), validation the photos as they are")
     augment: bool = option(False, None, "fine-tuning: random crops and flips (never for images whose captions "
                                         "say 左/右)")
+    read_block: int = option(1, "[1, 100000]", "shuffle blocks of N consecutive photos of the features file, "
+                                               "not single captions: a batch reads a few runs of rows, which a "
+                                               "disk serves sequentially (1: every caption on its own)")
     seed: int = option(0, "[0, 2147483647]", "seeds the split, the batch order and the weights; and "
                                              "--decoding=sample's draws (each photo's from this and its features)")
     use_gpu: bool = option(True, None, "use CUDA when there is one")
@@ -209,8 +212,8 @@ COMMAND_OPTIONS = {
     "train": "caption_data_path val_caption_data_path val_fraction model embedding_dim hidden_size num_layers "
              "dropout attention_dim alpha_c d_model heads transformer_layers lr warmup_steps label_smoothing "
              "weight_decay epoch grad_clip ema_decay "
-             "scheduled_sampling finetune_encoder finetune_epoch encoder_lr feature_views augment seed use_gpu "
-             "checkpoint_dir resume "
+             "scheduled_sampling finetune_encoder finetune_epoch encoder_lr feature_views augment read_block seed "
+             "use_gpu checkpoint_dir resume "
              "overwrite metric eval_size "
              "lr_decay lr_patience early_stop_patience "
              "scst_epoch scst_lr scst_samples scst_dropout scst_bleu_weight scst_diversity_weight "

@@ -29,6 +29,7 @@ class CaptionSplit:
         # what cross-entropy learns from: the captions, then any extra text (the references stay the captions)
         self._training_captions = [own + more for own, more in zip(captions, extra)] if extra else captions
         self.pairs = self.pairs_of(self.rows)  # one (row, caption number) pair per training caption
+        self._pair_rows = np.array([row for row, _ in self.pairs], dtype=np.int64)  # (P,) the row of each pair
 
     @functools.cached_property
     def habits(self):
@@ -102,21 +103,23 @@ class CaptionSplit:
     # --- batches ---
     # A batch is `batch_size` rows of the whole run; under torchrun each of the `processes` takes
     # every processes-th of them, from `process` on (DistributedSampler's split, batch by batch).
-    def batches(self, batch_size, seed=None, skip=0, process=0, processes=1):
+    # `block` > 1 shuffles blocks of that many consecutive rows of the file instead of single captions
+    # (--read-block): a batch then reads a few runs of consecutive rows, which a disk serves sequentially.
+    def batches(self, batch_size, seed=None, skip=0, process=0, processes=1, block=1):
         """Yield (rows (b,), features (b, F) as stored, captions (b, T), lengths (b,)): this process's share of
         each batch. Shuffled by `seed`; the first `skip` batches are left out (to resume mid-epoch)."""
-        for chunk in _shuffled_chunks(len(self.pairs), batch_size, seed, skip, process, processes):
+        for chunk in _shuffled_chunks(self._pair_rows, batch_size, seed, skip, process, processes, block):
             yield self.collate([self.pairs[i] for i in chunk])
 
-    def image_batches(self, batch_size, seed, skip=0, process=0, processes=1):
+    def image_batches(self, batch_size, seed, skip=0, process=0, processes=1, block=1):
         """Yield (rows (b,), features (b, F) as stored): each image once, shuffled by `seed`, shared as batches are."""
-        for rows in self.row_batches(batch_size, seed, skip, process, processes):
+        for rows in self.row_batches(batch_size, seed, skip, process, processes, block):
             yield rows, self.stored_features_of(rows)
 
-    def row_batches(self, batch_size, seed, skip=0, process=0, processes=1):
+    def row_batches(self, batch_size, seed, skip=0, process=0, processes=1, block=1):
         """This process's rows (b,) of each batch of images, shuffled by `seed`."""
-        return [self.rows[chunk] for chunk in _shuffled_chunks(len(self.rows), batch_size, seed, skip, process,
-                                                                processes)]
+        return [self.rows[chunk] for chunk in _shuffled_chunks(self.rows, batch_size, seed, skip, process,
+                                                                processes, block)]
 
     def num_batches(self, batch_size, images=False, processes=1):
         return len(_batch_starts(len(self.rows) if images else len(self.pairs), batch_size, processes))
@@ -132,10 +135,10 @@ class CaptionSplit:
         index = {row: k for k, row in enumerate(rows)}
         return *self.captions_of(pairs), torch.tensor([index[row] for row, _ in pairs])
 
-    def grouped_batches(self, images, seed, skip=0, process=0, processes=1):
+    def grouped_batches(self, images, seed, skip=0, process=0, processes=1, block=1):
         """Yield (rows (b,), features (b, ...) as stored, captions (n, T), lengths (n,), image of each (n,)):
         batches of `images` whole images with all their captions, shuffled and shared as row_batches."""
-        for rows in self.row_batches(images, seed, skip, process, processes):
+        for rows in self.row_batches(images, seed, skip, process, processes, block):
             yield rows, self.stored_features_of(rows), *self.captions_of_images(rows)
 
     def images_per_batch(self, captions):
@@ -162,15 +165,24 @@ def _batch_starts(count, batch_size, processes):
     return starts
 
 
-def _shuffled_chunks(count, batch_size, seed, skip, process=0, processes=1):
-    """This process's share of each batch of range(count), shuffled by `seed` (None: in order),
-    the first `skip` batches left out."""
-    order = np.arange(count)
-    if seed is not None:
-        np.random.default_rng(seed).shuffle(order)
-    starts = _batch_starts(count, batch_size, processes)
-    for start, stop in list(zip(starts, [*starts[1:], count]))[skip:]:
+def _shuffled_chunks(rows, batch_size, seed, skip, process=0, processes=1, block=1):
+    """This process's share of each batch of positions into `rows` (the file row of each item, ascending),
+    shuffled by `seed` (None: in order), the first `skip` batches left out."""
+    order = np.arange(len(rows)) if seed is None else read_order(rows, seed, block)
+    starts = _batch_starts(len(rows), batch_size, processes)
+    for start, stop in list(zip(starts, [*starts[1:], len(rows)]))[skip:]:
         yield order[start:stop][process::processes]
+
+
+def read_order(rows, seed, block):
+    """rows (n,) -> the positions (n,) in a random order: with block > 1, the blocks of rows r // block
+    in a random order, each block's items shuffled within it."""
+    rng = np.random.default_rng(seed)
+    if block <= 1 or not len(rows):
+        return rng.permutation(len(rows))
+    blocks = np.asarray(rows) // block
+    place = rng.permutation(int(blocks.max()) + 1)  # where each block goes
+    return np.lexsort((rng.random(len(rows)), place[blocks]))
 
 
 def training_views(opt: Config, split):

@@ -28,16 +28,24 @@ class RowReader:
         self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
 
     def read(self, rows) -> np.ndarray:
-        """rows (B,), any order, repeats allowed -> their rows (B, ...) in the file's dtype, each read straight
-        into its place: a run of consecutive rows with one preadv, the runs shared among the threads."""
+        """rows (B,), any order, repeats allowed -> their rows (B, ...) in the file's dtype. Each row is read
+        straight into its place, or, where sorting them makes fewer runs (a batch of blocks of consecutive
+        rows, --read-block), each distinct row once in order and then copied to its places."""
         rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise IndexError(f"rows {rows.min()}..{rows.max()} outside {self.shape[0]}")
+        distinct, places = np.unique(rows, return_inverse=True)
+        if len(_runs(distinct)) < len(_runs(rows)) // 2:
+            return self._read_in_place(distinct)[places]
+        return self._read_in_place(rows)
+
+    def _read_in_place(self, rows):
+        """rows (B,) -> their rows (B, ...): a run of consecutive rows with one preadv, the runs shared among
+        the threads."""
         out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
         if not len(rows):
             return out
-        if rows.min() < 0 or rows.max() >= self.shape[0]:
-            raise IndexError(f"rows {rows.min()}..{rows.max()} outside {self.shape[0]}")
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1  # where a run of consecutive rows ends
-        runs = list(zip(np.concatenate([[0], breaks]).tolist(), np.concatenate([breaks, [len(rows)]]).tolist()))
+        runs = _runs(rows)
         fd = os.open(self.path, os.O_RDONLY)
         try:
             shares = [runs[thread::READS_IN_FLIGHT] for thread in range(min(READS_IN_FLIGHT, len(runs)))]
@@ -56,6 +64,12 @@ class RowReader:
                 if count <= 0:
                     raise UserError(f"{self.path}: ends before row {rows[stop - 1]}; extract the features again")
                 view, position = view[count:], position + count
+
+
+def _runs(rows):
+    """rows (B,) -> [(start, stop)] of each run of consecutive rows (r, r + 1, ...) in rows."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    return list(zip(np.concatenate([[0], breaks]).tolist(), np.concatenate([breaks, [len(rows)]]).tolist()))
 
 
 class Int8Features:

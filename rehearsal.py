@@ -4,7 +4,8 @@ It makes a caption file of N photos with 5 captions each, recombined from real C
 jieba, the vocabulary and CIDEr-D see real words), and features in the extraction's own format
 (rows of real features repeated, or random ones), then times each step of the real pipeline on them:
 encoding the captions, loading the split, the self-critical statistics, batch reads from the region
-features (a memory map's against feature_reads.RowReader, the file out of the page cache), training
+features (a memory map's against feature_reads.RowReader, the file out of the page cache; batches of
+random captions, and of blocks of consecutive photos as --read-block orders them), training
 batches of each phase (how long each step waited for its batch) and validation decoding. Each step
 runs in its own process, so its peak memory is its own; with a memory limit those processes run in
 a memory cgroup of that size (the page cache counted in it, as on a machine with that memory).
@@ -25,6 +26,7 @@ from config import UserError
 from feature_reads import quantize
 from files import write_json
 
+READ_BLOCK = 32  # photos to a block in the reads step's --read-block order: 4 MB runs of float16 regions
 CAPTIONS_PER_IMAGE, STEPS = 5, ("process", "load", "statistics", "reads", "cross-entropy", "self-critical",
                                 "validation")
 
@@ -196,17 +198,21 @@ def step_statistics(work, options):
 
 def step_reads(work, options):
     from captions import load_caption_data
+    from dataset import read_order
     from feature_reads import row_reader
     caption_path = os.path.join(work, "train.pth")
     path = images.features_path(caption_path, grid=True)
     array, _ = images.load_features(caption_path, load_caption_data(caption_path)["ix2id"], grid=True)
-    rng, size = np.random.default_rng(0), min(128, len(array))
+    caption_rows = np.repeat(np.arange(len(array)), CAPTIONS_PER_IMAGE)  # (P,) the photo of each caption
+    random_order, block_order = (caption_rows[read_order(caption_rows, 0, block)] for block in (1, READ_BLOCK))
     result = {"file_gb": os.path.getsize(path) / 2 ** 30}
-    for name, read in (("memory_map", lambda rows: array[np.sort(rows)]), ("row_reads", row_reader(array).read)):
+    for name, read, order in (("memory_map", lambda rows: array[np.sort(rows)], random_order),
+                              ("row_reads", row_reader(array).read, random_order),
+                              ("block_reads", row_reader(array).read, block_order)):
         evict(path)
         count, start = 0, time.perf_counter()
         while count < options["batches"] and time.perf_counter() - start < 60:
-            read(rng.choice(len(array), size, replace=False))
+            read(order[count * 128:(count + 1) * 128])
             count += 1
         result[f"{name}_batches_per_s"] = count / (time.perf_counter() - start)
     return result

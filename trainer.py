@@ -515,7 +515,8 @@ class Trainer:
         images with all their captions, as many as give about --batch-size captions; else --batch-size
         captions."""
         opt, split, per_image = self.opt, self._learning_split(), self.phase.per_image
-        share = {"skip": self.progress.batch, "process": self.process, "processes": self.processes}
+        share = {"skip": self.progress.batch, "process": self.process, "processes": self.processes,
+                 "block": opt.read_block}
         seed = opt.seed + self.progress.epoch
         by_image = per_image or opt.model in ENCODES_REGIONS or self.encoder is not None
         size = split.images_per_batch(opt.batch_size) if by_image and not per_image else opt.batch_size

@@ -18,8 +18,8 @@ shuffled_chunks, cross_entropy_step = dataset._shuffled_chunks, trainer.Trainer.
 made, taken = collections.deque(), []  # (process, chunk) of the training batches made; the steps taken
 
 
-def recorded_chunks(count, batch_size, seed, skip, process=0, processes=1):
-    for chunk in shuffled_chunks(count, batch_size, seed, skip, process, processes):
+def recorded_chunks(rows, batch_size, seed, skip, process=0, processes=1, block=1):
+    for chunk in shuffled_chunks(rows, batch_size, seed, skip, process, processes, block):
         if seed is not None:  # a training batch (validation goes in order)
             made.append((process, chunk))
         yield chunk

@@ -7,8 +7,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from dataset import train_val_splits
+from dataset import read_order, train_val_splits
 from model import AttentionModel, CaptionModel, UpDownModel
 
 
@@ -120,3 +122,31 @@ def test_scheduled_sampling_feeds_the_models_own_best_word(kind):
     torch.testing.assert_close(unrolled, teacher)  # the step-by-step path is the packed one when not sampling
     teacher_loss = torch.nn.functional.cross_entropy(teacher, targets, reduction="sum").item()
     assert abs(teacher_loss - own_loss) > 1e-3
+
+
+@settings(max_examples=40, deadline=None)
+@given(counts=st.lists(st.integers(0, 4), min_size=1, max_size=60), block=st.integers(1, 9),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_aread_order_is_a_permutation_keeping_each_block_together(counts, block, seed):
+    """Items of rows (each row's count of captions, some rows missing): every item once; with block > 1
+    the items of each block of rows r // block come one after another; block 1 is the old shuffle."""
+    rows = np.repeat(np.arange(len(counts)), counts)
+    order = read_order(rows, seed, block)
+    assert sorted(order.tolist()) == list(range(len(rows)))
+    blocks = rows[order] // block
+    if block > 1:  # no block comes back later
+        assert len(set(blocks.tolist())) == np.count_nonzero(np.diff(blocks)) + (len(rows) > 0)
+    else:
+        expected = np.arange(len(rows))
+        np.random.default_rng(seed).shuffle(expected)
+        assert np.array_equal(order, expected)
+
+
+def test_read_block_batches_cover_every_caption_once_from_few_blocks(demo):
+    train, _ = train_val_splits(demo)
+    batches = list(train.batches(40, seed=3, block=8))
+    rows = np.concatenate([rows for rows, *_ in batches])
+    assert sorted(zip(rows.tolist())) == sorted((row,) for row, _ in train.pairs)
+    for batch_rows, *_ in batches[:-1]:
+        assert len(set((batch_rows // 8).tolist())) <= 40 // 5 // 8 + 3  # ~one block of 8 photos, 5 captions each
+    assert len(set((batches[0][0] // 8).tolist())) < len(set(next(train.batches(40, seed=3))[0].tolist()))

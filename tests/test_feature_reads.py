@@ -97,3 +97,13 @@ def test_prefetch_raises_the_producers_error_and_a_consumer_that_stops_stops_it(
     while any(thread.name == "prefetch" for thread in threading.enumerate()) and time.time() < deadline:
         time.sleep(0.05)
     assert not any(thread.name == "prefetch" for thread in threading.enumerate())
+
+
+def test_a_batch_of_blocks_reads_each_run_of_distinct_rows_once(stored, monkeypatch):
+    """Five captions of each of rows 10..29, shuffled (a --read-block batch): two preadv calls, not 100."""
+    calls = []
+    real_preadv = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda *args: calls.append(args[2]) or real_preadv(*args))
+    rows = np.random.default_rng(1).permutation(np.repeat(np.r_[10:20, 40:50], 5))
+    assert np.array_equal(RowReader(stored).read(rows), stored[rows])
+    assert len(calls) == 2

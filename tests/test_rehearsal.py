@@ -48,7 +48,7 @@ def test_the_features_it_writes_are_what_the_pipeline_reads(rehearsed):
 def test_the_read_and_statistics_steps_measure(rehearsed):
     options = {"images": 40, "batches": 3, "val_images": 4}
     reads = rehearsal.step_reads(str(rehearsed), options)
-    assert reads["memory_map_batches_per_s"] > 0 and reads["row_reads_batches_per_s"] > 0
+    assert min(reads[f"{name}_batches_per_s"] for name in ("memory_map", "row_reads", "block_reads")) > 0
     statistics = rehearsal.step_statistics(str(rehearsed), options)
     assert statistics["captions"] == 36 * rehearsal.CAPTIONS_PER_IMAGE and (rehearsed / "train.cider.pth").is_file()
 
