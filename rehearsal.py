@@ -142,16 +142,17 @@ def parse_size(text):
 
 
 def run_step(step, work, memory_limit=0, **options):
-    """One step in a fresh process (under the memory limit) -> its JSON line as a dict."""
+    """One step in a fresh process (under the memory limit) -> its JSON line as a dict; for a step killed by
+    a signal (under a memory limit, most likely the cgroup's out-of-memory killer), what killed it."""
     command = [sys.executable, os.path.abspath(__file__), step, work, json.dumps(options)]
     cgroup, preexec = in_memory_cgroup(memory_limit) if memory_limit else (None, None)
     result = subprocess.run(command, capture_output=True, text=True, preexec_fn=preexec,
                             cwd=os.path.dirname(os.path.abspath(__file__)))
     if cgroup:
         os.rmdir(cgroup)  # empty once its process has ended
-    if result.returncode < 0:  # a signal: under a memory limit, most likely the cgroup's out-of-memory killer
-        raise UserError(f"rehearsal step {step} was killed (signal {-result.returncode})"
-                        + (f"; did it need more than --memory-limit's {memory_limit} bytes?" if memory_limit else ""))
+    if result.returncode < 0:
+        return {"killed": f"signal {-result.returncode}" + (
+            f"; did it need more than --memory-limit's {memory_limit} bytes?" if memory_limit else "")}
     if result.returncode:
         raise UserError(f"rehearsal step {step} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

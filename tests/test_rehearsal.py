@@ -1,6 +1,8 @@
 """The AI-Challenger-size rehearsal's own parts: recombined captions, features the pipeline accepts, the
 read and statistics steps, and sizes."""
 
+import types
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -73,3 +75,10 @@ def test_bad_rehearsal_options_are_one_line_before_any_work(tmp_path, changes, m
     with pytest.raises(UserError, match=message):
         rehearsal.rehearse(**arguments)
     assert not (tmp_path / "scale").exists()
+
+
+def test_a_step_killed_by_a_signal_is_recorded_and_the_rehearsal_goes_on(monkeypatch):
+    """The out-of-memory killer ends a step with SIGKILL: a result saying so, not a crash of the whole run."""
+    monkeypatch.setattr(rehearsal.subprocess, "run", lambda *args, **kwargs: types.SimpleNamespace(
+        returncode=-9, stdout="", stderr=""))
+    assert rehearsal.run_step("self-critical", "work") == {"killed": "signal 9"}
