@@ -414,6 +414,12 @@ def encode_images(network, backbone, paths, device, batch_size, num_workers, gri
         yield (*encode_pixels(network, files.transform, pixels, device, grid), list(errors))
 
 
+# A CPU runs the backbone fastest a few photos at a time, whatever the batch: the activations of a few
+# stay in its caches (2 cores, ms a photo in batches of 64 / in forwards of 4: EfficientNet-Lite2 32-45 /
+# 16-18, MobileNetV2 11-14 / 5.5; docs/speed.md).
+CPU_FORWARD_PHOTOS = 4
+
+
 @torch.inference_mode()
 def encode_pixels(network, transform, pixels, device, grid=0):
     """uint8 pixels (B, S, S, 3), cropped by the backbone's transform -> pooled (B, F) and regions
@@ -424,7 +430,8 @@ def encode_pixels(network, transform, pixels, device, grid=0):
     # where it fuses nothing, that costs generate 90 ms and a few MB for no gain. (Entered around
     # each batch, never across a yield: an ensemble's streams of images interleave.)
     with torch.autocast(device.type, enabled=not on_cpu), torch.jit.optimized_execution(not on_cpu):
-        feature_map = network(transform.normalize(pixels)).float()  # (B, F, S/32, S/32)
+        feature_map = torch.cat([network(transform.normalize(chunk)).float()  # (B, F, S/32, S/32)
+                                 for chunk in pixels.split(CPU_FORWARD_PHOTOS if on_cpu else max(len(pixels), 1))])
     grid_features = regions(feature_map, grid).half().float().cpu() if grid else None
     return pooled(feature_map).half().float().cpu(), grid_features
 
