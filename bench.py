@@ -234,7 +234,7 @@ def cache(count=64, beam_size=3, work=WORK, **options):
 # --- extraction -----------------------------------------------------------------------------------
 def extract(count=512, rounds=3, work=WORK, **options):
     """Images/s of feature extraction's pipeline (read, transform, forward) against the bare forward
-    pass on ready tensors in channels_last, same backbone, batch and threads. The two alternate for
+    pass on ready tensors in channels_last, same backbone, batch, forward chunks and threads. The two alternate for
     `rounds` rounds, and the medians are reported: a shared machine's speed drifts between runs, and
     the ratio is taken within each round. Also the images/s of reading alone (what a DataLoader worker
     does: decode, resize, crop) on one core, and its share: the bare forward's time that reading the
@@ -258,7 +258,8 @@ def extract(count=512, rounds=3, work=WORK, **options):
             _sync(device)
             start = time.perf_counter()
             for batch in batches:
-                network(batch)
+                for chunk in images.forward_chunks(batch, device):  # as extraction runs it
+                    network(chunk)
             _sync(device)
             bare.append(len(batches) * opt.batch_size / (time.perf_counter() - start))
         start = time.perf_counter()

@@ -420,6 +420,11 @@ def encode_images(network, backbone, paths, device, batch_size, num_workers, gri
 CPU_FORWARD_PHOTOS = 4
 
 
+def forward_chunks(batch, device):
+    """A batch (B, ...) as the backbone runs it on `device`: 4 photos at a time on a CPU, whole elsewhere."""
+    return batch.split(CPU_FORWARD_PHOTOS if device.type == "cpu" else max(len(batch), 1))
+
+
 @torch.inference_mode()
 def encode_pixels(network, transform, pixels, device, grid=0):
     """uint8 pixels (B, S, S, 3), cropped by the backbone's transform -> pooled (B, F) and regions
@@ -431,7 +436,7 @@ def encode_pixels(network, transform, pixels, device, grid=0):
     # each batch, never across a yield: an ensemble's streams of images interleave.)
     with torch.autocast(device.type, enabled=not on_cpu), torch.jit.optimized_execution(not on_cpu):
         feature_map = torch.cat([network(transform.normalize(chunk)).float()  # (B, F, S/32, S/32)
-                                 for chunk in pixels.split(CPU_FORWARD_PHOTOS if on_cpu else max(len(pixels), 1))])
+                                 for chunk in forward_chunks(pixels, device)])
     grid_features = regions(feature_map, grid).half().float().cpu() if grid else None
     return pooled(feature_map).half().float().cpu(), grid_features
 
