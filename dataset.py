@@ -171,7 +171,8 @@ def _shuffled_chunks(rows, batch_size, seed, skip, process=0, processes=1, block
     order = np.arange(len(rows)) if seed is None else read_order(rows, seed, block)
     starts = _batch_starts(len(rows), batch_size, processes)
     for start, stop in list(zip(starts, [*starts[1:], len(rows)]))[skip:]:
-        yield order[start:stop][process::processes]
+        batch = order[start:stop]  # in blocks, each process takes a stretch of the batch: its runs stay runs
+        yield batch[process::processes] if block <= 1 else np.array_split(batch, processes)[process]
 
 
 def read_order(rows, seed, block):

@@ -35,7 +35,7 @@ class RowReader:
         if len(rows) and (rows.min() < 0 or rows.max() >= self.shape[0]):
             raise IndexError(f"rows {rows.min()}..{rows.max()} outside {self.shape[0]}")
         distinct, places = np.unique(rows, return_inverse=True)
-        if len(_runs(distinct)) < len(_runs(rows)) // 2:
+        if 2 * len(_runs(distinct)) < len(_runs(rows)):
             return self._read_in_place(distinct)[places]
         return self._read_in_place(rows)
 

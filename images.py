@@ -415,14 +415,15 @@ def encode_images(network, backbone, paths, device, batch_size, num_workers, gri
 
 
 # A CPU runs the backbone fastest a few photos at a time, whatever the batch: the activations of a few
-# stay in its caches (2 cores, ms a photo in batches of 64 / in forwards of 4: EfficientNet-Lite2 32-45 /
-# 16-18, MobileNetV2 11-14 / 5.5; docs/speed.md).
-CPU_FORWARD_PHOTOS = 4
+# stay in its caches (2 threads, ms a photo in batches of 64 / in forwards of 4: EfficientNet-Lite2 32-45 /
+# 16-18, MobileNetV2 11-14 / 5.5; docs/speed.md). Measured on 2 cores only; more threads get 2 photos each.
+CPU_FORWARD_PHOTOS_PER_THREAD = 2
 
 
 def forward_chunks(batch, device):
-    """A batch (B, ...) as the backbone runs it on `device`: 4 photos at a time on a CPU, whole elsewhere."""
-    return batch.split(CPU_FORWARD_PHOTOS if device.type == "cpu" else max(len(batch), 1))
+    """A batch (B, ...) as the backbone runs it on `device`: a few photos at a time on a CPU, whole elsewhere."""
+    on_cpu = device.type == "cpu"
+    return batch.split(CPU_FORWARD_PHOTOS_PER_THREAD * torch.get_num_threads() if on_cpu else max(len(batch), 1))
 
 
 @torch.inference_mode()

@@ -212,7 +212,7 @@ def step_reads(work, options):
                               ("block_reads", row_reader(array).read, block_order)):
         evict(path)
         count, start = 0, time.perf_counter()
-        while count < options["batches"] and time.perf_counter() - start < 60:
+        while count < min(options["batches"], -(-len(order) // 128)) and time.perf_counter() - start < 60:
             read(order[count * 128:(count + 1) * 128])
             count += 1
         result[f"{name}_batches_per_s"] = count / (time.perf_counter() - start)
@@ -280,6 +280,8 @@ def rehearse(images_count, work, memory_limit="", batches=100, val_images=1000, 
         results["make_captions_s"] = time.perf_counter() - start
     options = {"images": images_count, "batches": batches, "val_images": val_images}
     results["process"] = run_step("process", folder, limit, **options)
+    if "killed" in results["process"]:  # nothing after it can run without its caption file
+        raise UserError(f"rehearsal step process was killed ({results['process']['killed']})")
     if not os.path.isfile(images.features_path(os.path.join(folder, "train.pth")).replace(".npy", ".json")):
         from captions import load_caption_data
         start = time.perf_counter()

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataset import read_order, train_val_splits
+from dataset import _shuffled_chunks, read_order, train_val_splits
 from model import AttentionModel, CaptionModel, UpDownModel
 
 
@@ -127,7 +127,7 @@ def test_scheduled_sampling_feeds_the_models_own_best_word(kind):
 @settings(max_examples=40, deadline=None)
 @given(counts=st.lists(st.integers(0, 4), min_size=1, max_size=60), block=st.integers(1, 9),
        seed=st.integers(0, 2 ** 31 - 1))
-def test_aread_order_is_a_permutation_keeping_each_block_together(counts, block, seed):
+def test_a_read_order_is_a_permutation_keeping_each_block_together(counts, block, seed):
     """Items of rows (each row's count of captions, some rows missing): every item once; with block > 1
     the items of each block of rows r // block come one after another; block 1 is the old shuffle."""
     rows = np.repeat(np.arange(len(counts)), counts)
@@ -150,3 +150,18 @@ def test_read_block_batches_cover_every_caption_once_from_few_blocks(demo):
     for batch_rows, *_ in batches[:-1]:
         assert len(set((batch_rows // 8).tolist())) <= 40 // 5 // 8 + 3  # ~one block of 8 photos, 5 captions each
     assert len(set((batches[0][0] // 8).tolist())) < len(set(next(train.batches(40, seed=3))[0].tolist()))
+
+
+def test_under_torchrun_a_block_batch_is_shared_in_stretches_and_a_random_one_dealt_out():
+    """Each of 3 processes takes a stretch of a --read-block batch (its runs stay runs); without blocks
+    every 3rd item, as before. Either way the shares make up the batch."""
+    rows = np.repeat(np.arange(50), 5)
+    for block in (1, 8):
+        whole = list(_shuffled_chunks(rows, 40, 7, 0, block=block))
+        shares = [list(_shuffled_chunks(rows, 40, 7, 0, process, 3, block)) for process in range(3)]
+        for number, batch in enumerate(whole):
+            parts = [share[number] for share in shares]
+            assert np.array_equal(np.concatenate(parts) if block > 1 else np.sort(np.concatenate(parts)),
+                                  batch if block > 1 else np.sort(batch))
+            if block == 1:
+                assert np.array_equal(parts[1], batch[1::3])

@@ -100,7 +100,8 @@ def test_prefetch_raises_the_producers_error_and_a_consumer_that_stops_stops_it(
 
 
 def test_a_batch_of_blocks_reads_each_run_of_distinct_rows_once(stored, monkeypatch):
-    """Five captions of each of rows 10..29, shuffled (a --read-block batch): two preadv calls, not 100."""
+    """Five captions of each of rows 10..19 and 40..49, shuffled (a --read-block batch): two preadv calls,
+    not 100."""
     calls = []
     real_preadv = os.preadv
     monkeypatch.setattr(os, "preadv", lambda *args: calls.append(args[2]) or real_preadv(*args))
