@@ -104,7 +104,8 @@ class CaptionSplit:
     # A batch is `batch_size` rows of the whole run; under torchrun each of the `processes` takes
     # every processes-th of them, from `process` on (DistributedSampler's split, batch by batch).
     # `block` > 1 shuffles blocks of that many consecutive rows of the file instead of single captions
-    # (--read-block): a batch then reads a few runs of consecutive rows, which a disk serves sequentially.
+    # (--read-block): a batch then reads a few runs of consecutive rows, which a disk serves sequentially,
+    # and each process takes a stretch of it, so that its rows stay in runs.
     def batches(self, batch_size, seed=None, skip=0, process=0, processes=1, block=1):
         """Yield (rows (b,), features (b, F) as stored, captions (b, T), lengths (b,)): this process's share of
         each batch. Shuffled by `seed`; the first `skip` batches are left out (to resume mid-epoch)."""

@@ -206,13 +206,13 @@ def step_reads(work, options):
     array, _ = images.load_features(caption_path, load_caption_data(caption_path)["ix2id"], grid=True)
     caption_rows = np.repeat(np.arange(len(array)), CAPTIONS_PER_IMAGE)  # (P,) the photo of each caption
     random_order, block_order = (caption_rows[read_order(caption_rows, 0, block)] for block in (1, READ_BLOCK))
-    result = {"file_gb": os.path.getsize(path) / 2 ** 30}
+    result, reader = {"file_gb": os.path.getsize(path) / 2 ** 30}, row_reader(array)
+    batches = min(options["batches"], -(-len(caption_rows) // 128))  # no more than the captions make
     for name, read, order in (("memory_map", lambda rows: array[np.sort(rows)], random_order),
-                              ("row_reads", row_reader(array).read, random_order),
-                              ("block_reads", row_reader(array).read, block_order)):
+                              ("row_reads", reader.read, random_order), ("block_reads", reader.read, block_order)):
         evict(path)
         count, start = 0, time.perf_counter()
-        while count < min(options["batches"], -(-len(order) // 128)) and time.perf_counter() - start < 60:
+        while count < batches and time.perf_counter() - start < 60:
             read(order[count * 128:(count + 1) * 128])
             count += 1
         result[f"{name}_batches_per_s"] = count / (time.perf_counter() - start)
