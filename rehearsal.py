@@ -6,9 +6,10 @@ jieba, the vocabulary and CIDEr-D see real words), and features in the extractio
 encoding the captions, loading the split, the self-critical statistics, batch reads from the region
 features (a memory map's against feature_reads.RowReader, the file out of the page cache; batches of
 random captions, and of blocks of consecutive photos as --read-block orders them), training
-batches of each phase (how long each step waited for its batch) and validation decoding. Each step
-runs in its own process, so its peak memory is its own; with a memory limit those processes run in
-a memory cgroup of that size (the page cache counted in it, as on a machine with that memory).
+batches of each phase (how long each step waited for its batch), validation decoding and evaluate's
+scoring. Each step runs in its own process, so its peak memory is its own; with a memory limit those
+processes run in a memory cgroup of that size (the page cache counted in it, as on a machine with that
+memory).
 """
 import functools
 import json
@@ -28,7 +29,7 @@ from files import write_json
 
 READ_BLOCK = 32  # photos to a block in the reads step's --read-block order: 4 MB runs of float16 regions
 CAPTIONS_PER_IMAGE, STEPS = 5, ("process", "load", "statistics", "reads", "cross-entropy", "self-critical",
-                                "validation")
+                                "validation", "evaluate")
 
 
 def recombined_sentences(sentences, count, seed=0):
@@ -251,10 +252,29 @@ def step_validation(work, options):
     return {"seconds": time.perf_counter() - start, "images": options["val_images"]}
 
 
+def step_evaluate(work, options):
+    """What `evaluate` adds at this size: scoring --val-images photos' captions (each photo's first
+    caption stands for the model's, scored against its other four) and finding the copied ones among
+    every training caption."""
+    from captions import load_caption_data
+    from files import read_json
+    from metrics import caption_statistics, score_captions
+    entries = read_json(os.path.join(work, "captions.json"), "captions")[:options["val_images"]]
+    results = {entry["image_id"]: entry["caption"][0] for entry in entries}
+    references = {entry["image_id"]: entry["caption"][1:] for entry in entries}
+    start = time.perf_counter()
+    scores = score_captions(results, references)
+    scored = time.perf_counter() - start
+    start = time.perf_counter()
+    statistics = caption_statistics(results, load_caption_data(os.path.join(work, "train.pth")))
+    return {"score_seconds": scored, "copied_seconds": time.perf_counter() - start, "images": len(results),
+            "meteor": "METEOR" in scores, "copied_from_training": statistics["copied_from_training"]}
+
+
 STEP_FUNCTIONS = {"process": step_process, "load": step_load, "statistics": step_statistics, "reads": step_reads,
                   "cross-entropy": lambda work, options: step_training(work, options, "cross-entropy"),
                   "self-critical": lambda work, options: step_training(work, options, "self-critical"),
-                  "validation": step_validation}
+                  "validation": step_validation, "evaluate": step_evaluate}
 
 
 def rehearse(images_count, work, memory_limit="", batches=100, val_images=1000, sentences_from="",

@@ -82,3 +82,9 @@ def test_a_step_killed_by_a_signal_is_recorded_and_the_rehearsal_goes_on(monkeyp
     monkeypatch.setattr(rehearsal.subprocess, "run", lambda *args, **kwargs: types.SimpleNamespace(
         returncode=-9, stdout="", stderr=""))
     assert rehearsal.run_step("self-critical", "work") == {"killed": "signal 9"}
+
+
+def test_the_evaluate_step_scores_the_photos_it_is_asked_for_and_finds_copies(rehearsed):
+    evaluated = rehearsal.step_evaluate(str(rehearsed), {"images": 40, "batches": 3, "val_images": 10})
+    assert evaluated["images"] == 10 and evaluated["score_seconds"] > 0
+    assert evaluated["copied_from_training"] == 1.0  # a first caption is itself a training caption
