@@ -93,16 +93,17 @@ python main.py retrieval --caption-data-path="$WORK/train.pth" --val-caption-dat
     --retrieval-ckpt="$WORK/retrieval.pth"
 # specific captions: beam 5 ranked by log-probability per word + 20 x the caption's cosine with its photo
 # (chosen on val 0-499: fewer copied training captions at no lower CIDEr-D; docs/quality.md)
-SPECIFIC="--beam-size=5 --n-best=5 --length-norm=1.0 --rerank-weight=20 --retrieval-ckpt=$WORK/retrieval.pth"
-SPECIFIC="$SPECIFIC --val-caption-data-path=$WORK/val.pth"
+SPECIFIC=(--beam-size=5 --n-best=5 --length-norm=1.0 --rerank-weight=20 "--retrieval-ckpt=$WORK/retrieval.pth"
+          "--val-caption-data-path=$WORK/val.pth")
 ENSEMBLED=$(IFS=,; echo "${CHECKPOINTS[*]}")
 for model in "$WORK/checkpoints/best.pth:" "$WORK/checkpoints/best.pth:_specific" "$ENSEMBLED:_ensemble"; do
   if [ "${model##*:}" = _ensemble ] && [ "$ENSEMBLE" = 1 ]; then continue; fi
-  decoding=$([ "${model##*:}" = _specific ] && echo "$SPECIFIC" || echo "")
+  decoding=()
+  if [ "${model##*:}" = _specific ]; then decoding=("${SPECIFIC[@]}"); fi
   for split in "$DATA/annotations/flickr8kcn_val_zhc.json:val" "$WORK/val_heldout.json:val_heldout"; do
     name="${split##*:}${model##*:}"
     python main.py evaluate --annotation-file="${split%%:*}" --img-path="$DATA/images" --model-ckpt="${model%:*}" \
         --caption-data-path="$WORK/train.pth" --output="$WORK/${name}_results.json" \
-        --metrics-path="$WORK/${name}_metrics.json" $decoding
+        --metrics-path="$WORK/${name}_metrics.json" "${decoding[@]}"
   done
 done
