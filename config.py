@@ -120,7 +120,8 @@ class Config:
     overwrite: bool = option(False, None, "start a new run even though checkpoint_dir holds one (its files "
                                           "are replaced)")
     metric: str = option("CIDEr-D", METRIC_NAMES, "validation score that selects best.pth")
-    eval_size: int = option(500, "[0, inf)", "val images scored with beam search after each epoch (0: none)")
+    eval_size: int = option(500, "[0, inf)", "the first val images scored after each epoch: captions by beam "
+                                                 "search (main.py retrieval: R@1) (0: none)")
     lr_decay: float = option(0.8, "(0, 1]", "multiply lr by this after --lr-patience epochs without improvement")
     lr_patience: int = option(2, "[0, inf)", "epochs without improvement before the lr decays (0: never)")
     early_stop_patience: int = option(5, "[0, inf)", "stop a phase after this many epochs without improvement "
@@ -224,7 +225,7 @@ COMMAND_OPTIONS = {
     "evaluate": f"annotation_file split img_path results output metrics_path caption_data_path "
                 f"val_caption_data_path {_GENERATION}",
     "compare": "results annotation_file split resamples seed metrics_path retrieval_ckpt val_caption_data_path",
-    "retrieval": "caption_data_path val_caption_data_path retrieval_ckpt retrieval_epoch lr batch_size seed",
+    "retrieval": "caption_data_path val_caption_data_path retrieval_ckpt retrieval_epoch eval_size lr batch_size seed",
     "replay": "log log_dir env vis_server vis_port",
     "serve": f"host port max_batch_size batch_timeout max_queue max_upload_mb {_GENERATION}",
 }

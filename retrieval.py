@@ -125,11 +125,14 @@ def recall(ranks):
 def train(opt: Config):
     """Train on --caption-data-path's captions and pooled features, --retrieval-epoch epochs (one random
     caption of each photo per epoch, so no photo is its own negative; the first WARM_UP_EPOCHS on the
-    sum of hinges); with --val-caption-data-path keep
-    the epoch whose val captions find their photos best (R@1) -> writes --retrieval-ckpt."""
+    sum of hinges); with --val-caption-data-path keep the epoch whose captions of the first --eval-size val
+    photos find their photos best (R@1), so the other val photos stay unseen -> writes --retrieval-ckpt."""
     torch.manual_seed(opt.seed)
     data, features, meta, rows = load_split(opt.caption_data_path)
-    val = load_split(opt.val_caption_data_path, data["ix2word"]) if opt.val_caption_data_path else None
+    val = None
+    if opt.val_caption_data_path and opt.eval_size:
+        *val, val_rows = load_split(opt.val_caption_data_path, data["ix2word"])
+        val = (*val, val_rows[:opt.eval_size])
     model = RetrievalModel(len(data["ix2word"]), features.shape[1])
     optimizer = torch.optim.Adam(model.parameters(), lr=opt.lr)
     rng, best = np.random.default_rng(opt.seed), -math.inf
@@ -152,15 +155,17 @@ def train(opt: Config):
             nn.utils.clip_grad_norm_(model.parameters(), 2.0)
             optimizer.step()
         score = validate(model, data["ix2word"], meta, val) if val else epoch
-        print(f"retrieval epoch {epoch + 1}: " + (f"val caption->photo R@1 {score:.3f}" if val else "trained"))
+        print(f"retrieval epoch {epoch + 1}: " + (f"caption->photo R@1 {score:.3f} among the first {len(val[3])} val "
+                                                  "photos" if val else "trained"))
         if score > best:
             best = score
             save(opt.retrieval_ckpt, model, data["ix2word"], meta)
-    print(f"{opt.retrieval_ckpt}: the retrieval model" + (f" (val R@1 {best:.3f})" if val else ""))
+    print(f"{opt.retrieval_ckpt}: the retrieval model" + (f" (R@1 {best:.3f} among the first {len(val[3])} val "
+                                                          "photos)" if val else ""))
 
 
 def validate(model, ix2word, meta, val):
-    """Caption->photo R@1 of the val split's first captions among its photos."""
+    """Caption->photo R@1 of the val rows' first captions among their photos."""
     data, features, _, rows = val
     model.eval()
     retrieval = Retrieval(model, {word: ix for ix, word in enumerate(ix2word)}, meta)

@@ -50,6 +50,15 @@ def test_a_trained_model_finds_the_photo_a_caption_describes(demo, trained):
     assert retrieval.recall(own)["R@5"] > 5 / len(rows) * 2  # at least twice chance
 
 
+def test_the_epoch_kept_is_chosen_on_the_first_eval_size_val_photos_only(demo, tmp_path, capsys):
+    path = str(tmp_path / "retrieval.pth")
+    train_retrieval(**options(demo, retrieval_ckpt=path, retrieval_epoch=2, batch_size=32, eval_size=4))
+    scores = [line.split("R@1 ")[1] for line in capsys.readouterr().out.splitlines() if "R@1 " in line]
+    assert len(scores) == 3 and all("among the first 4 val photos" in score for score in scores[:2])
+    assert all(float(score.split()[0]) in (0, 0.25, 0.5, 0.75, 1) for score in scores)  # shares of 4 photos
+    assert retrieval.load(path)  # kept
+
+
 def test_its_checkpoint_is_checked_and_not_taken_for_a_captioner(demo, trained, captioner, tmp_path):
     damaged = tmp_path / "damaged.pth"
     checkpoint = torch.load(trained, weights_only=True)
