@@ -163,15 +163,23 @@ def score_split(model, split, opt, device, process=0, processes=1, habits=NO_HAB
     scores = {"val_loss": total / count, "perplexity": math.exp(total / count), "top5_accuracy": correct / count}
     rows = split.rows[:opt.eval_size]
     if len(rows):
-        mine, captions = rows[process::processes], {}  # this process's share of the images
-        if len(mine):
-            beams = caption_features(model, split.features_of(mine).to(device), split.ix2word,
-                                     dataclasses.replace(opt, decoding="beam"), n_best=1, habits=habits)
-            captions = {split.image_id(row): b[0][0] for row, b in zip(mine, beams)}
-        results = distributed.merged(captions)
+        mine = rows[process::processes]  # this process's share of the images
+        results = distributed.merged(caption_rows(model, split, mine, opt, device, habits))
         scores.update(distributed.from_process_0(lambda: score_captions(results, split.references(rows))))
     model.train()
     return scores
+
+
+def caption_rows(model, split, rows, opt, device, habits):
+    """rows -> {image_id: its caption by beam search}, their features read --batch-size rows at a time
+    (30,000 val photos' regions at once would be 7.5 GB of float32)."""
+    beam, captions = dataclasses.replace(opt, decoding="beam"), {}
+    for start in range(0, len(rows), opt.batch_size):
+        chunk = rows[start:start + opt.batch_size]
+        features = split.stored_features_of(chunk).to(device).float()  # (B, F) or (B, R, F)
+        beams = caption_features(model, features, split.ix2word, beam, n_best=1, habits=habits)
+        captions.update((split.image_id(row), b[0][0]) for row, b in zip(chunk, beams))
+    return captions
 
 
 def check_training_data(opt: Config, split):

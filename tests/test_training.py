@@ -13,6 +13,7 @@ import torch
 from conftest import ROOT, command_line, options
 from test_dataset import with_extra_text
 
+import dataset
 import trainer
 from images import features_path
 from main import train
@@ -311,6 +312,27 @@ def test_pre_training_learns_the_extra_text_then_the_captions_alone(demo, tmp_pa
 def test_pre_training_without_extra_text_is_refused_before_any_work(demo, tmp_path):
     with pytest.raises(SystemExit, match="--pretrain-epoch=2: .* holds no extra training text"):
         train(**options(demo, tmp_path, pretrain_epoch=2))
+
+
+def test_validation_reads_a_batch_of_features_at_a_time_and_captions_every_image(demo, tmp_path, monkeypatch):
+    """AI Challenger's 30,000 val photos' regions would not fit in memory at once: validation reads
+    --batch-size rows at a time (training batches too), and still captions and scores --eval-size images."""
+    reads, scored = [], {}
+    stored, score = dataset.CaptionSplit.stored_features_of, trainer.score_captions
+
+    def recorded_read(self, rows):
+        reads.append(len(rows))
+        return stored(self, rows)
+
+    def recorded_score(results, references):
+        scored.update(results)
+        return score(results, references)
+
+    monkeypatch.setattr(dataset.CaptionSplit, "stored_features_of", recorded_read)
+    monkeypatch.setattr(trainer, "score_captions", recorded_score)
+    train(**options(demo, tmp_path, epoch=1, batch_size=8, eval_size=20))
+    assert max(reads) <= 8
+    assert len(scored) == 20 and all(isinstance(caption, str) for caption in scored.values())
 
 
 def test_the_moving_average_validates_is_kept_and_resumes(demo, tmp_path, monkeypatch):
