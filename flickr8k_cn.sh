@@ -3,8 +3,8 @@
 # frozen EfficientNet-Lite2 ImageNet region features, then score the val split against its zhc
 # references (10 cross-entropy + 8 self-critical epochs, the attention model's reward with a share for
 # specific captions; 68 minutes of training on 2 CPU cores, plus 10 minutes of feature extraction and 3
-# of training the retrieval model that judges specificity). Every row also says the mean caption length, the share of
-# unfinished captions and the share copied verbatim from a training caption.
+# of training the retrieval model that judges specificity). Every row also says the mean caption
+# length, the share of unfinished captions and the share copied verbatim from a training caption.
 # best.pth is chosen on the first 500 val images (--eval-size): the scores that count are those
 # of the other 500 (val_heldout), printed last; all 1000 are scored too. Seed 0's best.pth is also scored
 # with specific captions (_specific: its n-best reranked by a retrieval model trained here).
